@@ -1,0 +1,25 @@
+"""hf_pmi: data-free continual learning of CLIP by per-layer model inversion (PMI).
+
+Data -> task splits (`split_class_incremental`) -> `ContinualTrainer` (train, evaluate, collect
+statistics, invert, replay) -> per-task checkpoint / feature bank / model card -> Hub.
+"""
+
+__version__ = "0.1.0"
+
+from .config import ContinualConfig
+from .data import ContinualCollator, ContinualTask, ContinualTasks, split_class_incremental
+from .metrics import continual_metrics
+from .modeling import ContinualCLIP
+from .trainer import ContinualResult, ContinualTrainer
+
+__all__ = [
+    "ContinualCLIP",
+    "ContinualCollator",
+    "ContinualConfig",
+    "ContinualResult",
+    "ContinualTask",
+    "ContinualTasks",
+    "ContinualTrainer",
+    "continual_metrics",
+    "split_class_incremental",
+]

@@ -1,0 +1,290 @@
+"""`ContinualCLIP`: a CLIP model whose classifier is the text embedding of every class seen so far.
+
+Logits are ``logit_scale * norm(image_features) @ norm(class_text_embeddings).T`` where a class's
+text embedding is the normalised mean, over prompt templates, of the normalised text features of
+``template.format(class_name)``. `add_classes` appends new classes as tasks arrive. The patch
+embedding is always frozen: replay samples live right after it (see `hf_pmi.blocks`).
+
+A checkpoint folder holds:
+
+- ``continual_clip.json``: class names, templates, LoRA settings, base model;
+- ``class_prompts.safetensors``: the tokenised prompts (so logits need no tokenizer to reload);
+- ``clip/``: a plain `CLIPModel` (`CLIPModel.from_pretrained(path, subfolder="clip")`), left out
+  when LoRA adapters sit on a frozen base that has a Hub id or path of its own;
+- ``adapter/``: the peft LoRA adapter, when there is one
+  (`PeftModel.from_pretrained(clip, path, subfolder="adapter")`).
+
+Example:
+    >>> from hf_pmi import ContinualCLIP
+    >>> from hf_pmi.testing import build_clip, build_tokenizer
+    >>> model = ContinualCLIP.from_clip(build_clip("tiny"), class_names=["cat", "dog"], tokenizer=build_tokenizer())
+    >>> model.num_classes
+    2
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import CLIPConfig, CLIPModel
+from transformers.utils import ModelOutput
+
+from .blocks import VisionBlocks, unwrap_clip
+
+DEFAULT_TEMPLATES = ["a bad photo of a {}."]  # the reference's single prompt template
+DEFAULT_LORA_TARGETS = r".*vision_model.*\.(q_proj|v_proj)"  # vision tower only (peft has no CLIP default)
+CONFIG_NAME = "continual_clip.json"
+PROMPTS_NAME = "class_prompts.safetensors"
+
+
+@dataclass
+class ContinualCLIPOutput(ModelOutput):
+    """Output of `ContinualCLIP.forward`.
+
+    ``logits`` / ``image_embeds`` are those of the real images (``pixel_values``), ``replay_*``
+    those of the replayed patch maps, ``text_embeds`` the normalised class embeddings (C, P).
+    """
+
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    replay_logits: torch.Tensor | None = None
+    image_embeds: torch.Tensor | None = None
+    replay_image_embeds: torch.Tensor | None = None
+    text_embeds: torch.Tensor | None = None
+    logit_scale: torch.Tensor | None = None
+
+
+def _tokenize(tokenizer, texts: list[str], max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    enc = tokenizer(texts, padding="max_length", truncation=True, max_length=max_length, return_tensors="pt")
+    return enc["input_ids"], enc["attention_mask"]
+
+
+class ContinualCLIP(nn.Module):
+    """CLIP for class-incremental learning (see the module docstring).
+
+    Build it with `from_clip` (a `CLIPModel`, a Hub id or a local folder) or reload a checkpoint
+    with `from_pretrained`.
+    """
+
+    main_input_name = "pixel_values"
+
+    def __init__(self, clip: nn.Module, templates: list[str] | None = None, lora_config: dict | None = None):
+        super().__init__()
+        self.clip = clip
+        self.templates = list(templates or DEFAULT_TEMPLATES)
+        self.class_names: list[str] = []
+        self.lora_config = lora_config
+        length = self.clip_config.text_config.max_position_embeddings
+        self.register_buffer("prompt_ids", torch.zeros(0, len(self.templates), length, dtype=torch.long))
+        self.register_buffer("prompt_mask", torch.zeros(0, len(self.templates), length, dtype=torch.long))
+        self._text_cache: torch.Tensor | None = None
+        base = unwrap_clip(self.clip)
+        base.vision_model.embeddings.patch_embedding.requires_grad_(False)  # replay lives after it
+        base.logit_scale.requires_grad_(False)  # the pre-trained temperature; KD terms are scaled by it
+
+    # ----- construction ----------------------------------------------------------------------
+    @classmethod
+    def from_clip(
+        cls,
+        clip: str | os.PathLike | CLIPModel,
+        class_names: list[str] | None = None,
+        tokenizer=None,
+        templates: list[str] | None = None,
+        lora=None,
+        **from_pretrained_kwargs,
+    ) -> "ContinualCLIP":
+        """Wrap a `CLIPModel` (or load one by Hub id / local folder), optionally with LoRA.
+
+        Args:
+            clip: a `CLIPModel`, or what `CLIPModel.from_pretrained` accepts.
+            class_names, tokenizer: classes to start with (more come with `add_classes`).
+            templates: prompt templates with one ``{}`` for the class name.
+            lora: a `peft.LoraConfig`. Without ``target_modules`` it adapts the vision tower's
+                ``q_proj`` / ``v_proj``; name text-tower modules to adapt the text tower too.
+        """
+        if not isinstance(clip, nn.Module):
+            clip = CLIPModel.from_pretrained(clip, **from_pretrained_kwargs)
+        lora_dict = None
+        if lora is not None:
+            from peft import get_peft_model
+
+            if lora.target_modules is None:
+                lora.target_modules = DEFAULT_LORA_TARGETS
+            clip = get_peft_model(clip, lora)
+            lora_dict = lora.to_dict()
+        model = cls(clip, templates=templates, lora_config=lora_dict)
+        if class_names:
+            if tokenizer is None:
+                raise ValueError("Pass `tokenizer=` (e.g. `processor.tokenizer`) to encode the class names.")
+            model.add_classes(class_names, tokenizer)
+        return model
+
+    @property
+    def clip_config(self) -> CLIPConfig:
+        return unwrap_clip(self.clip).config
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def blocks(self) -> VisionBlocks:
+        """The vision tower as blocks (patch embedding, pre, layers, post); shares the weights."""
+        return VisionBlocks(self.clip)
+
+    def add_classes(self, names: list[str], tokenizer) -> list[int]:
+        """Append classes (by name) to the classifier; returns their class ids."""
+        clash = sorted(set(names) & set(self.class_names)) or sorted({n for n in names if names.count(n) > 1})
+        if clash:
+            raise ValueError(
+                f"Class name(s) {clash} already exist in this model (it knows {self.num_classes} classes). Class "
+                f"names must be unique because they are the classifier: rename the new classes, e.g. with a suffix."
+            )
+        length = self.prompt_ids.shape[-1]
+        texts = [t.format(name) for name in names for t in self.templates]
+        ids, mask = _tokenize(tokenizer, texts, length)
+        shape = (len(names), len(self.templates), length)
+        device = self.prompt_ids.device
+        self.prompt_ids = torch.cat([self.prompt_ids, ids.view(shape).to(device)])
+        self.prompt_mask = torch.cat([self.prompt_mask, mask.view(shape).to(device)])
+        first = self.num_classes
+        self.class_names.extend(names)
+        self._text_cache = None
+        return list(range(first, self.num_classes))
+
+    # ----- forward -----------------------------------------------------------------------------
+    def _text_tower_trainable(self) -> bool:
+        base = unwrap_clip(self.clip)
+        params = list(base.text_model.parameters()) + list(base.text_projection.parameters())
+        return any(p.requires_grad for p in params)
+
+    def text_embeddings(self) -> torch.Tensor:
+        """Normalised class embeddings (C, P), cached while the text tower is frozen."""
+        if self.num_classes == 0:
+            raise RuntimeError("The model has no classes yet: call `add_classes` first.")
+        frozen = not self._text_tower_trainable()
+        if frozen and self._text_cache is not None and self._text_cache.device == self.prompt_ids.device:
+            return self._text_cache
+        c, t, length = self.prompt_ids.shape
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):
+            out = unwrap_clip(self.clip).get_text_features(
+                input_ids=self.prompt_ids.view(c * t, length), attention_mask=self.prompt_mask.view(c * t, length)
+            )
+            emb = F.normalize(out.pooler_output, dim=-1).view(c, t, -1).mean(1)
+            emb = F.normalize(emb, dim=-1)
+        if frozen:
+            self._text_cache = emb.detach()
+        return emb
+
+    @property
+    def logit_scale(self) -> torch.Tensor:
+        return unwrap_clip(self.clip).logit_scale.exp()
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        replay_patch_maps: torch.Tensor | None = None,
+        **kwargs,
+    ) -> ContinualCLIPOutput:
+        """Classify images over all seen classes; replayed patch maps join the same pass.
+
+        Real images go through the (frozen) patch embedding; ``replay_patch_maps`` (B, D, g, g)
+        enter right after it. Both share one pass through the tower (one DDP forward).
+        """
+        blocks = self.blocks
+        maps = []
+        if pixel_values is not None:
+            maps.append(blocks.patch_embed(pixel_values))
+        if replay_patch_maps is not None:
+            maps.append(replay_patch_maps.to(blocks.embeddings.patch_embedding.weight.dtype))
+        if not maps:
+            raise ValueError("Pass `pixel_values` and/or `replay_patch_maps`.")
+        feats = F.normalize(blocks.forward_from(1, torch.cat(maps)), dim=-1)
+        text = self.text_embeddings()
+        scale = self.logit_scale
+        logits = scale * feats @ text.t()
+        n = maps[0].shape[0] if pixel_values is not None else 0
+        out = ContinualCLIPOutput(
+            logits=logits[:n] if pixel_values is not None else None,
+            replay_logits=logits[n:] if replay_patch_maps is not None else None,
+            image_embeds=feats[:n] if pixel_values is not None else None,
+            replay_image_embeds=feats[n:] if replay_patch_maps is not None else None,
+            text_embeds=text,
+            logit_scale=scale,
+        )
+        if labels is not None and out.logits is not None:
+            out.loss = F.cross_entropy(out.logits, labels)
+        return out
+
+    # ----- save / load -------------------------------------------------------------------------
+    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs) -> None:
+        """Write the checkpoint folder described in the module docstring (safetensors + JSON)."""
+        os.makedirs(save_directory, exist_ok=True)
+        base = unwrap_clip(self.clip)
+        base_name = base.config._name_or_path or None
+        save_base = self.lora_config is None or not base_name
+        if self.lora_config is None:
+            base.save_pretrained(os.path.join(save_directory, "clip"))
+        else:
+            self.clip.save_pretrained(os.path.join(save_directory, "adapter"))
+            if save_base:  # a base built from a config has no other home: keep its (frozen) weights
+                state = {
+                    k.replace(".base_layer.", "."): v.contiguous()
+                    for k, v in base.state_dict().items()
+                    if "lora_" not in k
+                }
+                os.makedirs(os.path.join(save_directory, "clip"), exist_ok=True)
+                base.config.save_pretrained(os.path.join(save_directory, "clip"))
+                save_file(state, os.path.join(save_directory, "clip", "model.safetensors"), metadata={"format": "pt"})
+        save_file(
+            {"prompt_ids": self.prompt_ids.contiguous().cpu(), "prompt_mask": self.prompt_mask.contiguous().cpu()},
+            os.path.join(save_directory, PROMPTS_NAME),
+        )
+        meta = {
+            "class_names": self.class_names,
+            "templates": self.templates,
+            "lora": self.lora_config,
+            "base_model_name_or_path": base_name,
+            "base_saved": save_base,
+        }
+        with open(os.path.join(save_directory, CONFIG_NAME), "w") as f:
+            json.dump(meta, f, indent=2, default=str)
+
+    @classmethod
+    def from_pretrained(
+        cls, path_or_repo_id: str | os.PathLike, revision: str | None = None, is_trainable: bool = True, **kwargs
+    ) -> "ContinualCLIP":
+        """Reload a checkpoint written by `save_pretrained` (a local folder or a Hub repo + revision)."""
+        folder = str(path_or_repo_id)
+        if not os.path.isdir(folder):
+            from .hub import resolve_pretrained_folder
+
+            folder = resolve_pretrained_folder(folder, revision=revision)
+        config_file = os.path.join(folder, CONFIG_NAME)
+        if not os.path.isfile(config_file):
+            raise ValueError(
+                f"{path_or_repo_id} is not a ContinualCLIP checkpoint: it has no {CONFIG_NAME}. For a plain CLIP "
+                f"model use `ContinualCLIP.from_clip({str(path_or_repo_id)!r})`."
+            )
+        with open(config_file) as f:
+            meta = json.load(f)
+        if meta["base_saved"]:
+            clip = CLIPModel.from_pretrained(os.path.join(folder, "clip"), **kwargs)
+        else:
+            clip = CLIPModel.from_pretrained(meta["base_model_name_or_path"], **kwargs)
+        if meta["lora"] is not None:
+            from peft import PeftModel
+
+            clip = PeftModel.from_pretrained(clip, os.path.join(folder, "adapter"), is_trainable=is_trainable)
+        model = cls(clip, templates=meta["templates"], lora_config=meta["lora"])
+        prompts = load_file(os.path.join(folder, PROMPTS_NAME))
+        model.prompt_ids, model.prompt_mask = prompts["prompt_ids"], prompts["prompt_mask"]
+        model.class_names = list(meta["class_names"])
+        return model

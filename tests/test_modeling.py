@@ -1,0 +1,95 @@
+import json
+import os
+
+import pytest
+import torch
+from peft import LoraConfig, PeftModel
+from transformers import CLIPModel
+
+from hf_pmi import ContinualCLIP
+from hf_pmi.blocks import VisionBlocks
+from hf_pmi.testing import build_clip, build_tokenizer
+
+
+@pytest.fixture
+def tokenizer():
+    return build_tokenizer()
+
+
+def _randomise_lora(model):
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)  # LoRA B starts at zero: make the adapter change the logits
+
+
+def test_logits_are_scaled_cosines_of_image_and_class_text(tokenizer):
+    clip = build_clip("tiny")
+    model = ContinualCLIP.from_clip(clip, ["cat", "dog"], tokenizer).eval()
+    x = torch.rand(3, 3, 32, 32)
+    ids = tokenizer(["a bad photo of a cat.", "a bad photo of a dog."], padding="max_length", max_length=32,
+                    return_tensors="pt")
+    text = torch.nn.functional.normalize(clip.get_text_features(**ids).pooler_output, dim=-1)
+    image = torch.nn.functional.normalize(clip.get_image_features(pixel_values=x).pooler_output, dim=-1)
+    expected = clip.logit_scale.exp() * image @ text.t()
+    assert torch.allclose(model(pixel_values=x).logits, expected, atol=1e-5)
+
+
+def test_add_classes_grows_the_classifier_and_refuses_duplicates(tokenizer):
+    model = ContinualCLIP.from_clip(build_clip("tiny"), ["cat"], tokenizer)
+    assert model.add_classes(["dog", "bird"], tokenizer) == [1, 2]
+    assert model(pixel_values=torch.rand(2, 3, 32, 32)).logits.shape == (2, 3)
+    with pytest.raises(ValueError, match=r"\['dog'\] already exist"):
+        model.add_classes(["dog"], tokenizer)
+
+
+def test_patch_embedding_is_frozen_and_replay_joins_the_same_pass(tokenizer):
+    model = ContinualCLIP.from_clip(build_clip("tiny"), ["a", "b"], tokenizer).eval()
+    assert not model.clip.vision_model.embeddings.patch_embedding.weight.requires_grad
+    x = torch.rand(2, 3, 32, 32)
+    maps = VisionBlocks(model).patch_embed(x)
+    out = model(pixel_values=x, replay_patch_maps=maps)
+    assert torch.allclose(out.logits, out.replay_logits, atol=1e-5)
+
+
+@pytest.mark.parametrize("lora", [None, "vision", "both"])
+def test_save_and_reload_gives_identical_logits(tmp_path, tokenizer, lora):
+    config = None
+    if lora == "vision":
+        config = LoraConfig(r=4)
+    elif lora == "both":
+        config = LoraConfig(r=4, target_modules=r".*(vision|text)_model.*\.(q_proj|v_proj)")
+    model = ContinualCLIP.from_clip(build_clip("tiny"), ["cat", "dog"], tokenizer, lora=config)
+    _randomise_lora(model)
+    model.eval()
+    model.save_pretrained(tmp_path)
+    reloaded = ContinualCLIP.from_pretrained(tmp_path).eval()
+    x = torch.rand(4, 3, 32, 32)
+    assert torch.equal(model(pixel_values=x).logits, reloaded(pixel_values=x).logits)
+    assert reloaded.class_names == ["cat", "dog"]
+    meta = json.loads((tmp_path / "continual_clip.json").read_text())
+    assert (meta["lora"] is None) == (lora is None)
+    if lora == "both":
+        trainable = [n for n, p in reloaded.named_parameters() if p.requires_grad]
+        assert any("text_model" in n for n in trainable) and all("lora_" in n for n in trainable)
+    # no pickle anywhere in a checkpoint
+    files = [f for _, _, fs in os.walk(tmp_path) for f in fs]
+    assert not [f for f in files if f.endswith((".bin", ".pt", ".pth", ".pkl"))]
+
+
+def test_checkpoint_loads_with_plain_transformers_and_peft(tmp_path, tokenizer):
+    model = ContinualCLIP.from_clip(build_clip("tiny"), ["cat", "dog"], tokenizer, lora=LoraConfig(r=4))
+    _randomise_lora(model)
+    model.eval().save_pretrained(tmp_path)
+    base = CLIPModel.from_pretrained(tmp_path, subfolder="clip")
+    clip = PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
+    x = torch.rand(2, 3, 32, 32)
+    ours = VisionBlocks(model).features(x)
+    plain = clip.get_image_features(pixel_values=x).pooler_output
+    assert torch.allclose(ours, plain, atol=1e-6)
+
+
+def test_not_a_checkpoint_says_what_to_do(tmp_path):
+    build_clip("tiny").save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="from_clip"):
+        ContinualCLIP.from_pretrained(tmp_path)
