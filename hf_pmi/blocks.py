@@ -30,10 +30,10 @@ def unwrap_clip(model: nn.Module) -> nn.Module:
     seen = set()
     while id(model) not in seen:
         seen.add(id(model))
-        if hasattr(model, "vision_model") and hasattr(model, "visual_projection"):
+        if "vision_model" in model._modules and "visual_projection" in model._modules:  # not via __getattr__
             return model
         for attr in ("module", "clip", "base_model", "model"):
-            inner = getattr(model, attr, None)
+            inner = model._modules.get(attr)
             if isinstance(inner, nn.Module):
                 model = inner
                 break
