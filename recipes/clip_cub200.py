@@ -49,8 +49,9 @@ class ScriptArguments:
 def main():
     parser = HfArgumentParser((ScriptArguments, ContinualConfig, InversionConfig))
     # CUB-specific reference values (method.md): 10 epochs, l_tkd 0.1, l_ft 0.1, alpha_rf 0.2, lr_rf 0.02.
-    parser.set_defaults(method="pmi", num_train_epochs=10, l_tkd=0.1, l_ft=0.1)
-    parser.set_defaults(**InversionConfig.cub_defaults())
+    # CUB values of the reference (method.md): 10 epochs, l_tkd 0.1, l_ft 0.1, alpha_rf 0.2 (so the
+    # per-layer weight a_layer = 0.2 * 15 blocks = 3.0), refinement lr 0.02.
+    parser.set_defaults(method="pmi", num_train_epochs=10, l_tkd=0.1, l_ft=0.1, alpha_rf=0.2, a_layer=3.0, refine_lr=0.02)
     script, args, inversion = parser.parse_args_into_dataclasses()
 
     if script.data_dir:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from transformers import HfArgumentParser
 
 from hf_pmi import ContinualCLIP, ContinualConfig, ContinualTrainer, split_class_incremental
+from hf_pmi.inversion import InversionConfig
 from hf_pmi.testing import build_clip, build_processor, load_digits_dataset
 
 
@@ -24,8 +25,8 @@ class DigitsArguments:
 
 
 def main():
-    parser = HfArgumentParser((DigitsArguments, ContinualConfig))
-    script, args = parser.parse_args_into_dataclasses()
+    parser = HfArgumentParser((DigitsArguments, ContinualConfig, InversionConfig))
+    script, args, inversion = parser.parse_args_into_dataclasses()
     data = load_digits_dataset(image_size=script.image_size)
     tasks = split_class_incremental(data, num_tasks=script.num_tasks, seed=args.seed)
     model = ContinualCLIP.from_clip(build_clip(script.model_size, seed=args.seed, image_size=script.image_size))
@@ -34,6 +35,7 @@ def main():
         args=args,
         tasks=tasks,
         processing_class=build_processor(script.image_size),
+        inversion_config=inversion,
     )
     result = trainer.train()
     if trainer.is_world_process_zero():

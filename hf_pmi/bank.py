@@ -1,0 +1,334 @@
+"""The feature bank: what PMI keeps of earlier classes instead of their images (method.md, steps 1-4).
+
+Per class (integer ids ``0 .. C-1`` in order of arrival): a Gaussian of the un-normalised
+``visual_projection`` output (mean and population std; optionally a shrunk full covariance), the
+number of real features it was estimated from, and the state dict of its contrastive model g_c.
+Shared by all classes: the per-layer `LayerStatistics`, merged across tasks.
+
+Saved as ``feature_bank.safetensors`` + ``feature_bank.json``; pickles are never read.
+
+Example:
+    >>> import tempfile, torch
+    >>> from hf_pmi.bank import FeatureBank
+    >>> bank = FeatureBank()
+    >>> bank.add_classes([0, 1], {0: torch.randn(30, 8), 1: torch.randn(30, 8) + 3}, contrastive_epochs=2)
+    >>> x, y = bank.sample([0, 1], per_class=5, generator=torch.Generator().manual_seed(0))
+    >>> tuple(x.shape), y.tolist()
+    ((10, 8), [0, 0, 0, 0, 0, 1, 1, 1, 1, 1])
+    >>> with tempfile.TemporaryDirectory() as d:
+    ...     bank.save_pretrained(d)
+    ...     torch.equal(FeatureBank.from_pretrained(d).means, bank.means)
+    True
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from .blocks import VisionBlocks
+from .contrastive import ContrastiveModel, gaussian_sample, sample_class_features
+from .contrastive import train_contrastive as fit_contrastive
+from .statistics import LayerStatistics, eval_mode
+
+WEIGHTS_NAME = "feature_bank.safetensors"
+CONFIG_NAME = "feature_bank.json"
+FORMAT_VERSION = 1
+PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".pkl", ".pickle")
+
+
+class FeatureBank:
+    """Class Gaussians, contrastive models and layer statistics of every class seen so far.
+
+    Args:
+        covariance: ``"diag"`` (the reference) or ``"full"`` (beyond the reference: a full
+            covariance shrunk toward a scaled identity, sampled through its Cholesky factor).
+        shrinkage: weight ``lam`` of the identity target, ``(1 - lam) S + lam * tr(S)/d * I``.
+            0.1 keeps S positive definite when a class has fewer samples than dimensions (a CLIP
+            class of ~50 images vs 512 dims) while changing well-estimated directions little.
+    """
+
+    def __init__(self, covariance: str = "diag", shrinkage: float = 0.1):
+        if covariance not in ("diag", "full"):
+            raise ValueError(f"covariance must be 'diag' or 'full', got {covariance!r}.")
+        if not 0.0 <= shrinkage <= 1.0:
+            raise ValueError(f"shrinkage must be in [0, 1], got {shrinkage}.")
+        self.covariance = covariance
+        self.shrinkage = float(shrinkage)
+        self._means: list[torch.Tensor] = []
+        self._stds: list[torch.Tensor] = []
+        self._counts: list[int] = []
+        self._covs: list[torch.Tensor] = []
+        self.contrastive: dict[int, dict[str, torch.Tensor]] = {}
+        self.statistics: LayerStatistics | None = None
+
+    # ----- contents --------------------------------------------------------------------------
+    @property
+    def num_classes(self) -> int:
+        return len(self._means)
+
+    @property
+    def feature_dim(self) -> int | None:
+        return self._means[0].numel() if self._means else None
+
+    @property
+    def means(self) -> torch.Tensor:
+        """(C, P) class means."""
+        return torch.stack(self._means) if self._means else torch.empty(0)
+
+    @property
+    def stds(self) -> torch.Tensor:
+        """(C, P) per-dimension population standard deviations."""
+        return torch.stack(self._stds) if self._stds else torch.empty(0)
+
+    @property
+    def counts(self) -> torch.Tensor:
+        return torch.tensor(self._counts, dtype=torch.int64)
+
+    @property
+    def covariances(self) -> torch.Tensor | None:
+        """(C, P, P) shrunk covariances (``covariance="full"`` only)."""
+        return torch.stack(self._covs) if self._covs else None
+
+    def __repr__(self) -> str:
+        return (
+            f"FeatureBank(num_classes={self.num_classes}, feature_dim={self.feature_dim}, "
+            f"covariance={self.covariance!r}, contrastive={len(self.contrastive)}, statistics={self.statistics})"
+        )
+
+    # ----- building --------------------------------------------------------------------------
+    def add_classes(
+        self,
+        class_ids: Iterable[int],
+        features: dict[int, torch.Tensor],
+        train_contrastive: bool = True,
+        contrastive_epochs: int = 200,  # reference: 200 epochs
+        contrastive_lr: float = 1e-2,  # reference: Adam lr 1e-2
+        tau: float = 1.0,  # reference: tau = 1
+        seed: int = 0,
+    ) -> None:
+        """Store the Gaussian (and g_c) of each new class from its real features ``(n_c, P)``.
+
+        `class_ids` must continue the bank's numbering (``num_classes, num_classes + 1, ...``);
+        earlier classes are never re-estimated.
+        """
+        class_ids = [int(c) for c in class_ids]
+        expected = list(range(self.num_classes, self.num_classes + len(class_ids)))
+        if class_ids != expected:
+            raise ValueError(
+                f"Class ids arrive in order: this bank holds {self.num_classes} classes, so the next ids "
+                f"are {expected}, got {class_ids}. Map your labels to 0..C-1 in order of arrival."
+            )
+        for c in class_ids:
+            if c not in features:
+                raise KeyError(f"No features given for class {c}.")
+            f = features[c].detach().to("cpu", torch.float32)
+            if f.dim() != 2 or f.shape[0] < 1:
+                raise ValueError(f"Features of class {c} must be (n >= 1, P), got {tuple(f.shape)}.")
+            if self.feature_dim is not None and f.shape[1] != self.feature_dim:
+                raise ValueError(f"Class {c} has {f.shape[1]}-dim features, the bank {self.feature_dim}.")
+            mean = f.mean(dim=0)
+            self._means.append(mean)
+            self._stds.append(f.std(dim=0, unbiased=False))
+            self._counts.append(f.shape[0])
+            if self.covariance == "full":
+                centred = f - mean
+                cov = centred.T @ centred / f.shape[0]
+                target = torch.eye(cov.shape[0]) * cov.diagonal().mean()
+                self._covs.append((1 - self.shrinkage) * cov + self.shrinkage * target)
+            if train_contrastive:
+                g = fit_contrastive(f, epochs=contrastive_epochs, lr=contrastive_lr, tau=tau, seed=seed + c)
+                self.contrastive[c] = {k: v.clone() for k, v in g.state_dict().items()}
+
+    def update_statistics(self, stats: LayerStatistics) -> None:
+        """Merge a task's layer statistics into the bank's (count-weighted)."""
+        self.statistics = stats if self.statistics is None else self.statistics.merge(stats)
+
+    def contrastive_model(self, class_id: int) -> ContrastiveModel:
+        """g_c of a class, rebuilt from its state dict, in eval mode."""
+        if class_id not in self.contrastive:
+            raise ValueError(
+                f"Class {class_id} has no contrastive model: add it with add_classes(..., train_contrastive=True) "
+                "or sample with selection='gaussian'."
+            )
+        g = ContrastiveModel(self.feature_dim)
+        g.load_state_dict(self.contrastive[class_id])
+        return g.eval()
+
+    # ----- sampling --------------------------------------------------------------------------
+    def sample_class(
+        self,
+        class_id: int,
+        n: int,
+        generator: torch.Generator | None = None,
+        selection: str = "cfs",
+        boost: int = 20,  # reference for CLIP: CFS-select 5 * 20, keep 5
+        batch: int = 20,  # reference: b = 20
+        rho: float = 0.5,  # reference: rho = 0.5
+        tau: float = 1.0,  # reference: tau = 1
+        exact_standardise: bool = False,
+    ) -> torch.Tensor:
+        """``n`` target features ``(n, P)`` of one class, by CFS or plain Gaussian sampling."""
+        if not 0 <= class_id < self.num_classes:
+            raise IndexError(f"Class {class_id} is not in the bank ({self.num_classes} classes).")
+        mean, std = self._means[class_id], self._stds[class_id]
+        tril = torch.linalg.cholesky(self._covs[class_id]) if self.covariance == "full" else None
+        if selection == "gaussian":
+            if tril is None:
+                return gaussian_sample(mean, std, n, generator)
+            return mean + torch.randn(n, mean.numel(), generator=generator) @ tril.T
+        if selection == "cfs":
+            return sample_class_features(
+                mean, std, self.contrastive_model(class_id), n, boost=boost, batch=batch, rho=rho, tau=tau,
+                generator=generator, exact_standardise=exact_standardise, scale_tril=tril,
+            )
+        raise ValueError(f"selection must be 'cfs' or 'gaussian', got {selection!r}.")
+
+    def sample(
+        self,
+        class_ids: Iterable[int],
+        per_class: int,
+        generator: torch.Generator | None = None,
+        selection: str = "cfs",
+        **kwargs,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``per_class`` targets for each class in `class_ids`: ``(features (n, P), labels (n,))``.
+
+        Extra keyword arguments go to `sample_class` (boost, batch, rho, tau, exact_standardise).
+        """
+        class_ids = [int(c) for c in class_ids]
+        feats = [self.sample_class(c, per_class, generator, selection, **kwargs) for c in class_ids]
+        labels = torch.tensor(class_ids, dtype=torch.int64).repeat_interleave(per_class)
+        return torch.cat(feats) if feats else torch.empty(0, self.feature_dim or 0), labels
+
+    # ----- persistence -----------------------------------------------------------------------
+    def to_tensors(self) -> dict[str, torch.Tensor]:
+        tensors = {}
+        if self.num_classes:
+            tensors["means"] = self.means.contiguous()
+            tensors["stds"] = self.stds.contiguous()
+            tensors["counts"] = self.counts
+            if self._covs:
+                tensors["covariances"] = self.covariances.contiguous()
+        for c, state in self.contrastive.items():
+            for k, v in state.items():
+                tensors[f"contrastive.{c}.{k}"] = v.contiguous()
+        if self.statistics is not None:
+            tensors.update(self.statistics.to_tensors(prefix="statistics."))
+        return tensors
+
+    def save_pretrained(self, save_directory: str | os.PathLike) -> None:
+        """Write ``feature_bank.safetensors`` and ``feature_bank.json`` into `save_directory`."""
+        from safetensors.torch import save_file
+
+        save_directory = Path(save_directory)
+        save_directory.mkdir(parents=True, exist_ok=True)
+        config = {
+            "format": "hf_pmi.FeatureBank",
+            "version": FORMAT_VERSION,
+            "num_classes": self.num_classes,
+            "feature_dim": self.feature_dim,
+            "covariance": self.covariance,
+            "shrinkage": self.shrinkage,
+            "contrastive_classes": sorted(self.contrastive),
+            "has_statistics": self.statistics is not None,
+        }
+        save_file(self.to_tensors(), str(save_directory / WEIGHTS_NAME), metadata={"format": "pt"})
+        (save_directory / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+
+    @classmethod
+    def from_pretrained(
+        cls, path_or_repo_id: str | os.PathLike, revision: str | None = None, subfolder: str | None = None
+    ) -> "FeatureBank":
+        """Load a bank from a local directory or a Hub repo (only its two files are downloaded).
+
+        A directory or repo that holds a pickle-like file (``.pt``, ``.pth``, ``.bin``, ``.pkl``,
+        ``.pickle``) instead of ``feature_bank.safetensors`` is refused with a `ValueError`:
+        pickles can run code when loaded.
+        """
+        from safetensors.torch import load_file
+
+        local = Path(path_or_repo_id)
+        if local.is_dir():
+            folder = local / subfolder if subfolder else local
+            if not (folder / WEIGHTS_NAME).is_file():
+                listing = [p.name for p in folder.iterdir()] if folder.is_dir() else []
+                _refuse_or_missing(listing, str(folder))
+        else:
+            from huggingface_hub import snapshot_download
+
+            repo_id = str(path_or_repo_id)
+            prefix = f"{subfolder.strip('/')}/" if subfolder else ""
+            snapshot = snapshot_download(repo_id, revision=revision, allow_patterns=[prefix + CONFIG_NAME, prefix + WEIGHTS_NAME])
+            folder = Path(snapshot) / prefix if prefix else Path(snapshot)
+            if not (folder / WEIGHTS_NAME).is_file():
+                from huggingface_hub import HfApi
+
+                files = HfApi().list_repo_files(repo_id, revision=revision)
+                listing = [f[len(prefix) :] for f in files if f.startswith(prefix) and "/" not in f[len(prefix) :]]
+                _refuse_or_missing(listing, f"{repo_id}{'/' + prefix if prefix else ''}")
+        config_path = folder / CONFIG_NAME
+        if not config_path.is_file():
+            raise FileNotFoundError(f"{config_path} is missing: a bank is saved with FeatureBank.save_pretrained.")
+        config = json.loads(config_path.read_text())
+        if config.get("format") != "hf_pmi.FeatureBank" or config.get("version", 0) > FORMAT_VERSION:
+            raise ValueError(
+                f"{config_path} is not a FeatureBank of format version <= {FORMAT_VERSION} "
+                f"(got format={config.get('format')!r}, version={config.get('version')}); upgrade hf_pmi."
+            )
+        tensors = load_file(str(folder / WEIGHTS_NAME))
+        bank = cls(covariance=config["covariance"], shrinkage=config["shrinkage"])
+        if config["num_classes"]:
+            bank._means = list(tensors["means"].unbind(0))
+            bank._stds = list(tensors["stds"].unbind(0))
+            bank._counts = tensors["counts"].tolist()
+            if "covariances" in tensors:
+                bank._covs = list(tensors["covariances"].unbind(0))
+        for c in config["contrastive_classes"]:
+            head = f"contrastive.{c}."
+            bank.contrastive[int(c)] = {k[len(head) :]: v for k, v in tensors.items() if k.startswith(head)}
+        if config["has_statistics"]:
+            bank.statistics = LayerStatistics.from_tensors(tensors, prefix="statistics.")
+        return bank
+
+
+def _refuse_or_missing(listing: list[str], where: str) -> None:
+    pickles = sorted(f for f in listing if f.lower().endswith(PICKLE_SUFFIXES))
+    if pickles:
+        raise ValueError(
+            f"{where} holds no {WEIGHTS_NAME} but pickle files {pickles}. Pickles are refused: loading one "
+            "can run arbitrary code. Load it yourself only if you trust its author, rebuild the bank "
+            f"(FeatureBank().add_classes(...)) and re-save it with FeatureBank.save_pretrained, which "
+            f"writes {WEIGHTS_NAME} + {CONFIG_NAME}."
+        )
+    raise FileNotFoundError(f"{where} holds no {WEIGHTS_NAME}; save a bank there with FeatureBank.save_pretrained.")
+
+
+@torch.no_grad()
+def class_features(model: nn.Module, pixel_batches_with_labels: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> dict[int, torch.Tensor]:
+    """Un-normalised image features (the ``visual_projection`` output) of real images, per label.
+
+    `pixel_batches_with_labels` yields ``(pixel_values (B, 3, H, W), labels (B,))``. Runs in eval
+    mode (restored after); returns float32 CPU tensors ``{label: (n_label, P)}``.
+
+    Example:
+        >>> from hf_pmi.testing import build_clip
+        >>> feats = class_features(build_clip("tiny"), [(torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 0, 1]))])
+        >>> sorted(feats), tuple(feats[0].shape)
+        ([0, 1], (2, 16))
+    """
+    blocks = VisionBlocks(model)
+    device = blocks.embeddings.patch_embedding.weight.device
+    chunks: dict[int, list[torch.Tensor]] = {}
+    with eval_mode(model):
+        for pixels, labels in pixel_batches_with_labels:
+            feats = blocks.features(pixels.to(device)).float().cpu()
+            labels = torch.as_tensor(labels).cpu()
+            for c in labels.unique().tolist():
+                chunks.setdefault(int(c), []).append(feats[labels == c])
+    return {c: torch.cat(v) for c, v in sorted(chunks.items())}

@@ -1,0 +1,218 @@
+"""Per-class contrastive model g_c and contrastive feature selection (CFS) (method.md, steps 3-4).
+
+A class is stored as a diagonal Gaussian of its image features. Plain Gaussian samples bunch up
+near the mean; CFS uses a tiny MLP trained with a uniformity loss on the class's real features to
+pick candidates that are *dissimilar* to those already accepted, then corrects the first two
+moments of the selected set back to the class's.
+
+Example:
+    >>> import torch
+    >>> from hf_pmi.contrastive import train_contrastive, sample_class_features
+    >>> feats = torch.randn(50, 8) * 2 + 1
+    >>> g = train_contrastive(feats, epochs=5)
+    >>> x = sample_class_features(feats.mean(0), feats.std(0, unbiased=False), g, n=5,
+    ...                           generator=torch.Generator().manual_seed(0))
+    >>> tuple(x.shape)
+    (5, 8)
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+from torch import nn
+
+# LeakyReLU slope: PyTorch's default (0.01), which the reference uses through nn.LeakyReLU().
+LEAKY_SLOPE = 0.01
+# Below this, a selected set's per-dimension std is treated as zero and left unscaled.
+STD_EPS = 1e-12
+
+
+class ContrastiveModel(nn.Module):
+    """g_c: 2 x [Linear(d, d) -> BatchNorm1d(d) -> LeakyReLU], then L2-normalise.
+
+    Example:
+        >>> g = ContrastiveModel(4).eval()
+        >>> torch.allclose(g(torch.randn(3, 4)).norm(dim=1), torch.ones(3))
+        True
+    """
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.dim = dim
+        self.net = nn.Sequential(
+            nn.Linear(dim, dim),
+            nn.BatchNorm1d(dim),
+            nn.LeakyReLU(LEAKY_SLOPE),
+            nn.Linear(dim, dim),
+            nn.BatchNorm1d(dim),
+            nn.LeakyReLU(LEAKY_SLOPE),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.normalize(self.net(x), dim=-1)
+
+
+def uniformity_loss(z: torch.Tensor, tau: float = 1.0) -> torch.Tensor:
+    """``mean_i log(mean_j exp(z_i . z_j / tau))`` with j running over all samples, i included."""
+    sim = z @ z.T / tau
+    return (torch.logsumexp(sim, dim=1) - math.log(z.shape[0])).mean()
+
+
+def train_contrastive(
+    features: torch.Tensor,
+    epochs: int = 200,  # reference: 200 epochs
+    lr: float = 1e-2,  # reference: Adam, lr 1e-2
+    tau: float = 1.0,  # reference: tau = 1
+    batch_size: int = 64,  # reference: batch min(64, n)
+    seed: int = 0,
+) -> ContrastiveModel:
+    """Train g_c on one class's real features ``(n, d)`` with the uniformity loss.
+
+    Adam, shuffled batches of ``min(batch_size, n)`` (a trailing batch of one sample is dropped:
+    BatchNorm cannot train on it); the weights with the lowest batch loss seen are kept. With
+    fewer than 2 features there is nothing to spread apart: the initial model is returned.
+    Returned in eval mode, on CPU, in float32.
+
+    Example:
+        >>> g = train_contrastive(torch.randn(20, 4), epochs=2)
+        >>> g.training
+        False
+    """
+    if features.dim() != 2:
+        raise ValueError(f"train_contrastive expects features of shape (n, d), got {tuple(features.shape)}.")
+    features = features.detach().to("cpu", torch.float32)
+    n, d = features.shape
+    generator = torch.Generator().manual_seed(seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = ContrastiveModel(d)
+    if n < 2:
+        return model.eval()
+    bs = max(2, min(batch_size, n))
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    best_loss, best_state = float("inf"), copy.deepcopy(model.state_dict())
+    model.train()
+    for _ in range(epochs):
+        order = torch.randperm(n, generator=generator)
+        for start in range(0, n, bs):
+            idx = order[start : start + bs]
+            if idx.numel() < 2:
+                continue
+            loss = uniformity_loss(model(features[idx]), tau)
+            if loss.item() < best_loss:  # the weights this loss was measured with (pre-update)
+                best_loss, best_state = loss.item(), copy.deepcopy(model.state_dict())
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    model.load_state_dict(best_state)
+    return model.eval()
+
+
+def gaussian_sample(mean: torch.Tensor, std: torch.Tensor, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """``n`` samples of N(mean, diag(std^2)), shape ``(n, d)``, drawn on CPU from `generator`."""
+    noise = torch.randn(n, mean.shape[-1], generator=generator, dtype=torch.float32)
+    return mean.float().cpu() + noise * std.float().cpu()
+
+
+def _draw(mean, std, n, generator, scale_tril):
+    if scale_tril is None:
+        return gaussian_sample(mean, std, n, generator)
+    noise = torch.randn(n, mean.shape[-1], generator=generator, dtype=torch.float32)
+    return mean.float().cpu() + noise @ scale_tril.float().cpu().T
+
+
+def compensate_moments(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, exact_standardise: bool = False) -> torch.Tensor:
+    """Move the first two moments of a selected set ``x`` (n, d) toward the class's.
+
+    Reference formula (default): ``(x + (mean - m)) * (std / s)``; exact standardisation:
+    ``(x - m) * std / s + mean``. ``m``, ``s``: per-dimension mean / population std of ``x``.
+    Where ``s`` is zero (a single sample, or a zero-variance dimension) the scale is left at 1.
+    """
+    m = x.mean(dim=0)
+    s = x.std(dim=0, unbiased=False) if x.shape[0] > 1 else torch.zeros_like(m)
+    scale = torch.where(s > STD_EPS, std / s.clamp_min(STD_EPS), torch.ones_like(s))
+    if exact_standardise:
+        return (x - m) * scale + mean
+    return (x + (mean - m)) * scale
+
+
+@torch.no_grad()
+def contrastive_select(
+    mean: torch.Tensor,
+    std: torch.Tensor,
+    model: ContrastiveModel,
+    n: int,
+    batch: int = 20,  # b: accepted per round (reference 20)
+    rho: float = 0.5,  # acceptance ratio: b / rho = 40 candidates per round (reference 0.5)
+    tau: float = 1.0,  # similarity temperature (reference 1)
+    generator: torch.Generator | None = None,
+    exact_standardise: bool = False,
+    scale_tril: torch.Tensor | None = None,
+    compensate: bool = True,
+) -> torch.Tensor:
+    """CFS: ``n`` features of one class, spread out by the contrastive model, moment-compensated.
+
+    The first ``batch`` samples are accepted as drawn; every later round draws ``batch / rho``
+    candidates, scores each by its mean similarity ``g(u) . g(v) / tau`` to the accepted set and
+    accepts the ``batch`` lowest. Candidates come from N(mean, diag(std^2)), or from
+    N(mean, L L^T) when a Cholesky factor `scale_tril` is given (full-covariance banks). The
+    selected set is then moment-compensated (`compensate_moments`) unless ``compensate=False``.
+
+    Example:
+        >>> g = ContrastiveModel(4).eval()
+        >>> contrastive_select(torch.zeros(4), torch.ones(4), g, n=30, generator=torch.Generator().manual_seed(0)).shape
+        torch.Size([30, 4])
+    """
+    if not 0 < rho <= 1:
+        raise ValueError(f"rho is an acceptance ratio in (0, 1], got {rho}.")
+    if batch < 1 or n < 1:
+        raise ValueError(f"batch and n must be positive, got batch={batch}, n={n}.")
+    mean, std = mean.float().cpu(), std.float().cpu()
+    was_training = model.training
+    model.eval()
+    try:
+        accepted = _draw(mean, std, min(batch, n), generator, scale_tril)
+        embedded = model(accepted)
+        num_candidates = max(batch, int(round(batch / rho)))
+        while accepted.shape[0] < n:
+            take = min(batch, n - accepted.shape[0])
+            candidates = _draw(mean, std, num_candidates, generator, scale_tril)
+            z = model(candidates)
+            score = (z @ embedded.T / tau).mean(dim=1)
+            idx = torch.argsort(score)[:take]  # the most dissimilar to what is accepted
+            accepted = torch.cat([accepted, candidates[idx]])
+            embedded = torch.cat([embedded, z[idx]])
+    finally:
+        model.train(was_training)
+    return compensate_moments(accepted, mean, std, exact_standardise) if compensate else accepted
+
+
+def sample_class_features(
+    mean: torch.Tensor,
+    std: torch.Tensor,
+    model: ContrastiveModel,
+    n: int,
+    boost: int = 20,  # reference for CLIP: select 5 * 20 = 100 ...
+    batch: int = 20,  # ... in rounds of b = 20 ...
+    rho: float = 0.5,
+    tau: float = 1.0,
+    generator: torch.Generator | None = None,
+    exact_standardise: bool = False,
+    scale_tril: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The reference CLIP recipe: CFS-select ``n * boost`` features, then keep ``n`` at random.
+
+    Example:
+        >>> g = ContrastiveModel(4).eval()
+        >>> sample_class_features(torch.zeros(4), torch.ones(4), g, n=5, generator=torch.Generator().manual_seed(0)).shape
+        torch.Size([5, 4])
+    """
+    pool = contrastive_select(
+        mean, std, model, n * boost, batch=batch, rho=rho, tau=tau, generator=generator,
+        exact_standardise=exact_standardise, scale_tril=scale_tril,
+    )
+    keep = torch.randperm(pool.shape[0], generator=generator)[:n]
+    return pool[keep]

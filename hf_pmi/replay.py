@@ -1,0 +1,57 @@
+"""Replay losses for training task t+1 on real new-class data plus replayed old-class samples.
+
+Follows method.md ("Training task t+1"), with the R-DFCIL task weights:
+``alpha = log2(n_new / 2 + 1)``, ``beta = sqrt(n_old / n_new)``,
+``w_ce = l_ce * (1 + 1/alpha) / beta``, ``w_hkd = l_hkd * alpha * beta``, ``w_tkd = l_tkd * alpha * beta``.
+
+Example:
+    >>> w = task_weights(n_old=2, n_new=2, l_ce=1.0, l_hkd=0.1, l_tkd=0.2)
+    >>> round(w["ce"], 3), round(w["hkd"], 3), round(w["tkd"], 3)
+    (2.0, 0.1, 0.2)
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def task_weights(n_old: int, n_new: int, l_ce: float, l_hkd: float, l_tkd: float) -> dict[str, float]:
+    """R-DFCIL's task-dependent weights of the local CE and the two distillation terms."""
+    if n_old <= 0 or n_new <= 0:
+        raise ValueError(f"Task weights need old and new classes, got n_old={n_old}, n_new={n_new}.")
+    alpha = math.log2(n_new / 2 + 1)
+    beta = math.sqrt(n_old / n_new)
+    return {"ce": l_ce * (1 + 1 / alpha) / beta, "hkd": l_hkd * alpha * beta, "tkd": l_tkd * alpha * beta}
+
+
+def replay_losses(
+    out,
+    teacher_out,
+    labels: torch.Tensor,
+    replay_labels: torch.Tensor,
+    n_old: int,
+    weights: dict[str, float],
+    l_ft: float,
+) -> dict[str, torch.Tensor]:
+    """The four terms for one batch (already weighted; their sum is the loss).
+
+    ``out`` is the student's `ContinualCLIPOutput` for real images plus replayed samples;
+    ``teacher_out`` the frozen teacher's for the replayed samples (``replay_logits``,
+    ``text_embeds``).
+    """
+    s = out.logit_scale
+    text = out.text_embeds
+    # local CE: real data against the new classes only
+    ce = F.cross_entropy(out.logits[:, n_old:], labels - n_old)
+    # L1 logit KD on replayed samples, over the old classes
+    hkd = (out.replay_logits[:, :n_old] - teacher_out.replay_logits[:, :n_old]).abs().mean()
+    # L1 KD of the old classes' text features
+    tkd = (text[:n_old] - teacher_out.text_embeds[:n_old]).abs().mean()
+    # balancing CE over all seen classes with detached image features (trains the text side only)
+    ft = F.cross_entropy(s * out.replay_image_embeds.detach() @ text.t(), replay_labels) + F.cross_entropy(
+        s * out.image_embeds.detach() @ text.t(), labels
+    )
+    return {"ce": weights["ce"] * ce, "hkd": weights["hkd"] * hkd, "tkd": weights["tkd"] * tkd, "ft": l_ft * ft}
