@@ -15,6 +15,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -50,6 +51,7 @@ class ContinualTasks:
     image_column: str = "image"
     label_column: str = "label"
     label_offset: int = 0  # > 0 when continuing a model that already knows `label_offset` classes
+    task_offset: int = 0  # > 0 when continuing a run that already finished `task_offset` tasks
     metadata: dict[str, Any] = field(default_factory=dict)
 
     def __len__(self) -> int:
@@ -75,6 +77,14 @@ class ContinualTasks:
         """Training data of tasks ``0 .. upto`` concatenated (the `joint` upper bound uses it)."""
         return concatenate_datasets([t.train for t in self.tasks[: upto + 1]])
 
+    def continuing(self, num_classes: int, num_tasks: int) -> "ContinualTasks":
+        """These tasks renumbered to follow a model that knows `num_classes` classes from `num_tasks` tasks."""
+        tasks = [
+            dataclasses.replace(t, class_ids=[num_classes + c - self.label_offset for c in t.class_ids])
+            for t in self.tasks
+        ]
+        return dataclasses.replace(self, tasks=tasks, label_offset=num_classes, task_offset=num_tasks)
+
     def describe(self) -> dict[str, Any]:
         """JSON-friendly summary (recorded in every checkpoint)."""
         return {
@@ -82,6 +92,7 @@ class ContinualTasks:
             "class_names": self.class_names,
             "tasks": [t.class_ids for t in self.tasks],
             "label_offset": self.label_offset,
+            "task_offset": self.task_offset,
             **self.metadata,
         }
 
@@ -217,7 +228,7 @@ def split_class_incremental(
         class_names=[names[c] for c in class_order],
         image_column=image_column,
         label_column=label_column,
-        metadata={"seed": seed, "num_classes": num_classes},
+        metadata={"seed": seed, "num_classes": num_classes, "dataset": getattr(train.info, "dataset_name", None)},
     )
 
 

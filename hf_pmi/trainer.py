@@ -34,7 +34,9 @@ from transformers import Trainer
 from .config import ContinualConfig
 from .data import ContinualCollator, ContinualTasks
 from .methods import METHODS
+from .hub import check_hub_access, push_task_checkpoint, resolve_pretrained_folder
 from .metrics import continual_metrics, format_matrix
+from .model_card import write_model_card
 from .modeling import ContinualCLIP
 
 logger = logging.getLogger("hf_pmi")
@@ -136,6 +138,8 @@ class ContinualTrainer(Trainer):
                     f"Tasks {streaming} stream their data (no length), so the Trainer cannot count epochs: set "
                     f"`max_steps` (steps per task)."
                 )
+        self._pushes = []
+        self._previous_task_classes: list[list[int]] = []
         self.accuracy_matrix: list[list[float | None]] = []
         self.counts: list[int] = []
         self.task_seconds: list[float] = []
@@ -154,7 +158,7 @@ class ContinualTrainer(Trainer):
             if folder is None:
                 logger.warning("No finished task under %s: starting from task 0.", self.args.output_dir)
             else:
-                start = self._load_task_checkpoint(folder) + 1
+                start = self._load_task_checkpoint(folder) + 1 - self.tasks.task_offset
         wall = time.time()
         for t in range(start, len(self.tasks)):
             t0 = time.time()
@@ -172,6 +176,7 @@ class ContinualTrainer(Trainer):
             self._save_task(t, result)
             self.log({"task": t, "accuracy_all_seen": result.all_seen_accuracy[-1], **self.method_logs[-1]})
             self._task_event("on_task_end", t, result=result)
+        self._wait_for_pushes()
         return self.result(time.time() - wall)
 
     def _add_task_classes(self, t: int) -> None:
@@ -192,6 +197,49 @@ class ContinualTrainer(Trainer):
             if fn is not None:
                 fn(self.args, self.state, self.control, task_id=task_id, trainer=self, **kw)
 
+    @classmethod
+    def from_pretrained(
+        cls,
+        path_or_repo_id: str,
+        tasks: ContinualTasks,
+        args: ContinualConfig,
+        revision: str | None = None,
+        processing_class=None,
+        **kwargs,
+    ) -> "ContinualTrainer":
+        """Continue learning from a finished task's checkpoint (local folder, or Hub repo + revision).
+
+        Loads the model, processor, feature bank and state; `tasks` (new classes only, e.g. from
+        `split_class_incremental(new_data, ...)`) are renumbered to follow the checkpoint's classes
+        and tasks. Old classes are replayed from the bank: no old data is needed.
+
+        Example:
+            >>> trainer = ContinualTrainer.from_pretrained("me/clip-cub200-pmi", tasks=new_tasks, args=args,
+            ...                                            revision="task-9")  # doctest: +SKIP
+        """
+        folder = resolve_pretrained_folder(path_or_repo_id, revision=revision)
+        with open(os.path.join(folder, STATE_NAME)) as f:
+            state = json.load(f)
+        model = ContinualCLIP.from_pretrained(folder)
+        clash = sorted(set(model.class_names) & set(tasks.class_names))
+        if clash:
+            raise ValueError(
+                f"Class name(s) {clash} already exist in {path_or_repo_id}: a continued run learns new classes only. "
+                f"Drop them from the new data or rename them."
+            )
+        if processing_class is None:
+            from transformers import AutoProcessor
+
+            processing_class = AutoProcessor.from_pretrained(folder)
+        done = state["task_id"] + 1
+        trainer = cls(model=model, args=args, tasks=tasks.continuing(model.num_classes, done),
+                      processing_class=processing_class, **kwargs)
+        trainer._previous_task_classes = state["task_classes"]
+        trainer.accuracy_matrix = [row + [None] * len(tasks) for row in state["accuracy_matrix"]]
+        trainer.counts = state["counts"] + [0] * len(tasks)
+        trainer.method.load(folder)
+        return trainer
+
     # ----- loss and evaluation -----------------------------------------------------------------
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         loss = self.method.compute_loss(model, inputs, num_items_in_batch)
@@ -203,10 +251,15 @@ class ContinualTrainer(Trainer):
             logits = model(pixel_values=inputs["pixel_values"]).logits
         return None, logits, inputs["labels"]
 
+    @property
+    def num_total_tasks(self) -> int:
+        """Tasks of the whole sequence, including those of a continued checkpoint."""
+        return self.tasks.task_offset + len(self.tasks)
+
     def _evaluate_seen_tasks(self, t: int) -> None:
         test = self.tasks.seen_test(t)
         if test is None:
-            self.accuracy_matrix.append([None] * len(self.tasks))
+            self.accuracy_matrix.append([None] * self.num_total_tasks)
             return
         out = self.predict(test, metric_key_prefix=f"task{t}")
         pred, labels = np.asarray(out.predictions).argmax(-1), np.asarray(out.label_ids)
@@ -219,9 +272,11 @@ class ContinualTrainer(Trainer):
             mask = owner == j
             counts.append(int(mask.sum()))
             row.append(float((pred[mask] == labels[mask]).mean()) if mask.any() else None)
-        padding = len(self.tasks) - t - 1  # entries for tasks not seen yet are None
-        self.accuracy_matrix.append(row + [None] * padding)
-        self.counts = [max(a, b) for a, b in zip(counts + [0] * padding, self.counts or [0] * len(self.tasks))]
+        # earlier tasks of a continued checkpoint have no data here; tasks not seen yet are None
+        before, after = [None] * self.tasks.task_offset, [None] * (len(self.tasks) - t - 1)
+        self.accuracy_matrix.append(before + row + after)
+        counts = [0] * self.tasks.task_offset + counts + [0] * len(after)
+        self.counts = [max(a, b) for a, b in zip(counts, self.counts or [0] * self.num_total_tasks)]
 
     def result(self, wall_seconds: float = 0.0) -> ContinualResult:
         metrics = continual_metrics(self.accuracy_matrix, self.counts or None)
@@ -240,7 +295,8 @@ class ContinualTrainer(Trainer):
 
     # ----- checkpoints -------------------------------------------------------------------------
     def _save_task(self, t: int, result: ContinualResult) -> str:
-        folder = os.path.join(self.args.output_dir, f"task-{t}")
+        g = self.tasks.task_offset + t  # task index in the whole sequence (continued runs go on counting)
+        folder = os.path.join(self.args.output_dir, f"task-{g}")
         if self.is_world_process_zero():
             tmp = folder + ".tmp"
             shutil.rmtree(tmp, ignore_errors=True)
@@ -248,21 +304,79 @@ class ContinualTrainer(Trainer):
             self.processing_class.save_pretrained(tmp)
             self.method.save(tmp)
             state = {
-                "task_id": t,
-                "num_tasks": len(self.tasks),
+                "task_id": g,
+                "num_tasks": self.num_total_tasks,
                 "method": self.args.method,
                 "seed": self.args.seed,
                 "tasks": self.tasks.describe(),
                 "seen_classes": self.model.class_names,
+                "task_classes": self._task_classes(g),
                 "method_info": self.method.card_info(),
                 **result.to_dict(),
             }
             _write_json(os.path.join(tmp, STATE_NAME), state)
+            write_model_card(tmp, self._card_state(g, result, tmp))  # after save_pretrained: peft writes a README
             shutil.rmtree(folder, ignore_errors=True)
             os.replace(tmp, folder)  # the finished folder appears whole or not at all
             _write_json(os.path.join(self.args.output_dir, RESULTS_NAME), result.to_dict())
+            if self.args.push_to_hub:
+                self._pushes.append(
+                    push_task_checkpoint(folder, self.hub_model_id, g, token=self.args.hub_token, run_as_future=True)
+                )
         self.accelerator.wait_for_everyone()
         return folder
+
+    def _card_state(self, g: int, result: ContinualResult, folder: str) -> dict:
+        model = self.accelerator.unwrap_model(self.model)
+        offset = self.tasks.label_offset
+        return {
+            "accuracy_matrix": result.accuracy_matrix,
+            "num_tasks": self.num_total_tasks,
+            "task_id": g,
+            "base_model": self._base_model_name(model),
+            "dataset": self.tasks.metadata.get("dataset"),
+            "method": {"name": self.args.method, "description": (type(self.method).__doc__ or "").strip()},
+            "class_order": list(range(model.num_classes)),
+            "class_names": model.class_names,
+            "task_classes": self._task_classes(g),
+            "a_last": result.a_last,
+            "a_avg": result.a_avg,
+            "forgetting": result.forgetting,
+            "bwt": result.bwt,
+            "seen_accuracy": result.all_seen_accuracy,
+            "old_accuracy": result.old_class_accuracy[-1],
+            "new_accuracy": result.new_class_accuracy[-1],
+            "inversion": self.method.card_info(),
+            "repo_id": self.hub_model_id,
+            "replay_grid": "replay_samples.png" if os.path.exists(os.path.join(folder, "replay_samples.png")) else None,
+            "tags": ["continual-learning", "class-incremental", "clip", "hf_pmi", self.args.method],
+        }
+
+    def _task_classes(self, g: int) -> list[list[int]]:
+        """Class ids of every task up to global task `g` (a continued checkpoint's tasks first)."""
+        return (self._previous_task_classes + [t.class_ids for t in self.tasks])[: g + 1]
+
+    @staticmethod
+    def _base_model_name(model) -> str | None:
+        from .blocks import unwrap_clip
+
+        return unwrap_clip(model.clip).config._name_or_path or None
+
+    # ----- Hub ---------------------------------------------------------------------------------
+    def init_hf_repo(self, token: str | None = None, private: bool | None = None) -> None:
+        """Called by `Trainer.__init__` when ``push_to_hub``: fail now, not after hours of training."""
+        if not self.args.hub_model_id:
+            raise ValueError("push_to_hub=True needs hub_model_id='namespace/name' (the repo that gets a branch per task).")
+        check_hub_access(self.args.hub_model_id, token=token or self.args.hub_token,
+                         private=private if private is not None else self.args.hub_private_repo)
+        self.hub_model_id = self.args.hub_model_id
+
+    def _wait_for_pushes(self) -> None:
+        for future in self._pushes:
+            result = future.result()
+            if not result:
+                logger.error("Push of %s failed; push it again with: %s", result.folder, result.retry_command)
+        self._pushes = []
 
     def _load_task_checkpoint(self, folder: str) -> int:
         with open(os.path.join(folder, STATE_NAME)) as f:
@@ -277,6 +391,7 @@ class ContinualTrainer(Trainer):
         self.method.load(folder)
         self.accuracy_matrix = state["accuracy_matrix"]
         self.counts = state["counts"]
+        self._previous_task_classes = state["task_classes"][: self.tasks.task_offset]
         self.task_seconds = state.get("task_seconds", [])
         self.method_logs = state.get("method_logs", [])
         logger.info("Resumed from %s (task %d finished).", folder, state["task_id"])

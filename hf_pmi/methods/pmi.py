@@ -89,8 +89,12 @@ class PMI(ContinualMethod):
         self.bank.update_statistics(
             collect_layer_statistics(model, (x for x, _ in _real_batches(self.trainer, task.train)))
         )
-        self.bank.add_classes(task.class_ids, class_features(model, _real_batches(self.trainer, task.train)),
-                              seed=self.args.seed)
+        self.bank.add_classes(
+            task.class_ids,
+            class_features(model, _real_batches(self.trainer, task.train)),
+            train_contrastive=self.inversion.selection == "cfs",  # g_c only serves CFS
+            seed=self.args.seed,
+        )
         return self.synthesize()
 
     def synthesize(self) -> dict:
@@ -132,7 +136,12 @@ class PMI(ContinualMethod):
         self.synthesize()  # the buffer is not stored: it is regenerated, data-free, from the bank
 
     def card_info(self) -> dict | None:
-        return {"settings": self.inversion.to_dict(), "cost": self.last_report}
+        keys = ("mode", "start_block", "layer_steps", "first_block_steps", "refine_steps", "a_layer", "alpha_rf",
+                "alpha_tv", "per_class", "selection")
+        info = {k: getattr(self.inversion, k) for k in keys}
+        if self.last_report is not None:
+            info.update(seconds=self.last_report["seconds"], full_model_passes=self.last_report["full_model_passes"])
+        return info
 
 
 @register_method("full_inversion")
