@@ -125,7 +125,7 @@ def run_comparison(args) -> dict:
     pmi_cfg = InversionConfig(
         mode="pmi", layer_steps=args.layer_steps, first_block_steps=args.first_block_steps,
         upsample_at=tuple(int(round(args.first_block_steps * f)) for f in (0.25, 0.5, 0.75)),
-        refine_steps=args.refine_steps, refine_lr=args.refine_lr, **common,
+        refine_steps=args.refine_steps, refine_lr=args.refine_lr, layer_init=args.layer_init, **common,
     )
     print(f"full-model inversion from a random start: {args.full_steps} steps, lr {args.full_lr}", flush=True)
     full = invert(model, targets, stats, full_cfg, progress=args.progress).report
@@ -146,7 +146,10 @@ def run_comparison(args) -> dict:
         "pmi": {"passes_to_match": passes, "seconds_to_match": seconds, "final_loss": pmi["final_loss"],
                 "total_passes": pmi["full_model_passes"], "total_seconds": pmi["seconds"],
                 "final_feature_mse": pmi["final_feature_mse"], "steps": pmi["steps"],
-                "stage_passes": pmi["stage_passes"], "stage_seconds": pmi["stage_seconds"], "stage_loss": pmi["stage_loss"]},
+                "stage_passes": pmi["stage_passes"], "stage_seconds": pmi["stage_seconds"], "stage_loss": pmi["stage_loss"],
+                "first_refine_loss": pmi["curve"][0][2] if pmi["curve"] else None,
+                "config": {k: v for k, v in pmi_cfg.to_dict().items() if k in (
+                    "layer_steps", "first_block_steps", "upsample_at", "refine_steps", "refine_lr", "layer_init", "a_layer")}},
         "full_to_reach_pmi_final": {"passes": full_passes_to_pmi, "seconds": full_seconds_to_pmi},
         "passes_ratio": full["full_model_passes"] / passes if passes else None,
         "seconds_ratio": full["seconds"] / seconds if seconds else None,
@@ -272,6 +275,8 @@ def main(argv=None):
     parser.add_argument("--first_block_steps", type=int, default=1200, help="coarse-to-fine steps of block 1 (reference 1200)")
     parser.add_argument("--refine_steps", type=int, default=600, help="PMI refinement steps (reference 600)")
     parser.add_argument("--refine_lr", type=float, default=0.01, help="PMI refinement lr (reference 0.01)")
+    parser.add_argument("--layer_init", default=InversionConfig.layer_init, choices=("noise", "forward", "target"),
+                        help="start of each block in the per-layer stage (see InversionConfig.layer_init; 'noise' = reference)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--progress", action="store_true", help="tqdm bars")

@@ -1,0 +1,106 @@
+"""Every continual method on the digits protocol (recipes/clip_digits.py), over several seeds.
+
+    python benchmarks/continual_digits.py --seeds 0 1 2 --output benchmarks/results/continual_digits.json
+
+Each (method, seed) is one run of the recipe in its own process (one thread each, `--jobs` at a
+time). Writes per-method mean and std of A_last, A_avg and forgetting, the inversion seconds per
+task, every run's numbers, prints a table and saves a bar plot next to the JSON.
+"""
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+METHODS = ["finetune", "lwf", "feature_replay", "full_inversion", "pmi", "joint"]
+
+
+def run_one(method, seed, workdir, extra):
+    out = os.path.join(workdir, f"{method}-seed{seed}")
+    cmd = [sys.executable, os.path.join(ROOT, "recipes", "clip_digits.py"), "--output_dir", out, "--method", method,
+           "--seed", str(seed), "--disable_tqdm", "true", *extra]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    t0 = time.time()
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{method} seed {seed} failed:\n{proc.stderr[-3000:]}")
+    with open(os.path.join(out, "results.json")) as f:
+        result = json.load(f)
+    inversion = [log.get("inversion_seconds") for log in result["method_logs"] if "inversion_seconds" in log]
+    print(f"{method:>15} seed {seed}: A_last {result['a_last']:.3f} ({time.time() - t0:.0f} s)", flush=True)
+    return {"method": method, "seed": seed, "a_last": result["a_last"], "a_avg": result["a_avg"],
+            "forgetting": result["forgetting"], "wall_seconds": result["wall_seconds"],
+            "inversion_seconds_per_task": inversion, "accuracy_matrix": result["accuracy_matrix"]}
+
+
+def summarise(runs):
+    summary = {}
+    for method in dict.fromkeys(r["method"] for r in runs):
+        mine = [r for r in runs if r["method"] == method]
+        entry = {}
+        for key in ("a_last", "a_avg", "forgetting", "wall_seconds"):
+            values = [r[key] for r in mine]
+            entry[key] = {"mean": statistics.mean(values), "std": statistics.pstdev(values)}
+        inv = [s for r in mine for s in r["inversion_seconds_per_task"]]
+        entry["inversion_seconds_per_task"] = statistics.mean(inv) if inv else None
+        summary[method] = entry
+    return summary
+
+
+def plot(summary, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = list(summary)
+    fig, ax = plt.subplots(figsize=(8, 3.5))
+    for k, key in enumerate(("a_last", "a_avg")):
+        means = [summary[m][key]["mean"] for m in methods]
+        stds = [summary[m][key]["std"] for m in methods]
+        ax.bar([i + 0.4 * k for i in range(len(methods))], means, 0.4, yerr=stds, label=key, capsize=3)
+    ax.set_xticks([i + 0.2 for i in range(len(methods))], methods, rotation=20)
+    ax.set_ylabel("accuracy")
+    ax.set_ylim(0, 1)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--methods", nargs="+", default=METHODS)
+    parser.add_argument("--output", default=os.path.join(ROOT, "benchmarks", "results", "continual_digits.json"))
+    parser.add_argument("--workdir", default=os.path.join(ROOT, "runs", "continual_digits"))
+    parser.add_argument("--jobs", type=int, default=2, help="Runs at a time (one CPU thread each).")
+    args, extra = parser.parse_known_args()  # anything else goes to the recipe
+    t0 = time.time()
+    jobs = [(m, s) for s in args.seeds for m in args.methods]
+    with ThreadPoolExecutor(args.jobs) as pool:
+        runs = list(pool.map(lambda job: run_one(*job, args.workdir, extra), jobs))
+    summary = summarise(runs)
+    report = {"summary": summary, "runs": runs, "seeds": args.seeds, "recipe_args": extra,
+              "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, {platform.python_version()}",
+              "command": " ".join([os.path.relpath(sys.argv[0], ROOT), *sys.argv[1:]]),
+              "total_seconds": time.time() - t0}
+    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+    with open(args.output, "w") as f:
+        json.dump(report, f, indent=2)
+    plot(summary, os.path.splitext(args.output)[0] + ".png")
+    print(f"\n{'method':>15} {'A_last':>15} {'A_avg':>15} {'forgetting':>15} {'inversion s/task':>17}")
+    for m, e in summary.items():
+        inv = f"{e['inversion_seconds_per_task']:.1f}" if e["inversion_seconds_per_task"] is not None else "-"
+        print(f"{m:>15} " + " ".join(f"{e[k]['mean']:>8.3f} ± {e[k]['std']:.3f}" for k in ("a_last", "a_avg", "forgetting"))
+              + f" {inv:>17}")
+    print(f"-> {args.output}")
+
+
+if __name__ == "__main__":
+    main()
