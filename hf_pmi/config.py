@@ -36,6 +36,12 @@ class ContinualConfig(TrainingArguments):
     l_ft: float = field(
         default=0.001, metadata={"help": "Weight of the balancing CE on detached image features (0.1 CUB)."}
     )
+    ft_detach: bool = field(
+        default=True,
+        metadata={"help": "Detach image features in the balancing CE (reference: True, it then trains the text side "
+                  "only). False lets it also train the vision tower to tell new from old classes, which a model "
+                  "without pre-trained image-text alignment (or with a frozen text tower) needs."},
+    )
     lwf_temperature: float = field(default=2.0, metadata={"help": "LwF: distillation temperature (Li & Hoiem use 2)."})
     lwf_alpha: float = field(default=1.0, metadata={"help": "LwF: weight of the distillation term."})
     keep_replay_samples: int = field(

@@ -35,6 +35,7 @@ def replay_losses(
     n_old: int,
     weights: dict[str, float],
     l_ft: float,
+    ft_detach: bool = True,
 ) -> dict[str, torch.Tensor]:
     """The four terms for one batch (already weighted; their sum is the loss).
 
@@ -50,8 +51,9 @@ def replay_losses(
     hkd = (out.replay_logits[:, :n_old] - teacher_out.replay_logits[:, :n_old]).abs().mean()
     # L1 KD of the old classes' text features
     tkd = (text[:n_old] - teacher_out.text_embeds[:n_old]).abs().mean()
-    # balancing CE over all seen classes with detached image features (trains the text side only)
-    ft = F.cross_entropy(s * out.replay_image_embeds.detach() @ text.t(), replay_labels) + F.cross_entropy(
-        s * out.image_embeds.detach() @ text.t(), labels
-    )
+    # balancing CE over all seen classes; with detached image features it trains the text side only
+    replay_img, img = out.replay_image_embeds, out.image_embeds
+    if ft_detach:
+        replay_img, img = replay_img.detach(), img.detach()
+    ft = F.cross_entropy(s * replay_img @ text.t(), replay_labels) + F.cross_entropy(s * img @ text.t(), labels)
     return {"ce": weights["ce"] * ce, "hkd": weights["hkd"] * hkd, "tkd": weights["tkd"] * tkd, "ft": l_ft * ft}

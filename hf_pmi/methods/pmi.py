@@ -77,7 +77,8 @@ class PMI(ContinualMethod):
         with torch.no_grad():
             teacher_out = self.teacher(replay_patch_maps=replay)
         terms = replay_losses(
-            out, teacher_out, inputs["labels"], replay_labels, self.num_old, self.weights, self.args.l_ft
+            out, teacher_out, inputs["labels"], replay_labels, self.num_old, self.weights, self.args.l_ft,
+            self.args.ft_detach,
         )
         return sum(terms.values())
 
