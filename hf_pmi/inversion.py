@@ -74,8 +74,8 @@ class InversionConfig:
     first_block_steps: int = field(
         default=1200, metadata={"help": "Steps of the coarse-to-fine inversion of the lowest block, block 1 (reference 1200)."}
     )
-    upsample_at: tuple[int, ...] = field(
-        default=(300, 600, 900),
+    upsample_at: list[int] = field(
+        default_factory=lambda: [300, 600, 900],
         metadata={"help": "Steps at which the coarse patch map is upsampled x2 with a fresh optimiser (reference)."},
     )
     coarse_size: int = field(
@@ -150,7 +150,7 @@ class InversionConfig:
             raise ValueError(f"layer_init must be 'noise', 'forward' or 'target', got {self.layer_init!r}.")
         if self.batch_size < 2:
             raise ValueError(f"batch_size must be >= 2 (moments are taken over the batch), got {self.batch_size}.")
-        self.upsample_at = tuple(int(s) for s in self.upsample_at)
+        self.upsample_at = [int(s) for s in self.upsample_at]
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -18,7 +18,6 @@ import copy
 import importlib
 import pkgutil
 
-import torch
 
 METHODS: dict[str, type["ContinualMethod"]] = {}
 
@@ -104,4 +103,4 @@ def old_class_count(trainer, task_id: int) -> int:
 
 _discover()
 
-__all__ = ["METHODS", "ContinualMethod", "register_method", "old_class_count", "torch"]
+__all__ = ["METHODS", "ContinualMethod", "register_method", "old_class_count"]
