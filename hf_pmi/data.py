@@ -10,7 +10,7 @@ Example:
     >>> from hf_pmi.testing import load_digits_dataset
     >>> tasks = split_class_incremental(load_digits_dataset(), num_tasks=5, seed=1993)
     >>> len(tasks), tasks[0].class_names
-    (5, ['six', 'two'])
+    (5, ['four', 'two'])
 """
 
 from __future__ import annotations

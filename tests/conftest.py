@@ -1,21 +1,7 @@
-"""Test session setup: fully offline, caches in a temporary folder, one thread per process."""
+"""Shared fixtures. The offline environment (HF_HUB_OFFLINE=1, HF_DATASETS_OFFLINE=1, a temporary
+HF_HOME) is set by the repo-root conftest.py before any Hugging Face import."""
 
-import os
-import tempfile
-
-_home = tempfile.mkdtemp(prefix="hf_pmi_tests_")
-os.environ.update(
-    HF_HUB_OFFLINE="1",
-    HF_DATASETS_OFFLINE="1",
-    HF_HUB_DISABLE_TELEMETRY="1",
-    HF_HUB_DISABLE_XET="1",
-    HF_HOME=_home,
-    HF_DATASETS_CACHE=os.path.join(_home, "datasets"),
-    TOKENIZERS_PARALLELISM="false",
-    WANDB_DISABLED="true",
-)
-
-import pytest  # noqa: E402
+import pytest
 
 
 @pytest.fixture(scope="session")
