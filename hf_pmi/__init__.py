@@ -6,8 +6,10 @@ statistics, invert, replay) -> per-task checkpoint / feature bank / model card -
 
 __version__ = "0.1.0"
 
+from .bank import FeatureBank
 from .config import ContinualConfig
 from .data import ContinualCollator, ContinualTask, ContinualTasks, split_class_incremental
+from .inversion import InversionConfig
 from .metrics import continual_metrics
 from .modeling import ContinualCLIP
 from .trainer import ContinualResult, ContinualTrainer
@@ -20,6 +22,8 @@ __all__ = [
     "ContinualTask",
     "ContinualTasks",
     "ContinualTrainer",
+    "FeatureBank",
+    "InversionConfig",
     "continual_metrics",
     "split_class_incremental",
 ]

@@ -123,8 +123,8 @@ class ContinualTrainer(Trainer):
         if not isinstance(tasks, ContinualTasks):
             raise TypeError("tasks must come from `split_class_incremental(...)`.")
         image_processor = getattr(processing_class, "image_processor", None)
-        self.tokenizer_ = getattr(processing_class, "tokenizer", None)
-        if image_processor is None or self.tokenizer_ is None:
+        self._tokenizer = getattr(processing_class, "tokenizer", None)
+        if image_processor is None or self._tokenizer is None:
             raise ValueError("processing_class must be a CLIPProcessor (with an image processor and a tokenizer).")
         collator = ContinualCollator(image_processor, tasks.label_map, tasks.image_column, tasks.label_column)
         super().__init__(model=model, args=args, data_collator=collator, processing_class=processing_class, **kwargs)
@@ -190,7 +190,7 @@ class ContinualTrainer(Trainer):
                 f"Task {t} brings classes {task.class_ids} but the model knows {model.num_classes} classes; "
                 f"the model's classes must be exactly those of the earlier tasks ({first})."
             )
-        model.add_classes(task.class_names, self.tokenizer_)
+        model.add_classes(task.class_names, self._tokenizer)
 
     def _task_event(self, event: str, task_id: int, **kw) -> None:
         for callback in self.callback_handler.callbacks:

@@ -160,7 +160,7 @@ class FullInversion(PMI):
         default = InversionConfig().full_steps
         if self.inversion.full_steps == default:
             passes = round(pmi_passes_per_chunk(VisionBlocks(trainer.model), self.inversion))
-            self.inversion = dataclasses.replace(self.inversion, full_steps=passes, full_lr=self.inversion.full_lr)
+            self.inversion = dataclasses.replace(self.inversion, full_steps=passes)
 
 
 def pmi_passes_per_chunk(blocks: VisionBlocks, config: InversionConfig) -> float:
