@@ -47,6 +47,11 @@ def summarise(runs):
         for key in ("a_last", "a_avg", "forgetting", "wall_seconds"):
             values = [r[key] for r in mine]
             entry[key] = {"mean": statistics.mean(values), "std": statistics.pstdev(values)}
+        # accuracy on a task right after learning it (tasks 1..T-1), and on the old tasks at the end
+        just_learned = [r["accuracy_matrix"][i][i] for r in mine for i in range(1, len(r["accuracy_matrix"]))]
+        old_at_end = [a for r in mine for a in r["accuracy_matrix"][-1][:-1]]
+        entry["new_task_accuracy"] = statistics.mean(just_learned) if just_learned else None
+        entry["old_task_accuracy_at_end"] = statistics.mean(old_at_end) if old_at_end else None
         inv = [s for r in mine for s in r["inversion_seconds_per_task"]]
         entry["inversion_seconds_per_task"] = statistics.mean(inv) if inv else None
         summary[method] = entry

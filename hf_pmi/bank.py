@@ -31,10 +31,9 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from .blocks import VisionBlocks
 from .contrastive import ContrastiveModel, gaussian_sample, sample_class_features
 from .contrastive import train_contrastive as fit_contrastive
-from .statistics import LayerStatistics, eval_mode
+from .statistics import LayerStatistics, collect_statistics_and_features
 
 WEIGHTS_NAME = "feature_bank.safetensors"
 CONFIG_NAME = "feature_bank.json"
@@ -322,13 +321,4 @@ def class_features(model: nn.Module, pixel_batches_with_labels: Iterable[tuple[t
         >>> sorted(feats), tuple(feats[0].shape)
         ([0, 1], (2, 16))
     """
-    blocks = VisionBlocks(model)
-    device = blocks.embeddings.patch_embedding.weight.device
-    chunks: dict[int, list[torch.Tensor]] = {}
-    with eval_mode(model):
-        for pixels, labels in pixel_batches_with_labels:
-            feats = blocks.features(pixels.to(device)).float().cpu()
-            labels = torch.as_tensor(labels).cpu()
-            for c in labels.unique().tolist():
-                chunks.setdefault(int(c), []).append(feats[labels == c])
-    return {c: torch.cat(v) for c, v in sorted(chunks.items())}
+    return collect_statistics_and_features(model, pixel_batches_with_labels)[1]

@@ -258,17 +258,30 @@ def collect_layer_statistics(model: nn.Module, pixel_batches: Iterable[torch.Ten
     ContinualCLIP). Runs under ``torch.no_grad()`` in eval mode (the mode is restored after);
     hooks are always removed, also on error.
     """
+    unlabelled = ((pixels, torch.zeros(pixels.shape[0], dtype=torch.long)) for pixels in pixel_batches)
+    return collect_statistics_and_features(model, unlabelled, progress)[0]
+
+
+def collect_statistics_and_features(
+    model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], progress: bool = False
+) -> tuple[LayerStatistics, dict[int, torch.Tensor]]:
+    """One pass over ``(pixels, labels)`` batches: the layer statistics and, per label, the
+    un-normalised image features (float32, CPU) that the feature bank's Gaussians are fitted to."""
     from tqdm.auto import tqdm
 
     blocks = VisionBlocks(model)
     stats = LayerStatistics()
+    chunks: dict[int, list[torch.Tensor]] = {}
     device = blocks.embeddings.patch_embedding.weight.device
     with eval_mode(model), torch.no_grad(), capture_activations(hook_points(blocks)) as acts:
-        for pixels in tqdm(pixel_batches, desc="layer statistics", disable=not progress):
+        for pixels, labels in tqdm(batches, desc="layer statistics", disable=not progress):
             acts.clear()
-            blocks.features(pixels.to(device))
+            feats = blocks.features(pixels.to(device)).float().cpu()
             for key, value in acts.items():
                 stats.update(key, value)
+            labels = torch.as_tensor(labels).cpu()
+            for c in labels.unique().tolist():
+                chunks.setdefault(int(c), []).append(feats[labels == c])
     if len(stats) == 0:
         raise ValueError("collect_layer_statistics got no batches: pass a non-empty iterable of pixel tensors.")
-    return stats
+    return stats, {c: torch.cat(v) for c, v in sorted(chunks.items())}

@@ -13,14 +13,13 @@ import dataclasses
 import os
 
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from ..bank import FeatureBank, class_features
+from ..bank import FeatureBank
 from ..blocks import VisionBlocks
 from ..inversion import InversionConfig, synthesize_replay
 from ..replay import replay_losses, task_weights
-from ..statistics import collect_layer_statistics
+from ..statistics import collect_statistics_and_features
 from . import ContinualMethod, old_class_count, register_method
 
 BANK_FOLDER = "feature_bank"
@@ -87,12 +86,11 @@ class PMI(ContinualMethod):
         task = self.tasks[task_id]
         model = self.trainer.accelerator.unwrap_model(self.model)
         model.eval()
-        self.bank.update_statistics(
-            collect_layer_statistics(model, (x for x, _ in _real_batches(self.trainer, task.train)))
-        )
+        stats, features = collect_statistics_and_features(model, _real_batches(self.trainer, task.train))
+        self.bank.update_statistics(stats)
         self.bank.add_classes(
             task.class_ids,
-            class_features(model, _real_batches(self.trainer, task.train)),
+            features,
             train_contrastive=self.inversion.selection == "cfs",  # g_c only serves CFS
             seed=self.args.seed,
         )
