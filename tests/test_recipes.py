@@ -83,3 +83,20 @@ def test_cub200_recipe_runs_on_a_local_model_and_image_folder(tmp_path, local_cl
     results = check_results(out / "results.json", "finetune", 2)
     assert len(results["class_names"]) == 10
     assert (out / "task-1" / "adapter" / "adapter_config.json").exists()
+
+
+def test_pmi_two_processes_shards_synthesis(tmp_path):
+    """PMI with replay synthesis sharded over two gloo processes: bank, cost report and grid are written."""
+    out = tmp_path / "pmi2"
+    run(accelerate("--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+                   "--dynamo_backend", "no", "recipes/clip_digits.py", "--output_dir", str(out), "--model_size", "tiny",
+                   "--num_tasks", "2", "--method", "pmi", "--layer_steps", "3", "--first_block_steps", "4",
+                   "--upsample_at", "1", "2", "3", "--refine_steps", "3", *FAST),
+        env_extra={"ACCELERATE_USE_CPU": "true"})
+    check_results(out / "results.json", "pmi", 2)
+    state = json.loads((out / "task-1" / "continual_state.json").read_text())
+    assert state["method_info"]["full_model_passes"] > 0
+    assert (out / "task-1" / "replay_samples.png").exists()
+    from hf_pmi import FeatureBank
+
+    assert FeatureBank.from_pretrained(out / "task-1" / "feature_bank").num_classes == 10
