@@ -29,13 +29,14 @@ class FeatureReplay(ContinualMethod):
         self.num_old = old_class_count(self.trainer, task_id)
         seed = self.args.seed * 1000 + task_id * 10 + self.trainer.accelerator.process_index
         self.generator = torch.Generator().manual_seed(seed)
+        self.means, self.stds = self.bank.means, self.bank.stds  # stacked once per task, not per step
 
     def compute_loss(self, model, inputs, num_items_in_batch=None):
         out = model(pixel_values=inputs["pixel_values"], labels=inputs["labels"])
-        if self.num_old == 0 or self.bank.num_classes < self.num_old:
+        if self.num_old == 0 or len(self.means) < self.num_old:
             return out.loss
         classes = torch.randint(self.num_old, (self.args.replay_batch_size,), generator=self.generator)
-        means, stds = self.bank.means[classes], self.bank.stds[classes]
+        means, stds = self.means[classes], self.stds[classes]
         feats = means + stds * torch.randn(means.shape, generator=self.generator)
         feats = F.normalize(feats.to(out.text_embeds.device), dim=-1)
         replay_logits = out.logit_scale * feats @ out.text_embeds.t()
