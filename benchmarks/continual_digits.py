@@ -1,6 +1,10 @@
 """Every continual method on the digits protocol (recipes/clip_digits.py), over several seeds.
 
     python benchmarks/continual_digits.py --seeds 0 1 2 --output benchmarks/results/continual_digits.json
+    python benchmarks/continual_digits.py --seeds 0 1 2 --methods exemplar_replay --update
+
+``--update`` runs only the given methods and keeps every other run already in ``--output`` (the
+recipe arguments must be the same: the script refuses otherwise).
 
 Each (method, seed) is one run of the recipe in its own process (one thread each, `--jobs` at a
 time). Writes per-method mean and std of A_last, A_avg and forgetting, the inversion seconds per
@@ -18,7 +22,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-METHODS = ["finetune", "lwf", "feature_replay", "full_inversion", "pmi", "joint"]
+METHODS = ["finetune", "lwf", "feature_replay", "full_inversion", "pmi", "exemplar_replay", "joint"]
 
 
 def run_one(method, seed, workdir, extra):
@@ -85,16 +89,28 @@ def main():
     parser.add_argument("--output", default=os.path.join(ROOT, "benchmarks", "results", "continual_digits.json"))
     parser.add_argument("--workdir", default=os.path.join(ROOT, "runs", "continual_digits"))
     parser.add_argument("--jobs", type=int, default=2, help="Runs at a time (one CPU thread each).")
+    parser.add_argument("--update", action="store_true", help="Keep the other methods' runs already in --output.")
     args, extra = parser.parse_known_args()  # anything else goes to the recipe
+    command = " ".join([os.path.relpath(sys.argv[0], ROOT), *sys.argv[1:]])
+    kept, commands = [], [command]
+    if args.update and os.path.exists(args.output):
+        with open(args.output) as f:
+            previous = json.load(f)
+        if previous["recipe_args"] != extra:
+            raise SystemExit(f"--update: {args.output} was made with recipe arguments {previous['recipe_args']}, "
+                             f"not {extra}; runs with other settings cannot share one table.")
+        kept = [r for r in previous["runs"] if r["method"] not in args.methods]
+        commands = previous.get("commands", [previous.get("command")]) + commands
     t0 = time.time()
     jobs = [(m, s) for s in args.seeds for m in args.methods]
     with ThreadPoolExecutor(args.jobs) as pool:
-        runs = list(pool.map(lambda job: run_one(*job, args.workdir, extra), jobs))
+        runs = kept + list(pool.map(lambda job: run_one(*job, args.workdir, extra), jobs))
+    order = {m: i for i, m in enumerate(METHODS)}
+    runs.sort(key=lambda r: (order.get(r["method"], len(order)), r["seed"]))
     summary = summarise(runs)
-    report = {"summary": summary, "runs": runs, "seeds": args.seeds, "recipe_args": extra,
+    report = {"summary": summary, "runs": runs, "seeds": sorted({r["seed"] for r in runs}), "recipe_args": extra,
               "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, {platform.python_version()}",
-              "command": " ".join([os.path.relpath(sys.argv[0], ROOT), *sys.argv[1:]]),
-              "total_seconds": time.time() - t0}
+              "commands": commands, "total_seconds": time.time() - t0}
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     with open(args.output, "w") as f:
         json.dump(report, f, indent=2)

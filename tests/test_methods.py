@@ -105,3 +105,25 @@ def test_a_registered_method_is_used_by_name(tmp_path, digits, processor):
         assert calls == [0, 1] and result.method_logs == [{"counted": 0}, {"counted": 1}]
     finally:
         METHODS.pop("test_counting")
+
+
+def test_exemplar_replay_keeps_real_patch_maps_and_reloads_them_exactly(tmp_path, digits, processor):
+    tasks = split_class_incremental(digits, num_tasks=2, seed=0)
+    model = ContinualCLIP.from_clip(build_clip("tiny"))
+    trainer = ContinualTrainer(model=model, args=_args(tmp_path, "exemplar_replay"), tasks=tasks,
+                               processing_class=processor, inversion_config=InversionConfig(per_class=3))
+    trainer.train()
+    method = trainer.method
+    samples, labels = method.buffer
+    assert not method.data_free
+    assert labels.tolist() == [c for c in range(10) for _ in range(3)]
+    # the first three training images of task 0's first class, through the (frozen) patch embedding
+    first = tasks[0].class_ids[0]
+    rows = [r for r in tasks[0].train if trainer.data_collator([r])["labels"].item() == first][:3]
+    pixels = trainer.data_collator(rows)["pixel_values"]
+    with torch.no_grad():
+        expected = model.blocks.patch_embed(pixels)
+    torch.testing.assert_close(samples[:3], expected)
+    method.buffer = None
+    method.load(str(tmp_path / "exemplar_replay" / "task-1"))
+    assert torch.equal(method.buffer[0], samples) and torch.equal(method.buffer[1], labels)
