@@ -119,7 +119,7 @@ def test_exemplar_replay_keeps_real_patch_maps_and_reloads_them_exactly(tmp_path
     assert labels.tolist() == [c for c in range(10) for _ in range(3)]
     # the first three training images of task 0's first class, through the (frozen) patch embedding
     first = tasks[0].class_ids[0]
-    rows = [r for r in tasks[0].train if trainer.data_collator([r])["labels"].item() == first][:3]
+    rows = [r for r in tasks[0].train if tasks.label_map[r["label"]] == first][:3]
     pixels = trainer.data_collator(rows)["pixel_values"]
     with torch.no_grad():
         expected = model.blocks.patch_embed(pixels)
