@@ -12,6 +12,7 @@ os.environ.update(
     HF_HUB_DISABLE_XET="1",
     HF_HOME=_home,
     HF_DATASETS_CACHE=os.path.join(_home, "datasets"),
+    HF_PMI_CACHE=os.path.join(_home, "hf_pmi"),  # the letters backbone of hf_pmi.testing
     TOKENIZERS_PARALLELISM="false",
     WANDB_DISABLED="true",
 )

@@ -81,3 +81,34 @@ def test_collator_maps_labels_to_learning_order(digits, processor):
     assert batch["pixel_values"].shape == (4, 3, 32, 32)
     assert all(tasks.class_order[int(y)] == r["label"] for y, r in zip(batch["labels"], rows))
     assert set(batch["labels"].tolist()) <= set(tasks[2].class_ids)
+
+
+def test_letters_backbone_is_pretrained_cached_and_detached_from_its_cache(processor):
+    """letters_clip trains once (above chance on held-out letters), reloads bit-exactly from its cache
+    without training again, and carries no cache path that checkpoints could point to. Uses the
+    session's $HF_PMI_CACHE, so the recipe tests find the tiny backbone there (~25 s to train)."""
+    import os
+    from pathlib import Path
+
+    import torch
+
+    from hf_pmi import ContinualCLIP
+    from hf_pmi.testing import letters_clip, load_letters_dataset
+
+    clip = letters_clip("tiny")
+    folder = Path(os.environ["HF_PMI_CACHE"]) / "letters-clip-tiny-seed0-e12"
+    stamp = os.path.getmtime(folder / "model.safetensors")
+    again = letters_clip("tiny")
+    assert os.path.getmtime(folder / "model.safetensors") == stamp  # loaded, not trained again
+    for (name, a), (_, b) in zip(clip.state_dict().items(), again.state_dict().items()):
+        assert torch.equal(a, b), name
+    assert clip.config._name_or_path == ""
+
+    test = load_letters_dataset(train_per_class=1, test_per_class=10)["test"]
+    names = test.features["label"].names
+    model = ContinualCLIP.from_clip(clip, class_names=names, tokenizer=processor.tokenizer, templates=["{}"])
+    pixels = processor.image_processor([im for im in test["image"]], return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        predicted = model(pixel_values=pixels).logits.argmax(-1)
+    accuracy = (predicted == torch.tensor(test["label"])).float().mean().item()
+    assert accuracy > 3 / 26, accuracy  # chance is 1/26; measured 0.21

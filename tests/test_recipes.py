@@ -36,7 +36,8 @@ def check_results(path, method, num_tasks):
 def test_digits_recipe_single_process(tmp_path):
     out = tmp_path / "digits"
     proc = run(accelerate("--num_processes", "1", "--cpu", "recipes/clip_digits.py", "--output_dir", str(out),
-                          "--model_size", "tiny", "--num_tasks", "2", "--method", "finetune", *FAST))
+                          "--model_size", "tiny", "--backbone", "scratch", "--num_tasks", "2", "--method", "finetune",
+                          *FAST))
     check_results(out / "results.json", "finetune", 2)
     assert "A_last" in proc.stdout
 
@@ -44,7 +45,8 @@ def test_digits_recipe_single_process(tmp_path):
 def test_digits_recipe_two_processes_gloo(tmp_path):
     """Two real CPU processes (gloo): same result layout; metrics gathered over both ranks."""
     single, double = tmp_path / "one", tmp_path / "two"
-    common = ["recipes/clip_digits.py", "--model_size", "tiny", "--num_tasks", "2", "--method", "finetune", *FAST]
+    common = ["recipes/clip_digits.py", "--model_size", "tiny", "--backbone", "scratch", "--num_tasks", "2",
+              "--method", "finetune", *FAST]
     run(accelerate("--num_processes", "1", "--cpu", *common[:1], "--output_dir", str(single), *common[1:]))
     run(accelerate("--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
                    "--dynamo_backend", "no", common[0], "--output_dir", str(double), *common[1:]),
@@ -86,7 +88,9 @@ def test_cub200_recipe_runs_on_a_local_model_and_image_folder(tmp_path, local_cl
 
 
 def test_pmi_two_processes_shards_synthesis(tmp_path):
-    """PMI with replay synthesis sharded over two gloo processes: bank, cost report and grid are written."""
+    """PMI with replay synthesis sharded over two gloo processes, on the default letters backbone with LoRA
+    (both processes ask for it; it is pre-trained once): bank, cost report and grid are written, and the
+    checkpoint reloads without the backbone's cache."""
     out = tmp_path / "pmi2"
     run(accelerate("--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
                    "--dynamo_backend", "no", "recipes/clip_digits.py", "--output_dir", str(out), "--model_size", "tiny",
@@ -97,6 +101,9 @@ def test_pmi_two_processes_shards_synthesis(tmp_path):
     state = json.loads((out / "task-1" / "continual_state.json").read_text())
     assert state["method_info"]["full_model_passes"] > 0
     assert (out / "task-1" / "replay_samples.png").exists()
-    from hf_pmi import FeatureBank
+    from hf_pmi import ContinualCLIP, FeatureBank
 
     assert FeatureBank.from_pretrained(out / "task-1" / "feature_bank").num_classes == 10
+    meta = json.loads((out / "task-1" / "continual_clip.json").read_text())
+    assert meta["lora"]["r"] == 16 and meta["base_saved"]  # the cached backbone is no home: weights kept
+    assert len(ContinualCLIP.from_pretrained(out / "task-1").class_names) == 10
