@@ -7,7 +7,8 @@
 recipe arguments must be the same: the script refuses otherwise).
 
 Each (method, seed) is one run of the recipe in its own process (one thread each, `--jobs` at a
-time). Writes per-method mean and std of A_last, A_avg and forgetting, the inversion seconds per
+time). The recipe's letters backbone is pre-trained by the first run that needs it (~2 min, once;
+the others wait for it) and cached. Writes per-method mean and std of A_last, A_avg and forgetting, the inversion seconds per
 task, every run's numbers, prints a table and saves a bar plot next to the JSON.
 """
 
