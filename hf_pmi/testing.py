@@ -106,9 +106,15 @@ def digits_images(image_size: int = 32):
 
     digits = load_digits()
     x = torch.tensor(digits.images, dtype=torch.float32)[:, None] / 16.0  # pixel values are 0..16
+    return _upscale_to_rgb(x, image_size), digits.target.astype(np.int64)
+
+
+def _upscale_to_rgb(x, image_size: int) -> np.ndarray:
+    """(N, 1, 8, 8) grey values in [0, 1] -> (N, image_size, image_size, 3) uint8 (bilinear)."""
+    import torch
+
     x = torch.nn.functional.interpolate(x, size=(image_size, image_size), mode="bilinear", align_corners=False)
-    x = (x.clamp(0, 1) * 255).round().to(torch.uint8).repeat(1, 3, 1, 1).permute(0, 2, 3, 1)
-    return x.numpy(), digits.target.astype(np.int64)
+    return (x.clamp(0, 1) * 255).round().to(torch.uint8).repeat(1, 3, 1, 1).permute(0, 2, 3, 1).numpy()
 
 
 def load_digits_dataset(image_size: int = 32, test_size: float = 0.3, seed: int = 0):
@@ -158,10 +164,7 @@ def letters_images(per_class: int, image_size: int = 32, seed: int = 1234):
             x = (torch.nn.functional.adaptive_avg_pool2d(x, 8) * 16).round()  # digits: 8x8, values 0..16
             images.append(x[0])
             labels.append(label)
-    x = torch.stack(images) / 16.0
-    x = torch.nn.functional.interpolate(x, size=(image_size, image_size), mode="bilinear", align_corners=False)
-    x = (x.clamp(0, 1) * 255).round().to(torch.uint8).repeat(1, 3, 1, 1).permute(0, 2, 3, 1)
-    return x.numpy(), np.array(labels, dtype=np.int64)
+    return _upscale_to_rgb(torch.stack(images) / 16.0, image_size), np.array(labels, dtype=np.int64)
 
 
 def load_letters_dataset(image_size: int = 32, train_per_class: int = 100, test_per_class: int = 20, seed: int = 1234):
