@@ -203,8 +203,10 @@ def letters_clip(size: str = "mini", cache_dir: str | None = None, seed: int = 0
     in one task, AdamW lr 1e-3, batch 64. On the mini size, 12 epochs reach 0.74 accuracy on
     held-out letters (chance 0.04) in ~125 s on 2 CPU cores; the tiny size 0.21 in ~25 s.
 
-    The result is saved (safetensors) to ``cache_dir/letters-clip-{size}-seed{seed}-e{epochs}`` and
-    reloaded from there on later calls; a file lock makes concurrent callers train it once. The
+    The result is saved (safetensors) to a folder of `cache_dir` named after the arguments and
+    reloaded from there on later calls. A file lock makes concurrent callers (processes of one
+    launch, parallel benchmark runs) train it once; under a distributed launch the training runs in
+    a separate single process, since the launch's own processes would wait for each other. The
     returned model has an empty ``name_or_path``: a cache folder is no home a checkpoint or a Hub
     repo could point to, so checkpoints built on it keep its weights.
 
@@ -215,37 +217,56 @@ def letters_clip(size: str = "mini", cache_dir: str | None = None, seed: int = 0
         ''
     """
     import os
-    import tempfile
+    import subprocess
+    import sys
 
     from filelock import FileLock
     from transformers import CLIPModel
 
     cache_dir = cache_dir or default_cache_dir()
-    folder = os.path.join(cache_dir, f"letters-clip-{size}-seed{seed}-e{epochs:g}")
+    folder = os.path.join(cache_dir, f"letters-clip-{size}-{image_size}px-{per_class}pc-seed{seed}-e{epochs:g}")
     os.makedirs(cache_dir, exist_ok=True)
     with FileLock(folder + ".lock"):
         if not os.path.isfile(os.path.join(folder, "config.json")):
-            from .config import ContinualConfig
-            from .data import split_class_incremental
-            from .modeling import ContinualCLIP
-            from .trainer import ContinualTrainer
-
-            clip = build_clip(size, seed=seed, image_size=image_size)
-            clip.text_model.requires_grad_(False)
-            tasks = split_class_incremental(
-                load_letters_dataset(image_size, train_per_class=per_class), num_tasks=1, seed=None
-            )
-            with tempfile.TemporaryDirectory(dir=cache_dir) as work:
-                args = ContinualConfig(
-                    output_dir=os.path.join(work, "run"), method="finetune", num_train_epochs=epochs,
-                    per_device_train_batch_size=64, warmup_steps=20, seed=seed, disable_tqdm=True,
-                )
-                model = ContinualCLIP.from_clip(clip, templates=["{}"])
-                ContinualTrainer(model=model, args=args, tasks=tasks, processing_class=build_processor(image_size)).train()
-                staging = os.path.join(work, "clip")
-                clip.save_pretrained(staging)
-                os.replace(staging, folder)  # atomic: a crash leaves no half-written cache
+            args = (size, folder, seed, epochs, per_class, image_size)
+            if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+                env = {k: v for k, v in os.environ.items() if k not in _LAUNCH_VARIABLES and not k.startswith("TORCHELASTIC_")}
+                code = f"from hf_pmi.testing import _pretrain_letters_clip; _pretrain_letters_clip{args!r}"
+                subprocess.run([sys.executable, "-c", code], env=env, check=True)
+            else:
+                _pretrain_letters_clip(*args)
         clip = CLIPModel.from_pretrained(folder)
     clip.config._name_or_path = ""
     clip.name_or_path = ""
     return clip.eval()
+
+
+# What torchrun / accelerate launch set to make a process one rank of a group.
+_LAUNCH_VARIABLES = {"WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE",
+                     "ROLE_RANK", "ROLE_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"}
+
+
+def _pretrain_letters_clip(size: str, folder: str, seed: int, epochs: float, per_class: int, image_size: int) -> None:
+    """Train the letters CLIP (see `letters_clip`) and move it into `folder` in one rename, so that a
+    crash leaves no half-written cache."""
+    import os
+    import tempfile
+
+    from .config import ContinualConfig
+    from .data import split_class_incremental
+    from .modeling import ContinualCLIP
+    from .trainer import ContinualTrainer
+
+    clip = build_clip(size, seed=seed, image_size=image_size)
+    clip.text_model.requires_grad_(False)
+    tasks = split_class_incremental(load_letters_dataset(image_size, train_per_class=per_class), num_tasks=1, seed=None)
+    with tempfile.TemporaryDirectory(dir=os.path.dirname(folder)) as work:
+        args = ContinualConfig(
+            output_dir=os.path.join(work, "run"), method="finetune", num_train_epochs=epochs,
+            per_device_train_batch_size=64, warmup_steps=20, seed=seed, disable_tqdm=True,
+        )
+        model = ContinualCLIP.from_clip(clip, templates=["{}"])
+        ContinualTrainer(model=model, args=args, tasks=tasks, processing_class=build_processor(image_size)).train()
+        staging = os.path.join(work, "clip")
+        clip.save_pretrained(staging)
+        os.replace(staging, folder)

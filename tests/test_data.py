@@ -96,7 +96,7 @@ def test_letters_backbone_is_pretrained_cached_and_detached_from_its_cache(proce
     from hf_pmi.testing import letters_clip, load_letters_dataset
 
     clip = letters_clip("tiny")
-    folder = Path(os.environ["HF_PMI_CACHE"]) / "letters-clip-tiny-seed0-e12"
+    folder = Path(os.environ["HF_PMI_CACHE"]) / "letters-clip-tiny-32px-100pc-seed0-e12"
     stamp = os.path.getmtime(folder / "model.safetensors")
     again = letters_clip("tiny")
     assert os.path.getmtime(folder / "model.safetensors") == stamp  # loaded, not trained again

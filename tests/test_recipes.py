@@ -88,15 +88,16 @@ def test_cub200_recipe_runs_on_a_local_model_and_image_folder(tmp_path, local_cl
 
 
 def test_pmi_two_processes_shards_synthesis(tmp_path):
-    """PMI with replay synthesis sharded over two gloo processes, on the default letters backbone with LoRA
-    (both processes ask for it; it is pre-trained once): bank, cost report and grid are written, and the
-    checkpoint reloads without the backbone's cache."""
-    out = tmp_path / "pmi2"
+    """PMI with replay synthesis sharded over two gloo processes, on the default letters backbone with LoRA,
+    pre-trained once in a process of its own (an empty cache: both ranks ask for it): bank, cost report and
+    grid are written, and the checkpoint reloads without the backbone's cache."""
+    out, cache = tmp_path / "pmi2", tmp_path / "cache"
     run(accelerate("--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
                    "--dynamo_backend", "no", "recipes/clip_digits.py", "--output_dir", str(out), "--model_size", "tiny",
                    "--num_tasks", "2", "--method", "pmi", "--layer_steps", "3", "--first_block_steps", "4",
                    "--upsample_at", "1", "2", "3", "--refine_steps", "3", *FAST),
-        env_extra={"ACCELERATE_USE_CPU": "true"})
+        env_extra={"ACCELERATE_USE_CPU": "true", "HF_PMI_CACHE": str(cache)})
+    assert len([p for p in cache.iterdir() if p.is_dir()]) == 1  # trained once
     check_results(out / "results.json", "pmi", 2)
     state = json.loads((out / "task-1" / "continual_state.json").read_text())
     assert state["method_info"]["full_model_passes"] > 0

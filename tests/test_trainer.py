@@ -55,9 +55,13 @@ def test_two_tasks_write_checkpoints_that_reload_with_identical_logits(tmp_path,
 
 def test_learns_above_chance_and_finetune_forgets(tmp_path, digits, processor):
     tasks = split_class_incremental(digits, initial_classes=2, classes_per_task=8, seed=0)
-    # a random tiny CLIP sits on a plateau (class texts collapse) until a high constant lr breaks it out
-    args = make_args(tmp_path, max_steps=-1, num_train_epochs=6, learning_rate=1e-2, lr_scheduler_type="constant")
-    result = ContinualTrainer(model=ContinualCLIP.from_clip(build_clip("tiny")), args=args, tasks=tasks,
+    # a random text tower trained whole pulls the class prompts together (a plateau that the run escaped
+    # or not depending on the thread count): as in the digits recipe, only its projection trains.
+    # Measured: task-0 accuracy 0.97 with lr 3e-3 (0.72 with 1e-2).
+    clip = build_clip("tiny")
+    clip.text_model.requires_grad_(False)
+    args = make_args(tmp_path, max_steps=-1, num_train_epochs=6, learning_rate=3e-3, lr_scheduler_type="constant")
+    result = ContinualTrainer(model=ContinualCLIP.from_clip(clip), args=args, tasks=tasks,
                               processing_class=processor).train()
     assert result.accuracy_matrix[0][0] > 0.8  # 2 classes: chance is 0.5
     assert result.forgetting > 0.2  # plain fine-tuning overwrites task 0
