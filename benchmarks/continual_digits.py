@@ -8,8 +8,9 @@ recipe arguments must be the same: the script refuses otherwise).
 
 Each (method, seed) is one run of the recipe in its own process (one thread each, `--jobs` at a
 time). The recipe's letters backbone is pre-trained by the first run that needs it (~2 min, once;
-the others wait for it) and cached. Writes per-method mean and std of A_last, A_avg and forgetting, the inversion seconds per
-task, every run's numbers, prints a table and saves a bar plot next to the JSON.
+the others wait for it) and cached. Writes per-method mean and std of A_last, A_avg and
+forgetting, the inversion seconds per task, every run's numbers, prints a table and saves a bar
+plot next to the JSON.
 """
 
 import argparse

@@ -184,13 +184,6 @@ def load_letters_dataset(image_size: int = 32, train_per_class: int = 100, test_
     return DatasetDict(train=make(train_per_class, seed), test=make(test_per_class, seed + 1))
 
 
-def default_cache_dir() -> str:
-    """``$HF_PMI_CACHE`` or ``~/.cache/hf_pmi``."""
-    import os
-
-    return os.environ.get("HF_PMI_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "hf_pmi")
-
-
 def letters_clip(size: str = "mini", cache_dir: str | None = None, seed: int = 0, epochs: float = 12,
                  per_class: int = 100, image_size: int = 32):
     """A small `CLIPModel` pre-trained on rendered letters: the offline stand-in for a pre-trained CLIP.
@@ -203,9 +196,9 @@ def letters_clip(size: str = "mini", cache_dir: str | None = None, seed: int = 0
     in one task, AdamW lr 1e-3, batch 64. On the mini size, 12 epochs reach 0.74 accuracy on
     held-out letters (chance 0.04) in ~125 s on 2 CPU cores; the tiny size 0.21 in ~25 s.
 
-    The result is saved (safetensors) to a folder of `cache_dir` named after the arguments and
-    reloaded from there on later calls. A file lock makes concurrent callers (processes of one
-    launch, parallel benchmark runs) train it once; under a distributed launch the training runs in
+    The result is saved (safetensors) to a folder of `cache_dir` (default ``$HF_PMI_CACHE`` or
+    ``~/.cache/hf_pmi``) named after the arguments and reloaded from there on later calls. A file
+    lock makes concurrent callers (processes of one launch, parallel benchmark runs) train it once; under a distributed launch the training runs in
     a separate single process, since the launch's own processes would wait for each other. The
     returned model has an empty ``name_or_path``: a cache folder is no home a checkpoint or a Hub
     repo could point to, so checkpoints built on it keep its weights.
@@ -223,7 +216,7 @@ def letters_clip(size: str = "mini", cache_dir: str | None = None, seed: int = 0
     from filelock import FileLock
     from transformers import CLIPModel
 
-    cache_dir = cache_dir or default_cache_dir()
+    cache_dir = cache_dir or os.environ.get("HF_PMI_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "hf_pmi")
     folder = os.path.join(cache_dir, f"letters-clip-{size}-{image_size}px-{per_class}pc-seed{seed}-e{epochs:g}")
     os.makedirs(cache_dir, exist_ok=True)
     with FileLock(folder + ".lock"):

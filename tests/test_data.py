@@ -85,8 +85,8 @@ def test_collator_maps_labels_to_learning_order(digits, processor):
 
 def test_letters_backbone_is_pretrained_cached_and_detached_from_its_cache(processor):
     """letters_clip trains once (above chance on held-out letters), reloads bit-exactly from its cache
-    without training again, and carries no cache path that checkpoints could point to. Uses the
-    session's $HF_PMI_CACHE, so the recipe tests find the tiny backbone there (~25 s to train)."""
+    without training again, and carries no cache path that checkpoints could point to (the session's
+    $HF_PMI_CACHE; ~25 s to train)."""
     import os
     from pathlib import Path
 
