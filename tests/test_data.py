@@ -95,8 +95,11 @@ def test_letters_backbone_is_pretrained_cached_and_detached_from_its_cache(proce
     from hf_pmi import ContinualCLIP
     from hf_pmi.testing import letters_clip, load_letters_dataset
 
+    from hf_pmi.testing.cache import cache_folder
+
     clip = letters_clip("tiny")
-    folder = Path(os.environ["HF_PMI_CACHE"]) / "letters-clip-tiny-32px-100pc-seed0-e12"
+    folder = Path(cache_folder("letters-clip-tiny", size="tiny", seed=0, epochs=12.0, per_class=100, image_size=32))
+    assert folder.parent == Path(os.environ["HF_PMI_CACHE"])
     stamp = os.path.getmtime(folder / "model.safetensors")
     again = letters_clip("tiny")
     assert os.path.getmtime(folder / "model.safetensors") == stamp  # loaded, not trained again
