@@ -10,6 +10,7 @@ teacher (the model at the end of the previous task).
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 
 import torch
@@ -135,9 +136,10 @@ class PMI(ContinualMethod):
         self.synthesize()  # the buffer is not stored: it is regenerated, data-free, from the bank
 
     def card_info(self) -> dict | None:
-        keys = ("mode", "start_block", "layer_steps", "first_block_steps", "refine_steps", "a_layer", "alpha_rf",
+        keys = ("preset", "mode", "start_block", "layer_steps", "first_block_steps", "refine_steps", "alpha_rf",
                 "alpha_tv", "per_class", "selection")
         info = {k: getattr(self.inversion, k) for k in keys}
+        info["a_layer"] = self.inversion.layer_weight(VisionBlocks(self.model).num_blocks)
         if self.last_report is not None:
             info.update(seconds=self.last_report["seconds"], full_model_passes=self.last_report["full_model_passes"])
         return info
@@ -167,4 +169,5 @@ def pmi_passes_per_chunk(blocks: VisionBlocks, config: InversionConfig) -> float
     last = blocks.num_blocks - 1
     per_layer = sum(config.layer_steps * costs[i] for i in range(config.start_block + 1, last + 1))
     first = config.first_block_steps * costs[config.start_block]
-    return per_layer + first + config.refine_steps * sum(costs[config.start_block:])
+    refine_chunks = math.ceil(config.batch_size / (config.refine_batch_size or config.batch_size))
+    return per_layer + first + refine_chunks * config.refine_steps * sum(costs[config.start_block:])
