@@ -133,13 +133,6 @@ class InversionConfig:
                   "CLS token, so it is optimised as pre_layrnorm([cls + pos_0, u]) over u. False = reference (a free "
                   "input, often unreachable by block 1)."},
     )
-    layer_init: str = field(
-        default="noise",
-        metadata={"help": "Start of each block's variable in the per-layer stage. 'noise' (reference): an independent "
-                  "sample of the block's stored input moments. 'forward' (beyond the reference): one stored-moment "
-                  "sample of the lowest block's input is run forward once (counted as a pass) and block i starts from "
-                  "that sample's own input of block i, a chain whose tokens the blocks below can reach."},
-    )
     patch_stats: str = field(
         default="position",
         metadata={"help": "Moments of the patch map (block 1's input): 'position' (beyond the reference: per spatial "
@@ -208,7 +201,7 @@ class InversionConfig:
 
     def __post_init__(self):
         choices = {"preset": ("", *PRESETS), "mode": ("pmi", "full"), "selection": ("cfs", "gaussian"),
-                   "layer_init": ("noise", "forward"), "patch_stats": ("position", "channel"),
+                   "patch_stats": ("position", "channel"),
                    "keep_best": ("all", "layers"), "tv": ("squared", "norm"), "full_space": ("patch", "pixel")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -307,24 +300,6 @@ class _Objective:
         self.L = blocks.num_layers
         self.a_layer = config.layer_weight(blocks.num_blocks)
         self._cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        self.trajectory: list[torch.Tensor] | None = None
-
-    @torch.no_grad()
-    def forward_trajectory(self, batch: int, generator: torch.Generator) -> list[torch.Tensor]:
-        """Inputs of every block (index = block) for one stored-moment sample of the lowest block's input;
-        the last entry holds the tokens before the pre-layernorm (the first layer's start under
-        ``first_layer_in_ln_range``). Consistent: each entry is an exact preimage of the next."""
-        start = self.config.start_block
-        x = self.sample_input(start, batch, generator)
-        out: list[torch.Tensor] = [x] * (start + 1)
-        for i in range(start, self.blocks.num_blocks - 1):
-            x = self.blocks.block(i, x)
-            out.append(x)
-        tokens = out[1].flatten(2).transpose(1, 2)
-        emb = self.blocks.embeddings
-        cls = emb.class_embedding.to(tokens.dtype).expand(tokens.shape[0], 1, -1)
-        out.append(torch.cat([cls, tokens], dim=1) + emb.position_embedding.weight[None])
-        return out
 
     def moments(self, key: str) -> tuple[torch.Tensor, torch.Tensor]:
         if key not in self._cache:
@@ -408,16 +383,6 @@ class _Objective:
         m, v = token_moments(u[:, 1:])  # the CLS slot is fixed, its statistics do not apply
         m2, v2 = self.moments("pre_ln_input")
         return self.block_loss(2, self.pre_ln(u), target) + self.a_layer * kl_moments(m, v, m2[1:], v2[1:])
-
-    def target_start(self, i: int, target: torch.Tensor, generator: torch.Generator, size: int | None = None) -> torch.Tensor:
-        """Start of block i's variable: a stored-moment sample ('noise'), or that block's input on the
-        forward trajectory ('forward'). ``i = -1``: the first layer's pre-layernorm tokens."""
-        if self.config.layer_init == "forward" and self.trajectory is not None:
-            z = self.trajectory[-1] if i == -1 else self.trajectory[i]
-            if i == 1 and size is not None and size != z.shape[-1]:
-                z = F.adaptive_avg_pool2d(z, size)
-            return z.clone()
-        return self.sample_input(i, target.shape[0], generator, size)
 
     def sample_input(self, i: int, batch: int, generator: torch.Generator, size: int | None = None) -> torch.Tensor:
         """Random start for block i's input: N(stored mean, stored var) per token / position / channel.
@@ -566,15 +531,12 @@ def _per_layer(obj: _Objective, targets, config: InversionConfig, generator, tra
     blocks, costs = obj.blocks, obj.blocks.block_costs()
     start, last = config.start_block, blocks.num_blocks - 1
     keep_layers = config.keep_best in ("all", "layers")
-    if config.layer_init == "forward":  # one forward pass (counted as a whole pass)
-        tracker.step("forward_init", sum(costs[start:last]), math.nan)
-        obj.trajectory = obj.forward_trajectory(targets.shape[0], generator)
     z_next = targets
     for i in range(last, start - 1, -1):
         target_i = z_next.detach()
         if i == 1:
             g = blocks.grid
-            coarse = obj.target_start(1, target_i, generator, size=min(config.coarse_size, g))
+            coarse = obj.sample_input(1, target_i.shape[0], generator, size=min(config.coarse_size, g))
             z_next, _ = _coarse_to_fine(
                 lambda v, t=target_i: obj.block_loss(1, _up(v, g), t, coarse=v), coarse, g, config.first_block_steps,
                 config.upsample_at, config.layer_lr, tracker, "block1", costs[1], config.keep_best == "all",
@@ -582,14 +544,14 @@ def _per_layer(obj: _Objective, targets, config: InversionConfig, generator, tra
             z_next = _up(z_next, g).detach()
         elif i == 2 and start <= 1 and config.first_layer_in_ln_range:
             u, _ = _adam_loop(
-                lambda v, t=target_i: obj.first_layer_loss(v, t), obj.target_start(-1, target_i, generator),
+                lambda v, t=target_i: obj.first_layer_loss(v, t), obj.sample_input(-1, target_i.shape[0], generator),
                 config.layer_steps, config.layer_lr, tracker, "block2", costs[1] + costs[2], keep_layers,
             )
             with torch.no_grad():
                 z_next = obj.pre_ln(u)
         else:
             z_next, _ = _adam_loop(
-                lambda v, i=i, t=target_i: obj.block_loss(i, v, t), obj.target_start(i, target_i, generator),
+                lambda v, i=i, t=target_i: obj.block_loss(i, v, t), obj.sample_input(i, target_i.shape[0], generator),
                 config.layer_steps, config.layer_lr, tracker, f"block{i}", costs[i], keep_layers,
             )
         if obj.input_key(i) is not None:  # pixels have no stored statistics to compare with
@@ -658,15 +620,14 @@ def invert(
     """Invert target image features ``(B, P)`` to inputs of ``config.start_block``.
 
     ``mode="pmi"``: blocks from the last one down to ``start_block`` are inverted one at a time
-    (each started as ``config.layer_init`` says; block 1 coarse-to-fine), then the whole tower is
+    (each from a sample of its stored input moments; block 1 coarse-to-fine), then the whole tower is
     refined. ``mode="full"``: the refinement alone, from a random start (patch maps or, with
     ``full_space="pixel"``, the reference's pixel path). Targets are processed in per-layer chunks of
     ``config.batch_size``, refined in chunks of ``config.refine_batch_size``. The model is put in eval
     mode and its parameters get no gradients; both are restored afterwards.
 
     The report holds: ``mode``, ``start_block``, ``num_targets``, ``num_chunks``, ``steps`` (per
-    stage and chunk: ``block{i}``, ``refine`` (per refinement chunk) or ``full``, plus
-    ``forward_init`` (1) when ``layer_init`` is 'forward'), ``stage_passes``, ``stage_seconds``,
+    stage and chunk: ``block{i}``, ``refine`` (per refinement chunk) or ``full``), ``stage_passes``, ``stage_seconds``,
     ``stage_loss`` (best loss of each stage's own objective, mean over chunks), ``block_variance``
     (per block of the per-layer stage: mean variance of its solved input, ``solved``, and of the real
     input, ``real``, by the stored statistics), ``start_loss`` (the

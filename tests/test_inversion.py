@@ -165,37 +165,6 @@ def test_patch_maps_back_to_images(tmp_path):
     assert (tmp_path / "grid.png").stat().st_size > 0
 
 
-def test_layer_init_from_chain_beats_noise_start(setup):
-    """The 'forward' start (beyond the reference) gives the encoder layers a lower block loss than the
-    reference's independent noise starts."""
-    init = "forward"
-    model, stats = setup
-    targets = torch.randn(8, 16, generator=torch.Generator().manual_seed(5))
-    config = InversionConfig(batch_size=8, layer_steps=10, first_block_steps=4, upsample_at=(1, 2, 3), refine_steps=1,
-                             cls_target_last_layer=True)
-    reps = {k: invert(model, targets, stats, dataclasses.replace(config, layer_init=k), progress=False).report
-            for k in ("noise", init)}
-    layer_loss = {k: r["stage_loss"]["block3"] for k, r in reps.items()}
-    assert layer_loss[init] < layer_loss["noise"], layer_loss
-    # the 'forward' start runs blocks 1..L+1 forward once, counted as a pass of those blocks
-    costs = VisionBlocks(model).block_costs()
-    assert reps[init]["steps"]["forward_init"] == 1
-    assert reps[init]["full_model_passes"] == pytest.approx(reps["noise"]["full_model_passes"] + sum(costs[1:4]))
-    with pytest.raises(ValueError, match="layer_init"):
-        InversionConfig(layer_init="zeros")
-
-
-def test_forward_trajectory_is_a_consistent_chain(setup):
-    model, stats = setup
-    blocks = VisionBlocks(model)
-    obj = _Objective(blocks, stats, InversionConfig(), torch.device("cpu"), torch.float32)
-    with torch.no_grad():
-        traj = obj.forward_trajectory(4, torch.Generator().manual_seed(0))
-        for i in range(1, blocks.num_blocks - 1):
-            assert torch.allclose(blocks.block(i, traj[i]), traj[i + 1], atol=1e-5)
-        assert torch.allclose(obj.pre_ln(traj[-1]), traj[2], atol=1e-5)  # the first layer's pre-LN start
-
-
 # ----- the reference's behaviours (shared/inversion-notes.md, table), each against its definition
 def test_reference_preset_sets_every_reference_behaviour_and_keeps_explicit_values():
     from hf_pmi.inversion import REFERENCE_PRESET
