@@ -47,7 +47,7 @@ from .resume import (
     check_resume_consistency, dataset_fingerprint, prepare_output_dir, restore_trainable, resume_request, task_seed,
     trainable_parameter_names,
 )
-from .validation import validate_trainer
+from .validation import check_output_dir_writable, validate_trainer
 
 logger = logging.getLogger("hf_pmi")
 STATE_NAME = "continual_state.json"
@@ -131,6 +131,7 @@ class ContinualTrainer(Trainer):
             )
         if not isinstance(tasks, ContinualTasks):
             raise TypeError("tasks must come from `split_class_incremental(...)`.")
+        check_output_dir_writable(args.output_dir)  # before the Trainer creates it (it would fail unclearly)
         image_processor = getattr(processing_class, "image_processor", None)
         self._tokenizer = getattr(processing_class, "tokenizer", None)
         if image_processor is None or self._tokenizer is None:
@@ -419,6 +420,11 @@ class ContinualTrainer(Trainer):
         self._pushes = []
 
     def _load_task_checkpoint(self, folder: str) -> int:
+        if not os.path.isfile(os.path.join(folder, STATE_NAME)):
+            raise FileNotFoundError(
+                f"No finished task checkpoint at {folder} (no {STATE_NAME}). Pass the task-N folder of a finished "
+                f"task, or resume_from_checkpoint=True for the latest one in output_dir."
+            )
         with open(os.path.join(folder, STATE_NAME)) as f:
             state = json.load(f)
         check_resume_consistency(state, self, folder)

@@ -209,7 +209,9 @@ def align_test_labels(test, train, label_column: str, names: list[str]):
 
     test_names = _classlabel_names(test, label_column)
     labels = _label_array(test, label_column)
-    if test_names is None or test_names == list(names):
+    # names are matched as the data sets spell them (class_names=... may rename the training classes)
+    reference = _classlabel_names(train, label_column) or list(names)
+    if test_names is None or test_names == reference:
         if labels is not None:
             unnamed = sorted({int(y) for y in labels if not 0 <= y < len(names)})
             if unnamed:
@@ -219,7 +221,7 @@ def align_test_labels(test, train, label_column: str, names: list[str]):
                 )
         return test
     present = set(range(len(test_names))) if labels is None else {int(y) for y in np.unique(labels)}
-    unknown = sorted(test_names[y] for y in present if test_names[y] not in names)
+    unknown = sorted(test_names[y] for y in present if test_names[y] not in reference)
     if unknown:
         ids = sorted(test_names.index(n) for n in unknown)
         raise ValidationError(
@@ -227,7 +229,7 @@ def align_test_labels(test, train, label_column: str, names: list[str]):
             f"them from the test split, e.g. `test.filter(lambda y: y not in {ids}, input_columns={label_column!r})`, "
             f"or add training images for them."
         )
-    mapping = np.array([names.index(n) if n in names else -1 for n in test_names], dtype=np.int64)
+    mapping = np.array([reference.index(n) if n in reference else -1 for n in test_names], dtype=np.int64)
     feature = ClassLabel(names=list(names))
     if labels is not None:
         return test.remove_columns([label_column]).add_column(label_column, mapping[labels].tolist(), feature=feature)
@@ -256,5 +258,3 @@ def validate_trainer(trainer) -> None:
     model = trainer.accelerator.unwrap_model(trainer.model)
     check_templates(model.templates)
     check_checkpoint_prompts(model.class_names, model.templates, model.prompt_ids, "The model")
-    if trainer.is_world_process_zero():
-        check_output_dir_writable(trainer.args.output_dir)
