@@ -8,7 +8,6 @@ replay synthesis, or task save. Independent runs go in parallel to keep the wall
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -47,21 +46,31 @@ def done_tasks(out):
 
 
 @pytest.fixture(scope="module")
-def letters_backbone():
-    """Pre-train the recipe's letters backbone once (cached under HF_PMI_CACHE for every subprocess)."""
+def full_run(tmp_path_factory):
+    """The uninterrupted PMI run of the default recipe (started here, in the background; `wait()` ends it)."""
     from hf_pmi.testing import letters_clip
 
-    letters_clip("tiny")
+    letters_clip("tiny")  # pre-train the recipe's backbone once, cached under HF_PMI_CACHE for every subprocess
+    out = tmp_path_factory.mktemp("full") / "run"
+    proc = start(out, PMI)
+
+    def wait():
+        if proc.returncode is None:
+            code, log = finish(proc)
+            assert code == 0, log[-3000:]
+        return out
+
+    yield wait
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
 
 
-def test_sigkill_during_training_inversion_and_saving_then_resume_gives_the_same_results(tmp_path, letters_backbone):
+def test_sigkill_during_training_inversion_and_saving_then_resume_gives_the_same_results(tmp_path, full_run):
     kills = {"training": "train_step:4",  # task 1, its 2nd step
              "inversion": "inversion:1500",  # a module call inside a replay synthesis after task 0
              "saving": "save:3"}  # task 2's weights written, its checkpoint not complete
-    full = start(tmp_path / "full", PMI)
     killed = {name: start(tmp_path / name, PMI, kill_at=spec) for name, spec in kills.items()}
-    code, log = finish(full)
-    assert code == 0, log[-3000:]
     for name, proc in killed.items():
         code, log = finish(proc)
         assert code == -signal.SIGKILL, f"{name}: exit {code}\n{log[-3000:]}"
@@ -71,8 +80,9 @@ def test_sigkill_during_training_inversion_and_saving_then_resume_gives_the_same
     interrupted_wall = {name: results(tmp_path / name)["wall_seconds"] for name in kills}
 
     resumed = {name: start(tmp_path / name, [*PMI, "--resume_from_checkpoint", "true"]) for name in kills}
-    expected = results(tmp_path / "full")
-    trainable = json.loads((tmp_path / "full" / "task-4" / "continual_state.json").read_text())["trainable_parameters"]
+    full = full_run()
+    expected = results(full)
+    trainable = json.loads((full / "task-4" / "continual_state.json").read_text())["trainable_parameters"]
     for name, proc in resumed.items():
         code, log = finish(proc)
         assert code == 0, f"{name}: {log[-3000:]}"
@@ -85,26 +95,12 @@ def test_sigkill_during_training_inversion_and_saving_then_resume_gives_the_same
         assert done_tasks(tmp_path / name) == [f"task-{t}" for t in range(5)]
 
 
-def test_same_seed_gives_identical_results_with_lora(tmp_path, letters_backbone):
-    runs = [start(tmp_path / f"run{i}") for i in range(2)]  # the default method and LoRA settings
-    for proc in runs:
-        code, log = finish(proc)
-        assert code == 0, log[-3000:]
-    first, second = (results(tmp_path / f"run{i}") for i in range(2))
-    assert first["accuracy_matrix"] == second["accuracy_matrix"]
-    assert json.loads((tmp_path / "run0" / "task-4" / "continual_clip.json").read_text())["lora"]["r"] == 16
-    a, b = (load_file(tmp_path / f"run{i}" / "task-4" / "adapter" / "adapter_model.safetensors") for i in range(2))
-    assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)  # bit-identical LoRA weights
-
-
-def test_rerun_into_a_finished_output_dir_is_refused_and_overwrite_replaces_it(tmp_path, letters_backbone):
-    out = tmp_path / "run"
-    (out / "task-0").mkdir(parents=True)
-    (out / "task-0" / "continual_state.json").write_text("{}")
-    code, log = finish(start(out, ["--num_tasks", "2", "--max_steps", "1"]))
-    assert code != 0 and "--resume_from_checkpoint true" in log and "--overwrite_output_dir true" in log
-    assert (out / "task-0" / "continual_state.json").read_text() == "{}"
-    code, log = finish(start(out, ["--num_tasks", "2", "--max_steps", "1", "--overwrite_output_dir", "true"]))
+def test_same_seed_gives_identical_results_with_lora(tmp_path, full_run):
+    again = start(tmp_path / "again", PMI)  # the same command line as the uninterrupted run
+    code, log = finish(again)
     assert code == 0, log[-3000:]
-    assert done_tasks(out) == ["task-0", "task-1"] and results(out)["accuracy_matrix"][1][1] is not None
-    shutil.rmtree(out)
+    first, second = full_run(), tmp_path / "again"
+    assert results(first)["accuracy_matrix"] == results(second)["accuracy_matrix"]
+    assert json.loads((second / "task-4" / "continual_clip.json").read_text())["lora"]["r"] == 16
+    a, b = (load_file(run / "task-4" / "adapter" / "adapter_model.safetensors") for run in (first, second))
+    assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)  # bit-identical LoRA weights

@@ -203,6 +203,11 @@ def test_output_dir_with_finished_tasks_needs_resume_or_overwrite(tmp_path, proc
     refused(tmp_path, r"already holds finished tasks \(task-0\).*resume_from_checkpoint.*overwrite_output_dir",
             lambda out: run(out, processor))
     assert (out / "task-0" / "continual_state.json").read_text() == "{}"  # untouched
+    (out / "task-7").mkdir()  # a stale task of a longer earlier run
+    (out / "task-7" / "continual_state.json").write_text("{}")
+    result = run(out, processor, args={"overwrite_output_dir": True})  # asked for: the old tasks are replaced
+    assert task_folders(out) == ["task-0", "task-1"] and len(result.accuracy_matrix) == 2
+    assert json.loads((out / "task-0" / "continual_state.json").read_text())["task_id"] == 0
 
 
 # ----- checkpoints -----------------------------------------------------------------------------
