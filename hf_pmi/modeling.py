@@ -108,7 +108,9 @@ class ContinualCLIP(nn.Module):
             class_names, tokenizer: classes to start with (more come with `add_classes`).
             templates: prompt templates with one ``{}`` for the class name.
             lora: a `peft.LoraConfig`. Without ``target_modules`` it adapts the vision tower's
-                ``q_proj`` / ``v_proj``; name text-tower modules to adapt the text tower too.
+                ``q_proj`` / ``v_proj``; name text-tower modules to adapt the text tower too. Its
+                weights are drawn from torch's global generator: call `transformers.set_seed`
+                first for a reproducible run.
         """
         if not isinstance(clip, nn.Module):
             check_local_path(clip, "CLIP model folder")  # a missing folder is not a bad Hub id

@@ -104,3 +104,37 @@ def test_same_seed_gives_identical_results_with_lora(tmp_path, full_run):
     assert json.loads((second / "task-4" / "continual_clip.json").read_text())["lora"]["r"] == 16
     a, b = (load_file(run / "task-4" / "adapter" / "adapter_model.safetensors") for run in (first, second))
     assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)  # bit-identical LoRA weights
+
+
+def test_resume_through_args_restores_exactly_the_trainable_set(tmp_path, digits, processor):
+    """The issue's case: a recipe froze the text tower; after a crash and a resume it must stay frozen."""
+    import torch
+    from transformers import TrainerCallback
+
+    from hf_pmi import ContinualCLIP, ContinualConfig, ContinualTrainer, split_class_incremental
+    from hf_pmi.testing import build_clip
+
+    class Crash(TrainerCallback):
+        def on_task_end(self, args, state, control, task_id, **kw):
+            if task_id == 0:
+                raise KeyboardInterrupt("simulated crash after task 0")
+
+    def model():
+        clip = build_clip("tiny")
+        clip.text_model.requires_grad_(False)  # as clip_digits.py --lora_r 0 --text_training projection
+        return ContinualCLIP.from_clip(clip)
+
+    tasks = split_class_incremental(digits, num_tasks=2, seed=0)
+    common = dict(output_dir=str(tmp_path / "out"), max_steps=2, per_device_train_batch_size=16, warmup_steps=0,
+                  disable_tqdm=True, report_to="none", seed=0)
+    with pytest.raises(KeyboardInterrupt):
+        ContinualTrainer(model=model(), args=ContinualConfig(**common), tasks=tasks, processing_class=processor,
+                         callbacks=[Crash()]).train()
+    saved = ContinualCLIP.from_pretrained(tmp_path / "out" / "task-0")
+    args = ContinualConfig(**common, resume_from_checkpoint=str(tmp_path / "out" / "task-0"))  # a path, as on a CLI
+    trainer = ContinualTrainer(model=model(), args=args, tasks=tasks, processing_class=processor)
+    trainer.train()  # no argument: args.resume_from_checkpoint is used
+    text = dict(trainer.model.clip.text_model.named_parameters())
+    assert not any(p.requires_grad for p in text.values())
+    assert all(torch.equal(p, dict(saved.clip.text_model.named_parameters())[n]) for n, p in text.items())
+    assert trainer.model.clip.text_projection.weight.requires_grad  # what was trainable still is
