@@ -250,11 +250,15 @@ def check_test_split(data, test_split) -> None:
 # ----- the whole run ---------------------------------------------------------------------------
 def validate_trainer(trainer) -> None:
     """Everything a `ContinualTrainer` can check before its first step (called by its constructor)."""
+    from .methods.pmi import PMI
+
     method = trainer.method
-    replays = hasattr(method, "inversion") and hasattr(method, "buffer")
+    replays = hasattr(method, "buffer") or hasattr(method, "bank")  # draws replay_batch_size samples per step
     check_training_settings(trainer.args, trains=method.trains, replays=replays)
-    if replays:
+    if isinstance(method, PMI) and type(method).after_task is PMI.after_task:  # it inverts the model
         check_inversion_settings(method.inversion)
+    elif isinstance(method, PMI):  # keeps per_class real samples (exemplar replay)
+        _require(method.inversion.per_class >= 1, "per_class", method.inversion.per_class, "an integer >= 1")
     model = trainer.accelerator.unwrap_model(trainer.model)
     check_templates(model.templates)
     check_checkpoint_prompts(model.class_names, model.templates, model.prompt_ids, "The model")

@@ -162,9 +162,15 @@ def test_lwf_temperature_zero(tmp_path, processor):
             lambda out: run(out, processor, args={"method": "lwf", "lwf_temperature": 0.0}))
 
 
-def test_replay_batch_size_zero(tmp_path, processor):
+@pytest.mark.parametrize("method", ["pmi", "feature_replay", "exemplar_replay"])
+def test_replay_batch_size_zero(tmp_path, processor, method):
     refused(tmp_path, r"replay_batch_size=0 is invalid: it must be >= 1",
-            lambda out: run(out, processor, args={"method": "pmi", "replay_batch_size": 0}))
+            lambda out: run(out, processor, args={"method": method, "replay_batch_size": 0}))
+
+
+def test_exemplar_replay_keeping_no_samples(tmp_path, processor):
+    refused(tmp_path, r"per_class=0 is invalid",
+            lambda out: run(out, processor, args={"method": "exemplar_replay"}, inversion={"per_class": 0}))
 
 
 @pytest.mark.parametrize("setting, match", [
