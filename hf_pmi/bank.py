@@ -281,6 +281,7 @@ class FeatureBank:
                 f"(got format={config.get('format')!r}, version={config.get('version')}); upgrade hf_pmi."
             )
         tensors = load_file(str(folder / WEIGHTS_NAME))
+        _check_config_matches_tensors(config, tensors, config_path)
         bank = cls(covariance=config["covariance"], shrinkage=config["shrinkage"])
         if config["num_classes"]:
             bank._means = list(tensors["means"].unbind(0))
@@ -294,6 +295,18 @@ class FeatureBank:
         if config["has_statistics"]:
             bank.statistics = LayerStatistics.from_tensors(tensors, prefix="statistics.")
         return bank
+
+
+def _check_config_matches_tensors(config: dict, tensors: dict, config_path) -> None:
+    """The JSON's class count and contrastive classes must describe the saved tensors."""
+    stored = tensors["means"].shape[0] if "means" in tensors else 0
+    contrastive = [int(c) for c in config.get("contrastive_classes", [])]
+    if config.get("num_classes") != stored or any(not 0 <= c < stored for c in contrastive):
+        raise ValueError(
+            f"{config_path} says num_classes={config.get('num_classes')} (contrastive classes {contrastive}) but "
+            f"{WEIGHTS_NAME} holds {stored} classes: the two files disagree (edited, or from different banks). "
+            f"Restore an intact copy of the checkpoint, or set num_classes to {stored}."
+        )
 
 
 def _refuse_or_missing(listing: list[str], where: str) -> None:

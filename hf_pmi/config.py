@@ -65,6 +65,11 @@ class ContinualConfig(TrainingArguments):
     )
     report_to: None | str | list[str] = field(default="none", metadata={"help": "Trackers to report to."})
     logging_steps: float = field(default=10, metadata={"help": "Log every N steps."})
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "Start again in an output_dir that holds finished tasks, deleting them (otherwise such a "
+                  "folder is refused; --resume_from_checkpoint true continues it instead)."},
+    )
     ddp_find_unused_parameters: bool | None = field(
         default=False, metadata={"help": "Every trainable parameter is used in each step."}
     )

@@ -416,8 +416,11 @@ def resolve_pretrained_folder(
     from huggingface_hub.errors import HfHubHTTPError, HFValidationError
     from huggingface_hub.utils import validate_repo_id
 
+    from .validation import check_local_path
+
     path = os.fspath(path_or_repo_id)
     sub = (subfolder or "").strip("/")
+    check_local_path(path, "checkpoint folder")  # a missing local folder is reported as such, not as a bad repo id
     if os.path.isdir(path):
         local = os.path.join(path, sub) if sub else path
         if not os.path.isdir(local):

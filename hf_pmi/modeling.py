@@ -36,6 +36,7 @@ from transformers import CLIPConfig, CLIPModel
 from transformers.utils import ModelOutput
 
 from .blocks import VisionBlocks, unwrap_clip
+from .validation import check_checkpoint_prompts, check_local_path, check_templates
 
 DEFAULT_TEMPLATES = ["a bad photo of a {}."]  # the reference's single prompt template
 DEFAULT_LORA_TARGETS = r".*vision_model.*\.(q_proj|v_proj)"  # vision tower only (peft has no CLIP default)
@@ -78,6 +79,7 @@ class ContinualCLIP(nn.Module):
         super().__init__()
         self.clip = clip
         self.templates = list(templates or DEFAULT_TEMPLATES)
+        check_templates(self.templates)
         self.class_names: list[str] = []
         self.lora_config = lora_config
         length = self.clip_config.text_config.max_position_embeddings
@@ -106,9 +108,12 @@ class ContinualCLIP(nn.Module):
             class_names, tokenizer: classes to start with (more come with `add_classes`).
             templates: prompt templates with one ``{}`` for the class name.
             lora: a `peft.LoraConfig`. Without ``target_modules`` it adapts the vision tower's
-                ``q_proj`` / ``v_proj``; name text-tower modules to adapt the text tower too.
+                ``q_proj`` / ``v_proj``; name text-tower modules to adapt the text tower too. Its
+                weights are drawn from torch's global generator: call `transformers.set_seed`
+                first for a reproducible run.
         """
         if not isinstance(clip, nn.Module):
+            check_local_path(clip, "CLIP model folder")  # a missing folder is not a bad Hub id
             clip = CLIPModel.from_pretrained(clip, **from_pretrained_kwargs)
         lora_dict = None
         if lora is not None:
@@ -285,6 +290,7 @@ class ContinualCLIP(nn.Module):
             clip = PeftModel.from_pretrained(clip, os.path.join(folder, "adapter"), is_trainable=is_trainable)
         model = cls(clip, templates=meta["templates"], lora_config=meta["lora"])
         prompts = load_file(os.path.join(folder, PROMPTS_NAME))
+        check_checkpoint_prompts(meta["class_names"], meta["templates"], prompts["prompt_ids"], folder)
         model.prompt_ids, model.prompt_mask = prompts["prompt_ids"], prompts["prompt_mask"]
         model.class_names = list(meta["class_names"])
         return model

@@ -10,7 +10,8 @@ Example:
     >>> from hf_pmi import ContinualCLIP, ContinualConfig, ContinualTrainer, split_class_incremental
     >>> from hf_pmi.testing import build_clip, build_processor, load_digits_dataset
     >>> tasks = split_class_incremental(load_digits_dataset(), num_tasks=2)
-    >>> args = ContinualConfig(output_dir="/tmp/doc_run", method="finetune", max_steps=2, disable_tqdm=True)
+    >>> args = ContinualConfig(output_dir="/tmp/doc_run", method="finetune", max_steps=2, disable_tqdm=True,
+    ...                        overwrite_output_dir=True)
     >>> trainer = ContinualTrainer(model=ContinualCLIP.from_clip(build_clip("tiny")), args=args, tasks=tasks,
     ...                            processing_class=build_processor())
     >>> result = trainer.train()  # doctest: +ELLIPSIS
@@ -30,15 +31,23 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
-from transformers import Trainer
+from transformers import Trainer, set_seed
 
+from . import faults
 from .config import ContinualConfig
 from .data import ContinualCollator, ContinualTasks
 from .methods import METHODS
+from .guard import DivergenceGuard, check_loss, check_weights
 from .hub import check_hub_access, push_task_checkpoint, resolve_pretrained_folder
+from .integrity import verify_checksums, weight_checksums
 from .metrics import continual_metrics, format_matrix
 from .model_card import write_model_card
 from .modeling import ContinualCLIP
+from .resume import (
+    check_resume_consistency, dataset_fingerprint, prepare_output_dir, restore_trainable, resume_request, task_seed,
+    trainable_parameter_names,
+)
+from .validation import check_output_dir_writable, validate_trainer
 
 logger = logging.getLogger("hf_pmi")
 STATE_NAME = "continual_state.json"
@@ -122,6 +131,7 @@ class ContinualTrainer(Trainer):
             )
         if not isinstance(tasks, ContinualTasks):
             raise TypeError("tasks must come from `split_class_incremental(...)`.")
+        check_output_dir_writable(args.output_dir)  # before the Trainer creates it (it would fail unclearly)
         image_processor = getattr(processing_class, "image_processor", None)
         self._tokenizer = getattr(processing_class, "tokenizer", None)
         if image_processor is None or self._tokenizer is None:
@@ -132,6 +142,10 @@ class ContinualTrainer(Trainer):
         self.inversion_config = inversion_config
         self.method = METHODS[args.method](self)
         self.method.validate()
+        validate_trainer(self)  # every setting and input, before any work (hf_pmi.validation)
+        self.dataset_fingerprint = dataset_fingerprint(tasks)
+        self.current_task = None  # global index of the task being learnt (divergence errors name it)
+        self.add_callback(DivergenceGuard(self))
         if self.method.trains:
             streaming = [t.task_id for t in tasks if not hasattr(t.train, "__len__")]
             if streaming and args.max_steps <= 0:
@@ -148,8 +162,20 @@ class ContinualTrainer(Trainer):
 
     # ----- the task loop -----------------------------------------------------------------------
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs) -> ContinualResult:
-        """Learn every task in turn; `resume_from_checkpoint=True` continues after the last finished one."""
-        start = 0
+        """Learn every task in turn; `resume_from_checkpoint=True` continues after the last finished one.
+
+        Without the argument, ``args.resume_from_checkpoint`` is used ("true" or a task folder), so
+        ``--resume_from_checkpoint true`` works in every recipe. An `output_dir` holding finished
+        tasks is refused unless resuming or ``args.overwrite_output_dir``.
+        """
+        if resume_from_checkpoint is None:
+            resume_from_checkpoint = self.args.resume_from_checkpoint
+        resume_from_checkpoint = resume_request(resume_from_checkpoint)
+        if self.is_world_process_zero():
+            prepare_output_dir(self.args.output_dir, resume_from_checkpoint, self.args.overwrite_output_dir,
+                               STATE_NAME, RESULTS_NAME)
+        self.accelerator.wait_for_everyone()
+        start, elapsed = 0, 0.0
         if resume_from_checkpoint:
             folder = (
                 latest_task_checkpoint(self.args.output_dir)
@@ -160,9 +186,12 @@ class ContinualTrainer(Trainer):
                 logger.warning("No finished task under %s: starting from task 0.", self.args.output_dir)
             else:
                 start = self._load_task_checkpoint(folder) + 1 - self.tasks.task_offset
-        wall = time.time()
+                elapsed = self._resumed_wall_seconds
+        wall = time.time() - elapsed  # a resumed run goes on counting its wall time
         for t in range(start, len(self.tasks)):
             t0 = time.time()
+            self.current_task = self.tasks.task_offset + t
+            set_seed(task_seed(self.args.seed, self.current_task))  # a resumed task draws the same numbers
             self._add_task_classes(t)
             self._task_event("on_task_begin", t)
             self.method.before_task(t)
@@ -170,6 +199,7 @@ class ContinualTrainer(Trainer):
                 self.train_dataset = self.method.train_dataset(t)
                 self.optimizer, self.lr_scheduler = None, None  # a fresh optimizer and schedule per task
                 super().train(**kwargs)
+                check_weights(self.accelerator.unwrap_model(self.model), self.current_task, "after training")
             self._evaluate_seen_tasks(t)
             self.method_logs.append(self.method.after_task(t) or {})
             self.task_seconds.append(time.time() - t0)
@@ -221,7 +251,9 @@ class ContinualTrainer(Trainer):
         folder = resolve_pretrained_folder(path_or_repo_id, revision=revision)
         with open(os.path.join(folder, STATE_NAME)) as f:
             state = json.load(f)
+        verify_checksums(folder, state.get("checksums"))
         model = ContinualCLIP.from_pretrained(folder)
+        restore_trainable(model, state.get("trainable_parameters"), folder)
         clash = sorted(set(model.class_names) & set(tasks.class_names))
         if clash:
             raise ValueError(
@@ -244,6 +276,8 @@ class ContinualTrainer(Trainer):
     # ----- loss and evaluation -----------------------------------------------------------------
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         loss = self.method.compute_loss(model, inputs, num_items_in_batch)
+        check_loss(loss, self.current_task, self.state.global_step + 1)
+        faults.hit("train_step")
         return (loss, None) if return_outputs else loss
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
@@ -298,12 +332,15 @@ class ContinualTrainer(Trainer):
     def _save_task(self, t: int, result: ContinualResult) -> str:
         g = self.tasks.task_offset + t  # task index in the whole sequence (continued runs go on counting)
         folder = os.path.join(self.args.output_dir, f"task-{g}")
+        model = self.accelerator.unwrap_model(self.model)
+        check_weights(model, g, "before saving its checkpoint")  # never write a non-finite checkpoint
         if self.is_world_process_zero():
             tmp = folder + ".tmp"
             shutil.rmtree(tmp, ignore_errors=True)
-            self.accelerator.unwrap_model(self.model).save_pretrained(tmp)
+            model.save_pretrained(tmp)
             self.processing_class.save_pretrained(tmp)
             self.method.save(tmp)
+            faults.hit("save")
             state = {
                 "task_id": g,
                 "num_tasks": self.num_total_tasks,
@@ -313,6 +350,9 @@ class ContinualTrainer(Trainer):
                 "seen_classes": self.model.class_names,
                 "task_classes": self._task_classes(g),
                 "method_info": self.method.card_info(),
+                "trainable_parameters": trainable_parameter_names(model),
+                "dataset_fingerprint": self.dataset_fingerprint,
+                "checksums": weight_checksums(tmp),
                 **result.to_dict(),
             }
             _write_json(os.path.join(tmp, STATE_NAME), state)
@@ -380,14 +420,17 @@ class ContinualTrainer(Trainer):
         self._pushes = []
 
     def _load_task_checkpoint(self, folder: str) -> int:
+        if not os.path.isfile(os.path.join(folder, STATE_NAME)):
+            raise FileNotFoundError(
+                f"No finished task checkpoint at {folder} (no {STATE_NAME}). Pass the task-N folder of a finished "
+                f"task, or resume_from_checkpoint=True for the latest one in output_dir."
+            )
         with open(os.path.join(folder, STATE_NAME)) as f:
             state = json.load(f)
-        if state["tasks"]["class_order"] != self.tasks.class_order:
-            raise ValueError(
-                f"{folder} was trained with class order {state['tasks']['class_order']}, but these tasks use "
-                f"{self.tasks.class_order}: resume with the same data, seed and split."
-            )
+        check_resume_consistency(state, self, folder)
+        verify_checksums(folder, state.get("checksums"))
         model = ContinualCLIP.from_pretrained(folder).to(self.args.device)
+        restore_trainable(model, state.get("trainable_parameters"), folder)
         self.model = self.model_wrapped = model
         self.method.load(folder)
         self.accuracy_matrix = state["accuracy_matrix"]
@@ -395,5 +438,6 @@ class ContinualTrainer(Trainer):
         self._previous_task_classes = state["task_classes"][: self.tasks.task_offset]
         self.task_seconds = state.get("task_seconds", [])
         self.method_logs = state.get("method_logs", [])
+        self._resumed_wall_seconds = float(state.get("wall_seconds", 0.0))
         logger.info("Resumed from %s (task %d finished).", folder, state["task_id"])
         return state["task_id"]

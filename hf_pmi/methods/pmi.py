@@ -16,6 +16,7 @@ import os
 import torch
 from torch.utils.data import DataLoader
 
+from .. import faults
 from ..bank import FeatureBank
 from ..blocks import VisionBlocks
 from ..inversion import InversionConfig, synthesize_replay
@@ -100,14 +101,15 @@ class PMI(ContinualMethod):
     def synthesize(self) -> dict:
         """Regenerate the replay buffer for every class in the bank."""
         model = self.trainer.accelerator.unwrap_model(self.model)
-        samples, labels, report = synthesize_replay(
-            model,
-            self.bank,
-            list(range(self.bank.num_classes)),
-            dataclasses.replace(self.inversion, inversion_seed=self.args.seed),
-            accelerator=self.trainer.accelerator,
-            progress=self.trainer.is_world_process_zero() and not self.args.disable_tqdm,
-        )
+        with faults.counting_module_calls("inversion"):  # crash tests only (HF_PMI_KILL_AT)
+            samples, labels, report = synthesize_replay(
+                model,
+                self.bank,
+                list(range(self.bank.num_classes)),
+                dataclasses.replace(self.inversion, inversion_seed=self.args.seed),
+                accelerator=self.trainer.accelerator,
+                progress=self.trainer.is_world_process_zero() and not self.args.disable_tqdm,
+            )
         self.buffer = (samples, labels)
         self.last_report = {k: v for k, v in report.items() if k != "curve"}
         return {
