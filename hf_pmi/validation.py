@@ -146,7 +146,12 @@ def check_inversion_settings(config) -> None:
         _require(_finite(config.refine_lr) and config.refine_lr > 0, "refine_lr", config.refine_lr, "> 0")
     for name in ("a_layer", "alpha_rf", "alpha_tv"):
         value = getattr(config, name)
+        if name == "a_layer" and value is None:  # None: the reference's alpha_rf x number of blocks
+            continue
         _require(_finite(value) and value >= 0, name, value, ">= 0 (a loss weight)")
+    for name in ("refine_t_max", "full_t_max"):
+        value = getattr(config, name)
+        _require(isinstance(value, int) and value >= 0, name, value, "an integer >= 0 (0: the stage's own steps)")
     _require(_finite(config.rho) and 0 < config.rho <= 1, "rho", config.rho, "in (0, 1] (an acceptance ratio)")
     _require(_finite(config.tau) and config.tau > 0, "tau", config.tau, "> 0 (a temperature)")
     if config.mode == "pmi":
