@@ -22,7 +22,6 @@ Example:
 from __future__ import annotations
 
 import json
-import logging
 import os
 import shutil
 import time
@@ -36,11 +35,13 @@ from .config import ContinualConfig
 from .data import ContinualCollator, ContinualTasks
 from .methods import METHODS
 from .hub import check_hub_access, push_task_checkpoint, resolve_pretrained_folder
+from .log import get_logger, set_verbosity
 from .metrics import continual_metrics, format_matrix
 from .model_card import write_model_card
 from .modeling import ContinualCLIP
+from .tracking import ContinualCallbackHandler, summary_line, task_metrics
 
-logger = logging.getLogger("hf_pmi")
+logger = get_logger()
 STATE_NAME = "continual_state.json"
 RESULTS_NAME = "results.json"
 
@@ -128,6 +129,8 @@ class ContinualTrainer(Trainer):
             raise ValueError("processing_class must be a CLIPProcessor (with an image processor and a tokenizer).")
         collator = ContinualCollator(image_processor, tasks.label_map, tasks.image_column, tasks.label_column)
         super().__init__(model=model, args=args, data_collator=collator, processing_class=processing_class, **kwargs)
+        set_verbosity(args.get_process_log_level())  # the hf_pmi logger follows log_level, as transformers' does
+        self.callback_handler = ContinualCallbackHandler.from_handler(self.callback_handler)  # one tracker run
         self.tasks = tasks
         self.inversion_config = inversion_config
         self.method = METHODS[args.method](self)
@@ -161,24 +164,38 @@ class ContinualTrainer(Trainer):
             else:
                 start = self._load_task_checkpoint(folder) + 1 - self.tasks.task_offset
         wall = time.time()
-        for t in range(start, len(self.tasks)):
-            t0 = time.time()
-            self._add_task_classes(t)
-            self._task_event("on_task_begin", t)
-            self.method.before_task(t)
-            if self.method.trains:
-                self.train_dataset = self.method.train_dataset(t)
-                self.optimizer, self.lr_scheduler = None, None  # a fresh optimizer and schedule per task
-                super().train(**kwargs)
-            self._evaluate_seen_tasks(t)
-            self.method_logs.append(self.method.after_task(t) or {})
-            self.task_seconds.append(time.time() - t0)
-            result = self.result(time.time() - wall)
-            self._save_task(t, result)
-            self.log({"task": t, "accuracy_all_seen": result.all_seen_accuracy[-1], **self.method_logs[-1]})
-            self._task_event("on_task_end", t, result=result)
+        try:
+            for t in range(start, len(self.tasks)):
+                t0 = time.time()
+                self._add_task_classes(t)
+                self._task_event("on_task_begin", t)
+                self.method.before_task(t)
+                if self.method.trains:
+                    self.train_dataset = self.method.train_dataset(t)
+                    self.optimizer, self.lr_scheduler = None, None  # a fresh optimizer and schedule per task
+                    super().train(**kwargs)
+                self._evaluate_seen_tasks(t)
+                self.method_logs.append(self.method.after_task(t) or {})
+                self.task_seconds.append(time.time() - t0)
+                result = self.result(time.time() - wall)
+                self._log_task(t, result)
+                self._save_task(t, result)
+                self._task_event("on_task_end", t, result=result)
+        finally:
+            self.callback_handler.finish(self.args, self.state, self.control)  # close the trackers' run
         self._wait_for_pushes()
         return self.result(time.time() - wall)
+
+    def _log_task(self, t: int, result: ContinualResult) -> None:
+        """Per-task metrics to every tracker (one run, a growing step), `save_metrics` and the console."""
+        g = self.tasks.task_offset + t
+        metrics = task_metrics(result, g, self.model.num_classes)
+        self.log(dict(metrics))
+        self.callback_handler.end_task(self.state.global_step if self.method.trains else 0)
+        if self.is_world_process_zero():
+            os.makedirs(self.args.output_dir, exist_ok=True)
+            self.save_metrics("eval", metrics)
+            print(f"[hf_pmi] {summary_line(metrics, self.num_total_tasks)}", flush=True)
 
     def _add_task_classes(self, t: int) -> None:
         task, model = self.tasks[t], self.model
@@ -313,6 +330,7 @@ class ContinualTrainer(Trainer):
                 "seen_classes": self.model.class_names,
                 "task_classes": self._task_classes(g),
                 "method_info": self.method.card_info(),
+                "global_step": self.callback_handler.step_offset,  # trackers' step after this task
                 **result.to_dict(),
             }
             _write_json(os.path.join(tmp, STATE_NAME), state)
@@ -395,5 +413,6 @@ class ContinualTrainer(Trainer):
         self._previous_task_classes = state["task_classes"][: self.tasks.task_offset]
         self.task_seconds = state.get("task_seconds", [])
         self.method_logs = state.get("method_logs", [])
+        self.callback_handler.step_offset = state.get("global_step", 0)
         logger.info("Resumed from %s (task %d finished).", folder, state["task_id"])
         return state["task_id"]
