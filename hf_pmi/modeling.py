@@ -9,10 +9,13 @@ A checkpoint folder holds:
 
 - ``continual_clip.json``: class names, templates, LoRA settings, base model;
 - ``class_prompts.safetensors``: the tokenised prompts (so logits need no tokenizer to reload);
-- ``clip/``: a plain `CLIPModel` (`CLIPModel.from_pretrained(path, subfolder="clip")`), left out
-  when LoRA adapters sit on a frozen base that has a Hub id or path of its own;
+- ``clip/``: a plain `CLIPModel` with the checkpoint's weights, LoRA merged and peft's
+  ``modules_to_save`` copies unwrapped (`CLIPModel.from_pretrained(path, subfolder="clip")` loads it
+  with no missing or unexpected key and gives the checkpoint's logits);
 - ``adapter/``: the peft LoRA adapter, when there is one
-  (`PeftModel.from_pretrained(clip, path, subfolder="adapter")`).
+  (`PeftModel.from_pretrained(base, path, subfolder="adapter")` on the base model);
+- ``base/``: the frozen base under the adapter, a plain `CLIPModel`, only when that base has no Hub
+  id or path of its own (a CLIP built from a config).
 
 Example:
     >>> from hf_pmi import ContinualCLIP
@@ -226,23 +229,20 @@ class ContinualCLIP(nn.Module):
     # ----- save / load -------------------------------------------------------------------------
     def save_pretrained(self, save_directory: str | os.PathLike, **kwargs) -> None:
         """Write the checkpoint folder described in the module docstring (safetensors + JSON)."""
+        from .export import base_state_dict, merged_clip
+
         os.makedirs(save_directory, exist_ok=True)
         base = unwrap_clip(self.clip)
         base_name = base.config._name_or_path or None
-        save_base = self.lora_config is None or not base_name
-        if self.lora_config is None:
-            base.save_pretrained(os.path.join(save_directory, "clip"))
-        else:
+        save_base = self.lora_config is not None and not base_name
+        merged_clip(self.clip).save_pretrained(os.path.join(save_directory, "clip"))
+        if self.lora_config is not None:
             self.clip.save_pretrained(os.path.join(save_directory, "adapter"))
             if save_base:  # a base built from a config has no other home: keep its (frozen) weights
-                state = {
-                    k.replace(".base_layer.", "."): v.contiguous()
-                    for k, v in base.state_dict().items()
-                    if "lora_" not in k
-                }
-                os.makedirs(os.path.join(save_directory, "clip"), exist_ok=True)
-                base.config.save_pretrained(os.path.join(save_directory, "clip"))
-                save_file(state, os.path.join(save_directory, "clip", "model.safetensors"), metadata={"format": "pt"})
+                os.makedirs(os.path.join(save_directory, "base"), exist_ok=True)
+                base.config.save_pretrained(os.path.join(save_directory, "base"))
+                save_file(base_state_dict(self.clip), os.path.join(save_directory, "base", "model.safetensors"),
+                          metadata={"format": "pt"})
         save_file(
             {"prompt_ids": self.prompt_ids.contiguous().cpu(), "prompt_mask": self.prompt_mask.contiguous().cpu()},
             os.path.join(save_directory, PROMPTS_NAME),
@@ -253,6 +253,7 @@ class ContinualCLIP(nn.Module):
             "lora": self.lora_config,
             "base_model_name_or_path": base_name,
             "base_saved": save_base,
+            "clip_merged": True,  # clip/ holds the merged model; the LoRA base is in base/ (or base_model_name_or_path)
         }
         with open(os.path.join(save_directory, CONFIG_NAME), "w") as f:
             json.dump(meta, f, indent=2, default=str)
@@ -275,8 +276,10 @@ class ContinualCLIP(nn.Module):
             )
         with open(config_file) as f:
             meta = json.load(f)
-        if meta["base_saved"]:
+        if meta["lora"] is None:
             clip = CLIPModel.from_pretrained(os.path.join(folder, "clip"), **kwargs)
+        elif meta["base_saved"]:  # older checkpoints kept the base in clip/
+            clip = CLIPModel.from_pretrained(os.path.join(folder, "base" if meta.get("clip_merged") else "clip"), **kwargs)
         else:
             clip = CLIPModel.from_pretrained(meta["base_model_name_or_path"], **kwargs)
         if meta["lora"] is not None:
