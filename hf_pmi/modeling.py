@@ -238,6 +238,9 @@ class ContinualCLIP(nn.Module):
         merged_clip(self.clip).save_pretrained(os.path.join(save_directory, "clip"))
         if self.lora_config is not None:
             self.clip.save_pretrained(os.path.join(save_directory, "adapter"))
+            from .trainer_hub import write_adapter_card
+
+            write_adapter_card(os.path.join(save_directory, "adapter"), base_name)  # not peft's empty template
             if save_base:  # a base built from a config has no other home: keep its (frozen) weights
                 os.makedirs(os.path.join(save_directory, "base"), exist_ok=True)
                 base.config.save_pretrained(os.path.join(save_directory, "base"))
@@ -258,16 +261,61 @@ class ContinualCLIP(nn.Module):
         with open(os.path.join(save_directory, CONFIG_NAME), "w") as f:
             json.dump(meta, f, indent=2, default=str)
 
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        revision: str | None = None,
+        token: str | None = None,
+        private: bool | None = None,
+        commit_message: str | None = None,
+        create_pr: bool = False,
+        endpoint: str | None = None,
+    ):
+        """Upload the `save_pretrained` folder to `repo_id` (created if needed) at `revision` (a branch,
+        created from `main` if missing); `from_pretrained(repo_id, revision=..., token=...)` reloads it.
+        Returns the `huggingface_hub.CommitInfo`.
+
+        Example:
+            >>> model.push_to_hub("me/clip-digits", revision="task-4")  # doctest: +SKIP
+            >>> ContinualCLIP.from_pretrained("me/clip-digits", revision="task-4")  # doctest: +SKIP
+        """
+        import tempfile
+
+        from .hub import upload_folder_to_revision
+
+        with tempfile.TemporaryDirectory(prefix="hf_pmi_push_") as folder:
+            self.save_pretrained(folder)
+            return upload_folder_to_revision(
+                folder, repo_id, revision=revision, token=token, endpoint=endpoint, private=private,
+                commit_message=commit_message, create_pr=create_pr,
+            )
+
     @classmethod
     def from_pretrained(
-        cls, path_or_repo_id: str | os.PathLike, revision: str | None = None, is_trainable: bool = True, **kwargs
+        cls,
+        path_or_repo_id: str | os.PathLike,
+        revision: str | None = None,
+        is_trainable: bool = True,
+        *,
+        token: str | None = None,
+        cache_dir: str | None = None,
+        **kwargs,
     ) -> "ContinualCLIP":
-        """Reload a checkpoint written by `save_pretrained` (a local folder or a Hub repo + revision)."""
+        """Reload a checkpoint written by `save_pretrained` (a local folder or a Hub repo + revision).
+
+        `token` and `cache_dir` serve the download of the checkpoint and of a base model it names;
+        other keyword arguments go to `CLIPModel.from_pretrained`.
+        """
         folder = str(path_or_repo_id)
+        if token is not None:
+            kwargs["token"] = token
+        if cache_dir is not None:
+            kwargs["cache_dir"] = cache_dir
         if not os.path.isdir(folder):
             from .hub import resolve_pretrained_folder
 
-            folder = resolve_pretrained_folder(folder, revision=revision)
+            folder = resolve_pretrained_folder(folder, revision=revision, token=token, cache_dir=cache_dir)
         config_file = os.path.join(folder, CONFIG_NAME)
         if not os.path.isfile(config_file):
             raise ValueError(

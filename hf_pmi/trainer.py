@@ -40,6 +40,7 @@ from .metrics import continual_metrics, format_matrix
 from .model_card import write_model_card
 from .modeling import ContinualCLIP
 from .tracking import ContinualCallbackHandler, summary_line, task_metrics
+from .trainer_hub import ContinualHubMixin, card_state
 
 logger = get_logger()
 STATE_NAME = "continual_state.json"
@@ -94,7 +95,7 @@ def latest_task_checkpoint(output_dir: str) -> str | None:
     return os.path.join(output_dir, f"task-{max(done)}") if done else None
 
 
-class ContinualTrainer(Trainer):
+class ContinualTrainer(ContinualHubMixin, Trainer):
     """Trains a `ContinualCLIP` on `ContinualTasks`, one task after another.
 
     Args:
@@ -334,7 +335,7 @@ class ContinualTrainer(Trainer):
                 **result.to_dict(),
             }
             _write_json(os.path.join(tmp, STATE_NAME), state)
-            write_model_card(tmp, self._card_state(g, result, tmp))  # after save_pretrained: peft writes a README
+            write_model_card(tmp, card_state(self, g, result, tmp))  # after save_pretrained: peft writes a README
             shutil.rmtree(folder, ignore_errors=True)
             os.replace(tmp, folder)  # the finished folder appears whole or not at all
             _write_json(os.path.join(self.args.output_dir, RESULTS_NAME), result.to_dict())
@@ -345,41 +346,9 @@ class ContinualTrainer(Trainer):
         self.accelerator.wait_for_everyone()
         return folder
 
-    def _card_state(self, g: int, result: ContinualResult, folder: str) -> dict:
-        model = self.accelerator.unwrap_model(self.model)
-        offset = self.tasks.label_offset
-        return {
-            "accuracy_matrix": result.accuracy_matrix,
-            "num_tasks": self.num_total_tasks,
-            "task_id": g,
-            "base_model": self._base_model_name(model),
-            "dataset": self.tasks.metadata.get("dataset"),
-            "method": {"name": self.args.method, "description": (type(self.method).__doc__ or "").strip()},
-            "class_order": list(range(model.num_classes)),
-            "class_names": model.class_names,
-            "task_classes": self._task_classes(g),
-            "a_last": result.a_last,
-            "a_avg": result.a_avg,
-            "forgetting": result.forgetting,
-            "bwt": result.bwt,
-            "seen_accuracy": result.all_seen_accuracy,
-            "old_accuracy": result.old_class_accuracy[-1],
-            "new_accuracy": result.new_class_accuracy[-1],
-            "inversion": self.method.card_info(),
-            "repo_id": self.hub_model_id,
-            "replay_grid": "replay_samples.png" if os.path.exists(os.path.join(folder, "replay_samples.png")) else None,
-            "tags": ["continual-learning", "class-incremental", "clip", "hf_pmi", self.args.method],
-        }
-
     def _task_classes(self, g: int) -> list[list[int]]:
         """Class ids of every task up to global task `g` (a continued checkpoint's tasks first)."""
         return (self._previous_task_classes + [t.class_ids for t in self.tasks])[: g + 1]
-
-    @staticmethod
-    def _base_model_name(model) -> str | None:
-        from .blocks import unwrap_clip
-
-        return unwrap_clip(model.clip).config._name_or_path or None
 
     # ----- Hub ---------------------------------------------------------------------------------
     def init_hf_repo(self, token: str | None = None, private: bool | None = None) -> None:
