@@ -22,9 +22,10 @@ from transformers import TrainingArguments
 
 @dataclass
 class ContinualConfig(TrainingArguments):
-    method: str = field(
-        default="finetune",
-        metadata={"help": "Continual method, a name from `hf_pmi.methods.METHODS` (pmi, finetune, joint, lwf, ...)."},
+    method: str | None = field(
+        default=None,
+        metadata={"help": "Continual method, a name from `hf_pmi.methods.METHODS` (pmi, finetune, joint, lwf, ...). "
+                  "Default: finetune, or the checkpoint's method when continuing one."},
     )
     # Replay training (method.md "Training task t+1"); reference values for CLIP.
     replay_batch_size: int = field(
@@ -72,6 +73,10 @@ class ContinualConfig(TrainingArguments):
     def __post_init__(self):
         super().__post_init__()
         from .methods import METHODS
+
+        self.method_given = self.method is not None  # a continued run keeps the checkpoint's method otherwise
+        if self.method is None:
+            self.method = "finetune"
 
         if self.method not in METHODS:
             raise ValueError(

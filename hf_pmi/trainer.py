@@ -40,7 +40,7 @@ from .metrics import continual_metrics, format_matrix
 from .model_card import write_model_card
 from .modeling import ContinualCLIP
 from .tracking import ContinualCallbackHandler, summary_line, task_metrics
-from .trainer_hub import ContinualHubMixin, card_state
+from .trainer_hub import ContinualHubMixin, card_state, continued_args
 
 logger = get_logger()
 STATE_NAME = "continual_state.json"
@@ -251,6 +251,7 @@ class ContinualTrainer(ContinualHubMixin, Trainer):
 
             processing_class = AutoProcessor.from_pretrained(folder)
         done = state["task_id"] + 1
+        args = continued_args(args, state, path_or_repo_id)
         trainer = cls(model=model, args=args, tasks=tasks.continuing(model.num_classes, done),
                       processing_class=processing_class, **kwargs)
         trainer._previous_task_classes = state["task_classes"]

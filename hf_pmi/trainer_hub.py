@@ -126,6 +126,31 @@ def card_state(trainer, g: int, result, folder: str) -> dict:
     }
 
 
+def continued_args(args, state: dict, source: str):
+    """`args` for continuing a checkpoint whose ``continual_state.json`` is `state`.
+
+    Without an explicit ``method`` the checkpoint's own method is kept (a copy of `args` is returned);
+    a different method named by the user is used, with a warning.
+    """
+    import copy
+
+    previous = state.get("method")
+    if previous is None or previous == args.method:
+        pass
+    elif not getattr(args, "method_given", True):
+        args = copy.copy(args)
+        args.method = previous
+        logger.info("Continuing %s with its method %r (set `method` to use another).", source, previous)
+    else:
+        logger.warning(
+            "%s was trained with method %r; continuing with %r as asked. Old classes are then rehearsed the %r "
+            "way from task %d on.", source, previous, args.method, args.method, state["task_id"] + 1,
+        )
+    logger.info("Continuing after task %d of %s: the next task is task-%d.", state["task_id"], source,
+                state["task_id"] + 1)
+    return args
+
+
 def write_adapter_card(folder: str, base_model: str | None) -> None:
     """Replace peft's empty README in ``adapter/`` by a short card that points to the checkpoint."""
     from huggingface_hub import ModelCard, ModelCardData

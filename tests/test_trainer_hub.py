@@ -1,6 +1,8 @@
 """Trainer.save_model / push_to_hub / create_model_card do the continual thing; ContinualCLIP.push_to_hub;
 the card's metadata is truthful and passes the (local) Hub's checks. Real HTTP against tests/hub_server.py."""
 
+import json
+
 import pytest
 import torch
 from hub_server import TEST_TOKEN, hub_client, hub_server  # noqa: F401  (fixtures)
@@ -94,3 +96,33 @@ def test_save_model_before_training_writes_a_loadable_model(tmp_path, digits, pr
     assert AutoProcessor.from_pretrained(tmp_path / "early").tokenizer is not None
     with pytest.raises(ValueError, match="No finished task"):
         trainer.create_model_card()
+
+
+def test_continuing_keeps_the_checkpoint_method_unless_another_is_named(tmp_path, digits, processor, caplog):
+    import dataclasses
+    import logging
+
+    tasks = split_class_incremental(digits, num_tasks=5, seed=0)
+    old = dataclasses.replace(tasks, tasks=tasks.tasks[:1], class_order=tasks.class_order[:2],
+                              class_names=tasks.class_names[:2])
+    new = dataclasses.replace(tasks, tasks=[dataclasses.replace(tasks[1], task_id=0, class_ids=[0, 1])],
+                              class_order=tasks.class_order[2:4], class_names=tasks.class_names[2:4])
+    common = dict(max_steps=1, per_device_train_batch_size=16, disable_tqdm=True)
+    ContinualTrainer(model=ContinualCLIP.from_clip(build_clip("tiny")), tasks=old, processing_class=processor,
+                     args=ContinualConfig(output_dir=str(tmp_path / "a"), method="lwf", **common)).train()
+    checkpoint = str(tmp_path / "a" / "task-0")
+
+    kept = ContinualTrainer.from_pretrained(checkpoint, tasks=new, args=ContinualConfig(
+        output_dir=str(tmp_path / "b"), **common))
+    assert kept.args.method == "lwf"
+    from hf_pmi.methods import METHODS
+
+    assert isinstance(kept.method, METHODS["lwf"])
+    with caplog.at_level(logging.WARNING, logger="hf_pmi"):
+        other = ContinualTrainer.from_pretrained(checkpoint, tasks=new, args=ContinualConfig(
+            output_dir=str(tmp_path / "c"), method="finetune", **common))
+    assert other.args.method == "finetune" and "trained with method 'lwf'" in caplog.text
+    result = kept.train()
+    assert len(result.accuracy_matrix) == 2
+    state = json.loads((tmp_path / "b" / "task-1" / "continual_state.json").read_text())
+    assert state["method"] == "lwf" and state["task_id"] == 1
