@@ -20,6 +20,13 @@ from dataclasses import dataclass, field
 from transformers import TrainingArguments
 
 
+def _accelerator_available() -> bool:
+    import torch
+
+    accelerator = getattr(torch, "accelerator", None)
+    return accelerator.is_available() if accelerator is not None else torch.cuda.is_available()
+
+
 @dataclass
 class ContinualConfig(TrainingArguments):
     method: str | None = field(
@@ -74,6 +81,8 @@ class ContinualConfig(TrainingArguments):
         super().__post_init__()
         from .methods import METHODS
 
+        if self.dataloader_pin_memory and not _accelerator_available():
+            self.dataloader_pin_memory = False  # pinned memory only helps copies to an accelerator (torch warns)
         self.method_given = self.method is not None  # a continued run keeps the checkpoint's method otherwise
         if self.method is None:
             self.method = "finetune"

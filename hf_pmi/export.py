@@ -26,8 +26,10 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import re
+import warnings
 
 import torch
 from torch import nn
@@ -35,6 +37,15 @@ from torch import nn
 from .blocks import unwrap_clip
 
 _LORA = re.compile(r"\.lora_(A|B|embedding_A|embedding_B|magnitude_vector)\.")
+
+
+@contextlib.contextmanager
+def peft_deprecations_silenced():
+    """Silence the FutureWarning transformers v5 raises when peft reads `is_gradient_checkpointing`
+    (peft's call, not the user's: nothing for them to change)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield
 
 
 def is_peft(model: nn.Module) -> bool:
@@ -53,7 +64,8 @@ def merged_clip(model: nn.Module) -> nn.Module:
     """
     if not is_peft(model):
         return unwrap_clip(model)
-    merged = copy.deepcopy(model).merge_and_unload()  # LoRA merged, modules_to_save -> their trained copy
+    with peft_deprecations_silenced():
+        merged = copy.deepcopy(model).merge_and_unload()  # LoRA merged, modules_to_save -> their trained copy
     return unwrap_clip(merged)
 
 

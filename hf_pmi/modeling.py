@@ -119,7 +119,10 @@ class ContinualCLIP(nn.Module):
 
             if lora.target_modules is None:
                 lora.target_modules = DEFAULT_LORA_TARGETS
-            clip = get_peft_model(clip, lora)
+            from .export import peft_deprecations_silenced
+
+            with peft_deprecations_silenced():
+                clip = get_peft_model(clip, lora)
             lora_dict = lora.to_dict()
         model = cls(clip, templates=templates, lora_config=lora_dict)
         if class_names:
@@ -333,7 +336,10 @@ class ContinualCLIP(nn.Module):
         if meta["lora"] is not None:
             from peft import PeftModel
 
-            clip = PeftModel.from_pretrained(clip, os.path.join(folder, "adapter"), is_trainable=is_trainable)
+            from .export import peft_deprecations_silenced
+
+            with peft_deprecations_silenced():
+                clip = PeftModel.from_pretrained(clip, os.path.join(folder, "adapter"), is_trainable=is_trainable)
         model = cls(clip, templates=meta["templates"], lora_config=meta["lora"])
         prompts = load_file(os.path.join(folder, PROMPTS_NAME))
         model.prompt_ids, model.prompt_mask = prompts["prompt_ids"], prompts["prompt_mask"]
