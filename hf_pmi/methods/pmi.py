@@ -94,6 +94,7 @@ class PMI(ContinualMethod):
             features,
             train_contrastive=self.inversion.selection == "cfs",  # g_c only serves CFS
             seed=self.args.seed,
+            progress=progress,
         )
         return self.synthesize()
 
