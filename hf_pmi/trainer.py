@@ -165,25 +165,23 @@ class ContinualTrainer(ContinualHubMixin, Trainer):
             else:
                 start = self._load_task_checkpoint(folder) + 1 - self.tasks.task_offset
         wall = time.time()
-        try:
-            for t in range(start, len(self.tasks)):
-                t0 = time.time()
-                self._add_task_classes(t)
-                self._task_event("on_task_begin", t)
-                self.method.before_task(t)
-                if self.method.trains:
-                    self.train_dataset = self.method.train_dataset(t)
-                    self.optimizer, self.lr_scheduler = None, None  # a fresh optimizer and schedule per task
-                    super().train(**kwargs)
-                self._evaluate_seen_tasks(t)
-                self.method_logs.append(self.method.after_task(t) or {})
-                self.task_seconds.append(time.time() - t0)
-                result = self.result(time.time() - wall)
-                self._log_task(t, result)
-                self._save_task(t, result)
-                self._task_event("on_task_end", t, result=result)
-        finally:
-            self.callback_handler.finish(self.args, self.state, self.control)  # close the trackers' run
+        for t in range(start, len(self.tasks)):
+            t0 = time.time()
+            self._add_task_classes(t)
+            self._task_event("on_task_begin", t)
+            self.method.before_task(t)
+            if self.method.trains:
+                self.train_dataset = self.method.train_dataset(t)
+                self.optimizer, self.lr_scheduler = None, None  # a fresh optimizer and schedule per task
+                super().train(**kwargs)
+            self._evaluate_seen_tasks(t)
+            self.method_logs.append(self.method.after_task(t) or {})
+            self.task_seconds.append(time.time() - t0)
+            result = self.result(time.time() - wall)
+            self._log_task(t, result)
+            self._save_task(t, result)
+            self._task_event("on_task_end", t, result=result)
+        self.callback_handler.finish(self.args, self.state, self.control)  # close the trackers' run (they flush per log)
         self._wait_for_pushes()
         return self.result(time.time() - wall)
 
@@ -255,6 +253,7 @@ class ContinualTrainer(ContinualHubMixin, Trainer):
         trainer = cls(model=model, args=args, tasks=tasks.continuing(model.num_classes, done),
                       processing_class=processing_class, **kwargs)
         trainer._previous_task_classes = state["task_classes"]
+        trainer.callback_handler.step_offset = state.get("global_step", 0)  # trackers' steps go on from the checkpoint
         trainer.accuracy_matrix = [row + [None] * len(tasks) for row in state["accuracy_matrix"]]
         trainer.counts = state["counts"] + [0] * len(tasks)
         trainer.method.load(folder)
