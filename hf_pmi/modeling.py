@@ -240,7 +240,9 @@ class ContinualCLIP(nn.Module):
         save_base = self.lora_config is not None and not base_name
         merged_clip(self.clip).save_pretrained(os.path.join(save_directory, "clip"))
         if self.lora_config is not None:
-            self.clip.save_pretrained(os.path.join(save_directory, "adapter"))
+            # save_embedding_layers=False: no embedding is adapted or resized, and peft's "auto" would look the
+            # base model's config up on the Hub at every save
+            self.clip.save_pretrained(os.path.join(save_directory, "adapter"), save_embedding_layers=False)
             from .trainer_hub import write_adapter_card
 
             write_adapter_card(os.path.join(save_directory, "adapter"), base_name)  # not peft's empty template

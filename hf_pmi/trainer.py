@@ -15,6 +15,8 @@ Example:
     ...                            processing_class=build_processor())
     >>> result = trainer.train()  # doctest: +ELLIPSIS
     {'train_runtime': ...}
+    ...
+    [hf_pmi] task 1/1 (10 classes seen): ...
     >>> len(result.accuracy_matrix), result.accuracy_matrix[0][1] is None
     (2, True)
 """

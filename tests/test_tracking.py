@@ -83,6 +83,9 @@ def test_log_level_reaches_the_library_logger(tmp_path, digits, processor, caplo
     with caplog.at_level(logging.INFO):  # root level only: the hf_pmi level is the trainer's
         trainer.train(resume_from_checkpoint=True)
     assert "Resumed from" in caplog.text and "task 0 finished" in caplog.text
+    from transformers.utils import logging as hf_logging
+
     from hf_pmi.log import set_verbosity
 
-    set_verbosity("warning")  # leave the default for the other tests
+    set_verbosity("warning")  # leave the defaults for the other tests (log_level sets them process-wide)
+    hf_logging.set_verbosity_warning()
