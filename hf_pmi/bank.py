@@ -110,12 +110,16 @@ class FeatureBank:
         contrastive_lr: float = 1e-2,  # reference: Adam lr 1e-2
         tau: float = 1.0,  # reference: tau = 1
         seed: int = 0,
+        progress: bool = False,
     ) -> None:
         """Store the Gaussian (and g_c) of each new class from its real features ``(n_c, P)``.
 
         `class_ids` must continue the bank's numbering (``num_classes, num_classes + 1, ...``);
-        earlier classes are never re-estimated.
+        earlier classes are never re-estimated. `progress` shows a bar over the classes (the
+        contrastive models take most of the time).
         """
+        from tqdm.auto import tqdm
+
         class_ids = [int(c) for c in class_ids]
         expected = list(range(self.num_classes, self.num_classes + len(class_ids)))
         if class_ids != expected:
@@ -123,7 +127,7 @@ class FeatureBank:
                 f"Class ids arrive in order: this bank holds {self.num_classes} classes, so the next ids "
                 f"are {expected}, got {class_ids}. Map your labels to 0..C-1 in order of arrival."
             )
-        for c in class_ids:
+        for c in tqdm(class_ids, desc="feature bank", disable=not progress, leave=False):
             if c not in features:
                 raise KeyError(f"No features given for class {c}.")
             f = features[c].detach().to("cpu", torch.float32)

@@ -20,11 +20,19 @@ from dataclasses import dataclass, field
 from transformers import TrainingArguments
 
 
+def _accelerator_available() -> bool:
+    import torch
+
+    accelerator = getattr(torch, "accelerator", None)
+    return accelerator.is_available() if accelerator is not None else torch.cuda.is_available()
+
+
 @dataclass
 class ContinualConfig(TrainingArguments):
-    method: str = field(
-        default="finetune",
-        metadata={"help": "Continual method, a name from `hf_pmi.methods.METHODS` (pmi, finetune, joint, lwf, ...)."},
+    method: str | None = field(
+        default=None,
+        metadata={"help": "Continual method, a name from `hf_pmi.methods.METHODS` (pmi, finetune, joint, lwf, ...). "
+                  "Default: finetune, or the checkpoint's method when continuing one."},
     )
     # Replay training (method.md "Training task t+1"); reference values for CLIP.
     replay_batch_size: int = field(
@@ -77,6 +85,12 @@ class ContinualConfig(TrainingArguments):
     def __post_init__(self):
         super().__post_init__()
         from .methods import METHODS
+
+        if self.dataloader_pin_memory and not _accelerator_available():
+            self.dataloader_pin_memory = False  # pinned memory only helps copies to an accelerator (torch warns)
+        self.method_given = self.method is not None  # a continued run keeps the checkpoint's method otherwise
+        if self.method is None:
+            self.method = "finetune"
 
         if self.method not in METHODS:
             raise ValueError(

@@ -16,6 +16,8 @@ Example:
     ...                            processing_class=build_processor())
     >>> result = trainer.train()  # doctest: +ELLIPSIS
     {'train_runtime': ...}
+    ...
+    [hf_pmi] task 1/1 (10 classes seen): ...
     >>> len(result.accuracy_matrix), result.accuracy_matrix[0][1] is None
     (2, True)
 """
@@ -23,7 +25,6 @@ Example:
 from __future__ import annotations
 
 import json
-import logging
 import os
 import shutil
 import time
@@ -40,6 +41,7 @@ from .methods import METHODS
 from .guard import DivergenceGuard, check_loss, check_weights
 from .hub import check_hub_access, push_task_checkpoint, resolve_pretrained_folder
 from .integrity import verify_checksums, weight_checksums
+from .log import get_logger, set_verbosity
 from .metrics import continual_metrics, format_matrix
 from .model_card import write_model_card
 from .modeling import ContinualCLIP
@@ -47,9 +49,11 @@ from .resume import (
     check_resume_consistency, dataset_fingerprint, prepare_output_dir, restore_trainable, resume_request, task_seed,
     trainable_parameter_names,
 )
+from .tracking import ContinualCallbackHandler, summary_line, task_metrics
+from .trainer_hub import ContinualHubMixin, card_state, continued_args
 from .validation import check_output_dir_writable, validate_trainer
 
-logger = logging.getLogger("hf_pmi")
+logger = get_logger()
 STATE_NAME = "continual_state.json"
 RESULTS_NAME = "results.json"
 
@@ -102,7 +106,7 @@ def latest_task_checkpoint(output_dir: str) -> str | None:
     return os.path.join(output_dir, f"task-{max(done)}") if done else None
 
 
-class ContinualTrainer(Trainer):
+class ContinualTrainer(ContinualHubMixin, Trainer):
     """Trains a `ContinualCLIP` on `ContinualTasks`, one task after another.
 
     Args:
@@ -138,6 +142,8 @@ class ContinualTrainer(Trainer):
             raise ValueError("processing_class must be a CLIPProcessor (with an image processor and a tokenizer).")
         collator = ContinualCollator(image_processor, tasks.label_map, tasks.image_column, tasks.label_column)
         super().__init__(model=model, args=args, data_collator=collator, processing_class=processing_class, **kwargs)
+        set_verbosity(args.get_process_log_level())  # the hf_pmi logger follows log_level, as transformers' does
+        self.callback_handler = ContinualCallbackHandler.from_handler(self.callback_handler)  # one tracker run
         self.tasks = tasks
         self.inversion_config = inversion_config
         self.method = METHODS[args.method](self)
@@ -188,27 +194,41 @@ class ContinualTrainer(Trainer):
                 start = self._load_task_checkpoint(folder) + 1 - self.tasks.task_offset
                 elapsed = self._resumed_wall_seconds
         wall = time.time() - elapsed  # a resumed run goes on counting its wall time
-        for t in range(start, len(self.tasks)):
-            t0 = time.time()
-            self.current_task = self.tasks.task_offset + t
-            set_seed(task_seed(self.args.seed, self.current_task))  # a resumed task draws the same numbers
-            self._add_task_classes(t)
-            self._task_event("on_task_begin", t)
-            self.method.before_task(t)
-            if self.method.trains:
-                self.train_dataset = self.method.train_dataset(t)
-                self.optimizer, self.lr_scheduler = None, None  # a fresh optimizer and schedule per task
-                super().train(**kwargs)
-                check_weights(self.accelerator.unwrap_model(self.model), self.current_task, "after training")
-            self._evaluate_seen_tasks(t)
-            self.method_logs.append(self.method.after_task(t) or {})
-            self.task_seconds.append(time.time() - t0)
-            result = self.result(time.time() - wall)
-            self._save_task(t, result)
-            self.log({"task": t, "accuracy_all_seen": result.all_seen_accuracy[-1], **self.method_logs[-1]})
-            self._task_event("on_task_end", t, result=result)
+        try:
+            for t in range(start, len(self.tasks)):
+                t0 = time.time()
+                self.current_task = self.tasks.task_offset + t
+                set_seed(task_seed(self.args.seed, self.current_task))  # a resumed task draws the same numbers
+                self._add_task_classes(t)
+                self._task_event("on_task_begin", t)
+                self.method.before_task(t)
+                if self.method.trains:
+                    self.train_dataset = self.method.train_dataset(t)
+                    self.optimizer, self.lr_scheduler = None, None  # a fresh optimizer and schedule per task
+                    super().train(**kwargs)
+                    check_weights(self.accelerator.unwrap_model(self.model), self.current_task, "after training")
+                self._evaluate_seen_tasks(t)
+                self.method_logs.append(self.method.after_task(t) or {})
+                self.task_seconds.append(time.time() - t0)
+                result = self.result(time.time() - wall)
+                self._log_task(t, result)
+                self._save_task(t, result)
+                self._task_event("on_task_end", t, result=result)
+        finally:  # close the trackers' run, also on a crash (they flush at every log)
+            self.callback_handler.finish(self.args, self.state, self.control)
         self._wait_for_pushes()
         return self.result(time.time() - wall)
+
+    def _log_task(self, t: int, result: ContinualResult) -> None:
+        """Per-task metrics to every tracker (one run, a growing step), `save_metrics` and the console."""
+        g = self.tasks.task_offset + t
+        metrics = task_metrics(result, g, self.model.num_classes)
+        self.log(dict(metrics))
+        self.callback_handler.end_task(self.state.global_step if self.method.trains else 0)
+        if self.is_world_process_zero():
+            os.makedirs(self.args.output_dir, exist_ok=True)
+            self.save_metrics("eval", metrics)
+            print(f"[hf_pmi] {summary_line(metrics, self.num_total_tasks)}", flush=True)
 
     def _add_task_classes(self, t: int) -> None:
         task, model = self.tasks[t], self.model
@@ -265,9 +285,11 @@ class ContinualTrainer(Trainer):
 
             processing_class = AutoProcessor.from_pretrained(folder)
         done = state["task_id"] + 1
+        args = continued_args(args, state, path_or_repo_id)
         trainer = cls(model=model, args=args, tasks=tasks.continuing(model.num_classes, done),
                       processing_class=processing_class, **kwargs)
         trainer._previous_task_classes = state["task_classes"]
+        trainer.callback_handler.step_offset = state.get("global_step", 0)  # trackers' steps go on from the checkpoint
         trainer.accuracy_matrix = [row + [None] * len(tasks) for row in state["accuracy_matrix"]]
         trainer.counts = state["counts"] + [0] * len(tasks)
         trainer.method.load(folder)
@@ -353,10 +375,11 @@ class ContinualTrainer(Trainer):
                 "trainable_parameters": trainable_parameter_names(model),
                 "dataset_fingerprint": self.dataset_fingerprint,
                 "checksums": weight_checksums(tmp),
+                "global_step": self.callback_handler.step_offset,  # trackers' step after this task
                 **result.to_dict(),
             }
             _write_json(os.path.join(tmp, STATE_NAME), state)
-            write_model_card(tmp, self._card_state(g, result, tmp))  # after save_pretrained: peft writes a README
+            write_model_card(tmp, card_state(self, g, result, tmp))  # after save_pretrained: peft writes a README
             shutil.rmtree(folder, ignore_errors=True)
             os.replace(tmp, folder)  # the finished folder appears whole or not at all
             _write_json(os.path.join(self.args.output_dir, RESULTS_NAME), result.to_dict())
@@ -367,41 +390,9 @@ class ContinualTrainer(Trainer):
         self.accelerator.wait_for_everyone()
         return folder
 
-    def _card_state(self, g: int, result: ContinualResult, folder: str) -> dict:
-        model = self.accelerator.unwrap_model(self.model)
-        offset = self.tasks.label_offset
-        return {
-            "accuracy_matrix": result.accuracy_matrix,
-            "num_tasks": self.num_total_tasks,
-            "task_id": g,
-            "base_model": self._base_model_name(model),
-            "dataset": self.tasks.metadata.get("dataset"),
-            "method": {"name": self.args.method, "description": (type(self.method).__doc__ or "").strip()},
-            "class_order": list(range(model.num_classes)),
-            "class_names": model.class_names,
-            "task_classes": self._task_classes(g),
-            "a_last": result.a_last,
-            "a_avg": result.a_avg,
-            "forgetting": result.forgetting,
-            "bwt": result.bwt,
-            "seen_accuracy": result.all_seen_accuracy,
-            "old_accuracy": result.old_class_accuracy[-1],
-            "new_accuracy": result.new_class_accuracy[-1],
-            "inversion": self.method.card_info(),
-            "repo_id": self.hub_model_id,
-            "replay_grid": "replay_samples.png" if os.path.exists(os.path.join(folder, "replay_samples.png")) else None,
-            "tags": ["continual-learning", "class-incremental", "clip", "hf_pmi", self.args.method],
-        }
-
     def _task_classes(self, g: int) -> list[list[int]]:
         """Class ids of every task up to global task `g` (a continued checkpoint's tasks first)."""
         return (self._previous_task_classes + [t.class_ids for t in self.tasks])[: g + 1]
-
-    @staticmethod
-    def _base_model_name(model) -> str | None:
-        from .blocks import unwrap_clip
-
-        return unwrap_clip(model.clip).config._name_or_path or None
 
     # ----- Hub ---------------------------------------------------------------------------------
     def init_hf_repo(self, token: str | None = None, private: bool | None = None) -> None:
@@ -439,5 +430,6 @@ class ContinualTrainer(Trainer):
         self.task_seconds = state.get("task_seconds", [])
         self.method_logs = state.get("method_logs", [])
         self._resumed_wall_seconds = float(state.get("wall_seconds", 0.0))
+        self.callback_handler.step_offset = state.get("global_step", 0)
         logger.info("Resumed from %s (task %d finished).", folder, state["task_id"])
         return state["task_id"]

@@ -70,6 +70,7 @@ def main():
         train_split=script.train_split,
         test_split=script.test_split,
     )
+    tasks.metadata["dataset"] = None if script.data_dir else script.dataset_name  # the Hub id, for the card
     processor = AutoProcessor.from_pretrained(script.model_name_or_path)
     lora = None
     if script.lora_r > 0:

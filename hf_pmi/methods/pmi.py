@@ -88,13 +88,15 @@ class PMI(ContinualMethod):
         task = self.tasks[task_id]
         model = self.trainer.accelerator.unwrap_model(self.model)
         model.eval()
-        stats, features = collect_statistics_and_features(model, _real_batches(self.trainer, task.train))
+        progress = self.trainer.is_world_process_zero() and not self.args.disable_tqdm
+        stats, features = collect_statistics_and_features(model, _real_batches(self.trainer, task.train), progress)
         self.bank.update_statistics(stats)
         self.bank.add_classes(
             task.class_ids,
             features,
             train_contrastive=self.inversion.selection == "cfs",  # g_c only serves CFS
             seed=self.args.seed,
+            progress=progress,
         )
         return self.synthesize()
 
