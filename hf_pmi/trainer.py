@@ -39,6 +39,7 @@ from .hub import check_hub_access, push_task_checkpoint, resolve_pretrained_fold
 from .metrics import continual_metrics, format_matrix
 from .model_card import write_model_card
 from .modeling import ContinualCLIP
+from .names_only import validate_names_only
 
 logger = logging.getLogger("hf_pmi")
 STATE_NAME = "continual_state.json"
@@ -132,8 +133,9 @@ class ContinualTrainer(Trainer):
         self.inversion_config = inversion_config
         self.method = METHODS[args.method](self)
         self.method.validate()
+        validate_names_only(self)  # tasks given by class names only
         if self.method.trains:
-            streaming = [t.task_id for t in tasks if not hasattr(t.train, "__len__")]
+            streaming = [t.task_id for t in tasks if t.train is not None and not hasattr(t.train, "__len__")]
             if streaming and args.max_steps <= 0:
                 raise ValueError(
                     f"Tasks {streaming} stream their data (no length), so the Trainer cannot count epochs: set "
@@ -202,7 +204,7 @@ class ContinualTrainer(Trainer):
     def from_pretrained(
         cls,
         path_or_repo_id: str,
-        tasks: ContinualTasks,
+        tasks: ContinualTasks | list[str],
         args: ContinualConfig,
         revision: str | None = None,
         processing_class=None,
@@ -212,12 +214,18 @@ class ContinualTrainer(Trainer):
 
         Loads the model, processor, feature bank and state; `tasks` (new classes only, e.g. from
         `split_class_incremental(new_data, ...)`) are renumbered to follow the checkpoint's classes
-        and tasks. Old classes are replayed from the bank: no old data is needed.
+        and tasks. Old classes are replayed from the bank: no old data is needed. A list of class
+        names instead of tasks adds those classes from their names only (`hf_pmi.names_only`;
+        method "pmi" on a LoRA checkpoint), with no image at all.
 
         Example:
             >>> trainer = ContinualTrainer.from_pretrained("me/clip-cub200-pmi", tasks=new_tasks, args=args,
             ...                                            revision="task-9")  # doctest: +SKIP
         """
+        if not isinstance(tasks, ContinualTasks):  # class names only: learned data-free (hf_pmi.names_only)
+            from .names_only import names_only_tasks
+
+            tasks = names_only_tasks(tasks)
         folder = resolve_pretrained_folder(path_or_repo_id, revision=revision)
         with open(os.path.join(folder, STATE_NAME)) as f:
             state = json.load(f)
@@ -350,6 +358,8 @@ class ContinualTrainer(Trainer):
             "inversion": self.method.card_info(),
             "repo_id": self.hub_model_id,
             "replay_grid": "replay_samples.png" if os.path.exists(os.path.join(folder, "replay_samples.png")) else None,
+            "names_only_classes": [model.class_names[c] for c in getattr(getattr(self.method, "bank", None),
+                                                                             "names_only_classes", [])],
             "tags": ["continual-learning", "class-incremental", "clip", "hf_pmi", self.args.method],
         }
 
