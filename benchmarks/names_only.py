@@ -15,6 +15,7 @@ with `pmi` on a LoRA-adapted shapes CLIP, task 4 from its class names only. Meas
   over its 13 classes) / after the names-only task (``real_old_after``: after the real-data task;
   ``old_before_with_new_names``: before, with the new names already in the classifier).
 
+A seed whose ``<workdir>/seed<S>/result.json`` exists (a finished earlier call) is reused, not rerun.
 Each seed runs in its own process (one CPU thread, ``--jobs`` at a time); the shapes CLIP is
 pre-trained by the first one that needs it and cached. Writes the JSON (per seed, mean and
 population std) and a bar plot next to it.
@@ -146,12 +147,21 @@ def main():
     parser.add_argument("--one_seed", type=int, default=None, help=argparse.SUPPRESS)  # worker mode
     a = parser.parse_args()
     if a.one_seed is not None:
-        print(json.dumps(run_seed(a.one_seed, a.workdir, a)))
+        result = run_seed(a.one_seed, a.workdir, a)
+        with open(os.path.join(a.workdir, f"seed{a.one_seed}", "result.json"), "w") as f:
+            json.dump(result, f, indent=2)
+        print(json.dumps(result))
         return
     t0 = time.time()
     forwarded = [arg for arg in sys.argv[1:]]
 
     def worker(seed):
+        done = os.path.join(a.workdir, f"seed{seed}", "result.json")
+        if os.path.exists(done):  # a finished seed of an earlier call with the same --workdir
+            with open(done) as f:
+                result = json.load(f)
+            print(f"seed {seed}: reused {done}", flush=True)
+            return result
         env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
         cmd = [sys.executable, os.path.abspath(__file__), *forwarded, "--one_seed", str(seed)]
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
