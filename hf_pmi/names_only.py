@@ -144,7 +144,7 @@ def raw_clip(model, snapshot=None):
 
 
 @torch.no_grad()
-def raw_text_prototypes(model, clip, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> torch.Tensor:
+def raw_text_prototypes(clip, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> torch.Tensor:
     """(C, P) L2-normalised mean over templates of the raw CLIP's normalised text features."""
     c, t, length = prompt_ids.shape
     base = unwrap_clip(clip)
@@ -315,8 +315,8 @@ class NamesOnlyLearner:
         n_old = task.class_ids[0]
         new_ids, new_mask = prompts_for(model, task.class_names, trainer._tokenizer)
         with raw_clip(model, self.snapshot) as clip:
-            old = raw_text_prototypes(model, clip, model.prompt_ids[:n_old], model.prompt_mask[:n_old]).cpu()
-            new = raw_text_prototypes(model, clip, new_ids, new_mask).cpu()
+            old = raw_text_prototypes(clip, model.prompt_ids[:n_old], model.prompt_mask[:n_old]).cpu()
+            new = raw_text_prototypes(clip, new_ids, new_mask).cpu()
         generator = torch.Generator().manual_seed(m.args.seed * 1000 + task_id)
         targets = torch.cat([
             project_name(bank.raw_means[:n_old], bank.raw_stds[:n_old], old, new[j], cfg.neighbours, cfg.per_class,

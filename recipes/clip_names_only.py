@@ -26,7 +26,7 @@ from hf_pmi import ContinualCLIP, ContinualConfig, ContinualTrainer, split_class
 from hf_pmi.inversion import InversionConfig
 from hf_pmi.names_only import NamesOnlyConfig, make_names_only, names_only_tasks
 from hf_pmi.testing import build_processor
-from hf_pmi.testing.shapes import SHAPES_TEMPLATES, load_shapes_dataset, shapes_clip
+from hf_pmi.testing.shapes import PRETRAIN_STEPS, SHAPES_TEMPLATES, load_shapes_dataset, shapes_clip
 
 
 @dataclass
@@ -36,9 +36,10 @@ class NamesOnlyArguments:
     )
     num_tasks: int = field(default=5, metadata={"help": "Tasks to cut the 16 held-out shape-colour pairs into."})
     backbone_dir: str | None = field(default=None, metadata={"help": "Cache folder of the shapes CLIP."})
+    pretrain_steps: int = field(default=PRETRAIN_STEPS, metadata={"help": "Pre-training steps of the shapes CLIP."})
     lora_r: int = field(default=16, metadata={"help": "LoRA rank on the vision tower."})
-    per_class: int = field(default=60, metadata={"help": "Training images per class (tasks learned from images)."})
-    test_per_class: int = field(default=30, metadata={"help": "Test images per class."})
+    images_per_class: int = field(default=60, metadata={"help": "Training images per class (tasks learned from images)."})
+    test_images_per_class: int = field(default=30, metadata={"help": "Test images per class."})
     from_checkpoint: str | None = field(
         default=None, metadata={"help": "Continue this checkpoint (folder or Hub repo id) with --add_names instead."}
     )
@@ -70,12 +71,12 @@ def main():
             script.from_checkpoint, tasks=names_only_tasks(script.add_names, config=names_config), args=args,
             revision=script.revision, inversion_config=inversion)
     else:
-        data = load_shapes_dataset(per_class=script.per_class, test_per_class=script.test_per_class)
+        data = load_shapes_dataset(per_class=script.images_per_class, test_per_class=script.test_images_per_class)
         tasks = make_names_only(split_class_incremental(data, num_tasks=script.num_tasks, seed=args.seed),
                                 script.names_only_tasks, names_config)
         lora = LoraConfig(r=script.lora_r, lora_alpha=2 * script.lora_r,
                           target_modules=r".*vision_model.*\.(q_proj|v_proj|fc1|fc2)", modules_to_save=["text_projection"])
-        model = ContinualCLIP.from_clip(shapes_clip(script.backbone_dir), templates=SHAPES_TEMPLATES, lora=lora)
+        model = ContinualCLIP.from_clip(shapes_clip(script.backbone_dir, steps=script.pretrain_steps), templates=SHAPES_TEMPLATES, lora=lora)
         trainer = ContinualTrainer(model=model, args=args, tasks=tasks, processing_class=processor,
                                    inversion_config=inversion)
     result = trainer.train()

@@ -161,3 +161,31 @@ def test_add_a_class_by_name_to_a_hub_checkpoint_and_evaluate_it(tmp_path, hub_c
     assert "learned from its name only" in (tmp_path / "cont" / "task-2" / "README.md").read_text()
     bank = FeatureBank.from_pretrained(tmp_path / "cont" / "task-2" / "feature_bank")
     assert bank.names_only_classes == [4] and bank.num_raw_classes == 5
+
+
+def test_recipe_runs_and_adds_classes_by_name_to_its_checkpoint(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    fast = ["--max_steps", "2", "--per_device_train_batch_size", "16", "--replay_batch_size", "8", "--disable_tqdm",
+            "true", "--layer_steps", "2", "--first_block_steps", "3", "--upsample_at", "1", "2", "3",
+            "--refine_steps", "2", "--per_class", "2", "--names_only_per_class", "3", "--keep_replay_samples", "0"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": root}
+
+    def run(*args):
+        proc = subprocess.run([sys.executable, "recipes/clip_names_only.py", *args, *fast], cwd=root, env=env,
+                              capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+    # a tiny pre-training (3 steps): this checks the plumbing, not the accuracy
+    run("--output_dir", str(tmp_path / "run"), "--num_tasks", "2", "--pretrain_steps", "3", "--backbone_dir",
+        str(tmp_path / "cache"), "--test_images_per_class", "2", "--images_per_class", "8")
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["accuracy_matrix"][1][1] is not None
+    run("--output_dir", str(tmp_path / "more"), "--from_checkpoint", str(tmp_path / "run" / "task-1"),
+        "--add_names", "red circle")
+    state = json.loads((tmp_path / "more" / "task-2" / "continual_state.json").read_text())
+    assert state["seen_classes"][-1] == "red circle"
+    assert "red circle (learned from its name only" in (tmp_path / "more" / "task-2" / "README.md").read_text()
