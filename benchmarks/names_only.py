@@ -15,7 +15,8 @@ with `pmi` on a LoRA-adapted shapes CLIP, task 4 from its class names only. Meas
   over its 13 classes) / after the names-only task (``real_old_after``: after the real-data task;
   ``old_before_with_new_names``: before, with the new names already in the classifier).
 
-A seed whose ``<workdir>/seed<S>/result.json`` exists (a finished earlier call) is reused, not rerun.
+A seed whose ``<workdir>/seed<S>/result.json`` exists (a finished earlier call) is reused, not rerun,
+and so is a finished names-only run (``<workdir>/seed<S>/names_only/task-4``).
 Each seed runs in its own process (one CPU thread, ``--jobs`` at a time); the shapes CLIP is
 pre-trained by the first one that needs it and cached. Writes the JSON (per seed, mean and
 population std) and a bar plot next to it.
@@ -83,8 +84,14 @@ def run_seed(seed, workdir, a):
                           modules_to_save=["text_projection"])
         return ContinualCLIP.from_clip(shapes_clip(a.backbone_dir), templates=SHAPES_TEMPLATES, lora=lora)
 
-    run = ContinualTrainer(model=model_for(), args=args_for("names_only"), tasks=make_names_only(tasks, [-1], names_config),
-                           processing_class=processor, inversion_config=inversion).train()
+    results_file = os.path.join(workdir, f"seed{seed}", "names_only", "results.json")
+    if os.path.isdir(os.path.join(os.path.dirname(results_file), "task-4")):  # finished by an earlier call
+        with open(results_file) as f:
+            run = json.load(f)
+    else:
+        run = ContinualTrainer(model=model_for(), args=args_for("names_only"),
+                               tasks=make_names_only(tasks, [-1], names_config), processing_class=processor,
+                               inversion_config=inversion).train().to_dict()
     checkpoint = os.path.join(workdir, f"seed{seed}", "names_only", "task-3")
     old_test = concatenate_datasets([t.test for t in tasks.tasks[:4]])
     new_test = tasks[4].test
@@ -103,14 +110,14 @@ def run_seed(seed, workdir, a):
     result = {
         "seed": seed,
         "zero_shot_new": zero_shot_new,
-        "names_only_new": run.accuracy_matrix[4][4],
+        "names_only_new": run["accuracy_matrix"][4][4],
         "real_data_new": accuracy(real_model, new_test, tasks.label_map, processor),
-        "old_before": run.all_seen_accuracy[3],  # the model after task 3, over its own 13 classes
+        "old_before": run["all_seen_accuracy"][3],  # the model after task 3, over its own 13 classes
         "old_before_with_new_names": accuracy(before, old_test, tasks.label_map, processor),
-        "old_after": run.old_class_accuracy[4],
+        "old_after": run["old_class_accuracy"][4],
         "real_old_after": accuracy(real_model, old_test, tasks.label_map, processor),
         "names_only_classes": tasks[4].class_names,
-        "accuracy_matrix": run.accuracy_matrix,
+        "accuracy_matrix": run["accuracy_matrix"],
         "seconds": time.time() - t0,
     }
     return result

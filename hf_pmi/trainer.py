@@ -244,8 +244,9 @@ class ContinualTrainer(Trainer):
         trainer = cls(model=model, args=args, tasks=tasks.continuing(model.num_classes, done),
                       processing_class=processing_class, **kwargs)
         trainer._previous_task_classes = state["task_classes"]
-        trainer.accuracy_matrix = [row + [None] * len(tasks) for row in state["accuracy_matrix"]]
-        trainer.counts = state["counts"] + [0] * len(tasks)
+        # rows of a run that planned more tasks than it finished are cut to the finished ones
+        trainer.accuracy_matrix = [row[:done] + [None] * len(tasks) for row in state["accuracy_matrix"]]
+        trainer.counts = state["counts"][:done] + [0] * len(tasks)
         trainer.method.load(folder)
         return trainer
 

@@ -128,6 +128,10 @@ def checkpoint(tmp_path, digits, processor):
 
 def test_continued_checkpoint_errors(tmp_path, checkpoint):
     folder, names = checkpoint
+    # continuing a run's middle task (its rows are as long as the whole run) keeps a square matrix
+    mid = ContinualTrainer.from_pretrained(str(folder.parent / "task-0"), tasks=["a new digit"],
+                                           args=args_for(tmp_path, "mid"), inversion_config=FAST_INVERSION)
+    assert [len(row) for row in mid.accuracy_matrix] == [2] and len(mid.counts) == 2
     with pytest.raises(ValueError, match="already exist"):
         ContinualTrainer.from_pretrained(str(folder), tasks=[names[0]], args=args_for(tmp_path, "c"))
     # a bank without raw-CLIP Gaussians (e.g. written before they existed) is refused, saying how to get one
