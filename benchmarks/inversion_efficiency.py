@@ -1,19 +1,28 @@
-"""How much cheaper is PMI than full-model inversion at reaching the same loss?
+"""Is PMI cheaper than a random start at reaching the same inversion loss? (issue 9's fair ratio)
 
 Same trained model, same targets, same objective (the full-model refinement loss: feature MSE +
-alpha_rf * layer-input KL + alpha_tv * TV), same seed:
+alpha_rf * layer-input KL + alpha_tv * TV), same seed. For each run under test (`pmi` = hf_pmi's
+default settings, ``reference`` = ``InversionConfig(preset="reference")``):
 
-1. ``mode="full"``: refinement from a random start for ``--full_steps`` steps; its best loss is L*.
-2. ``mode="pmi"``: per-layer inversion, then refinement; we record the full-model-equivalent
-   passes and seconds at which its refinement loss first reaches L*.
+1. the run: per-layer stage, then refinement; it costs P passes and S seconds and ends at loss L;
+2. a random start with the refinement's own settings (objective, lr, schedule shape: the cosine
+   period scaled with the budget) and a budget of ``--random_budget`` (default 5) x P passes;
+3. ``passes_ratio`` = passes the random start needs to first reach L / P, ``seconds_ratio`` the
+   same in seconds. If the random start never reaches L, the ratios are budget / P (and seconds
+   likewise) and ``lower_bound`` is true.
+
+Per-layer diagnostics per block (stage loss, mean variance of the solved input against the real
+one, by the stored statistics) and the refinement's start loss, with the passes a random start
+needs to reach that start loss (``per_layer_ratio``: those passes / the per-layer stage's).
 
 Passes follow `hf_pmi.inversion`: one pass = forward + backward through the whole tower; a
 per-layer step on block i counts ``block_costs()[i]``.
 
-Default model: a "mini" CLIP (hidden 128, 4 layers) whose vision tower + a linear head are trained
-on scikit-learn digits here (~1 min). Targets: class Gaussians of its digits features.
+Default model: the "small" letters CLIP of `hf_pmi.testing` (hidden 48, 8 layers, patch 4: a square
+patch embedding, 3 x 4 x 4 = 48 -> 48, as ViT-B/16's 768 -> 768), pre-trained offline and cached.
+Targets: class Gaussians of its features of scikit-learn's digits.
 
-    python benchmarks/inversion_efficiency.py --output results/inversion_efficiency.json
+    python benchmarks/inversion_efficiency.py                          # -> benchmarks/results/inversion_efficiency.json
     python benchmarks/inversion_efficiency.py --output vitb16_timing.json --timing_only --config vit-b16
 
 ``--timing_only --config vit-b16`` builds a random-weight ViT-B/16 CLIP vision tower from a config
@@ -23,7 +32,9 @@ on scikit-learn digits here (~1 min). Targets: class Gaussians of its digits fea
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import math
 import os
 import platform
 import sys
@@ -36,12 +47,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hf_pmi.bank import FeatureBank, class_features  # noqa: E402
 from hf_pmi.blocks import VisionBlocks  # noqa: E402
-from hf_pmi.inversion import InversionConfig, _coarse_to_fine, _Objective, _Tracker, invert  # noqa: E402
+from hf_pmi.inversion import CLIP_MEAN, CLIP_STD, InversionConfig, _coarse_to_fine, _Objective, _Tracker, _up, invert  # noqa: E402
 from hf_pmi.statistics import collect_layer_statistics, eval_mode  # noqa: E402
-
-# CLIP's image normalisation (OpenAI's statistics, what CLIPImageProcessor uses by default).
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 def machine() -> str:
@@ -60,31 +67,18 @@ def digits_tensors(image_size: int):
     return x, torch.tensor(labels)
 
 
-def train_mini(x, y, epochs: int, seed: int):
-    """Train the vision tower + visual projection of a mini CLIP with a linear head on digits."""
-    from hf_pmi.testing import build_clip
+def load_model(args):
+    if args.model.startswith("letters-"):
+        from hf_pmi.testing import letters_clip
 
-    model = build_clip("mini", seed=seed)
-    blocks = VisionBlocks(model)
-    head = torch.nn.Linear(model.config.projection_dim, 10)
-    params = list(model.vision_model.parameters()) + list(model.visual_projection.parameters()) + list(head.parameters())
-    opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0)  # lr 1e-3: the recipe's AdamW lr
-    g = torch.Generator().manual_seed(seed)
-    model.train()
-    for epoch in range(epochs):
-        order = torch.randperm(len(y), generator=g)
-        total, correct = 0.0, 0
-        for start in range(0, len(y), 64):  # batch 64, as the recipe
-            idx = order[start : start + 64]
-            logits = head(blocks.features(x[idx]))
-            loss = torch.nn.functional.cross_entropy(logits, y[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            total += loss.item() * len(idx)
-            correct += (logits.argmax(1) == y[idx]).sum().item()
-        print(f"  epoch {epoch + 1}: loss {total / len(y):.3f}, train accuracy {correct / len(y):.3f}", flush=True)
-    return model.eval()
+        size = args.model.split("-", 1)[1]
+        t = time.perf_counter()
+        model = letters_clip(size, seed=args.backbone_seed)
+        print(f"{args.model} backbone (seed {args.backbone_seed}) ready in {time.perf_counter() - t:.1f} s", flush=True)
+        return model.eval(), f"{size} letters CLIP (hf_pmi.testing.letters_clip, seed {args.backbone_seed})"
+    from transformers import CLIPModel
+
+    return CLIPModel.from_pretrained(args.model).eval(), args.model
 
 
 def first_reach(curve, level):
@@ -94,90 +88,116 @@ def first_reach(curve, level):
     return None, None
 
 
+def loss_at(curve, passes):
+    """The loss of the last step within `passes` (None before the first step)."""
+    done = [loss for p, _, loss in curve if p <= passes + 1e-9]
+    return done[-1] if done else None
+
+
+def random_twin(config: InversionConfig, budget_passes: float, cost: float) -> InversionConfig:
+    """A random start with the refinement's settings of `config` and a budget in passes."""
+    steps = max(1, math.ceil(budget_passes / cost))
+    period = (config.refine_t_max or config.refine_steps) / max(1, config.refine_steps)  # schedule shape
+    return dataclasses.replace(config, preset="", mode="full", full_space="patch", full_steps=steps,
+                               full_lr=config.refine_lr, full_t_max=max(1, round(period * steps)))
+
+
+def compare(name, config, model, targets, stats, args) -> dict:
+    blocks = VisionBlocks(model)
+    cost = sum(blocks.block_costs()[config.start_block:])
+    print(f"[{name}] per-layer stage + refinement", flush=True)
+    run = invert(model, targets, stats, config, progress=args.progress).report
+    P, S, L = run["full_model_passes"], run["seconds"], run["final_loss"]
+    refine_passes = run["stage_passes"].get("refine", 0.0)
+    per_layer_passes = P - refine_passes
+    per_layer_seconds = S - run["stage_seconds"].get("refine", 0.0)
+    print(f"  {P:.1f} passes, {S:.1f} s, final loss {L:.5f}; refinement start {run.get('start_loss', float('nan')):.5f} "
+          f"after {per_layer_passes:.1f} per-layer passes", flush=True)
+    twin = random_twin(config, args.random_budget * P, cost)
+    print(f"[{name}] random start, same settings, {twin.full_steps} steps (lr {twin.full_lr}, cosine period "
+          f"{twin.full_t_max})", flush=True)
+    rnd = invert(model, targets, stats, twin, progress=args.progress).report
+    passes, seconds = first_reach(rnd["curve"], L)
+    lower = passes is None
+    start_passes, _ = first_reach(rnd["curve"], run.get("start_loss", -math.inf))
+    result = {
+        "passes_ratio": (rnd["full_model_passes"] if lower else passes) / P,
+        "seconds_ratio": (rnd["seconds"] if lower else seconds) / S,
+        "lower_bound": lower,
+        "passes": P, "seconds": S, "final_loss": L, "final_feature_mse": run["final_feature_mse"],
+        "random_start": {
+            "budget_passes": rnd["full_model_passes"], "seconds": rnd["seconds"], "steps": twin.full_steps,
+            "final_loss": rnd["final_loss"], "passes_to_match": passes, "seconds_to_match": seconds,
+            "loss_at_matched_passes": loss_at(rnd["curve"], P),
+            "passes_to_reach_refinement_start": start_passes,
+        },
+        "per_layer": {
+            "passes": per_layer_passes, "seconds": per_layer_seconds,
+            "refinement_start_loss": run.get("start_loss"),
+            "per_layer_ratio": None if start_passes is None or per_layer_passes == 0 else start_passes / per_layer_passes,
+            "stage_loss": run["stage_loss"], "block_variance": run["block_variance"],
+            "stage_passes": run["stage_passes"], "stage_seconds": run["stage_seconds"], "steps": run["steps"],
+        },
+        "config": {k: v for k, v in config.to_dict().items() if k not in ("per_class", "selection", "boost", "cfs_batch",
+                                                                         "rho", "tau", "exact_standardise")},
+    }
+    verdict = ("never reached by the random start: ratio is a lower bound" if lower
+               else f"random start reaches it after {passes:.1f} passes")
+    print(f"  passes_ratio {result['passes_ratio']:.2f} ({verdict}); random start at the run's {P:.0f} passes: "
+          f"{result['random_start']['loss_at_matched_passes']}", flush=True)
+    return result, run["curve"], rnd["curve"]
+
+
 def run_comparison(args) -> dict:
     torch.manual_seed(args.seed)
-    if args.model_name_or_path:
-        from transformers import CLIPModel
-
-        model = CLIPModel.from_pretrained(args.model_name_or_path).eval()
-        name = args.model_name_or_path
-    else:
-        name = "mini CLIP (hidden 128, 4 layers, image 32, patch 4) trained on digits"
-    image_size = model.config.vision_config.image_size if args.model_name_or_path else 32
-    x, y = digits_tensors(image_size)
-    if not args.model_name_or_path:
-        t = time.perf_counter()
-        print(f"training the mini CLIP vision tower for {args.train_epochs} epochs", flush=True)
-        model = train_mini(x, y, args.train_epochs, args.seed)
-        print(f"  trained in {time.perf_counter() - t:.1f} s", flush=True)
-
+    model, name = load_model(args)
+    x, y = digits_tensors(model.config.vision_config.image_size)
     batches = [(x[i : i + 128], y[i : i + 128]) for i in range(0, len(y), 128)]
     stats = collect_layer_statistics(model, (b for b, _ in batches))
     bank = FeatureBank()
     feats = class_features(model, batches)
     bank.add_classes(sorted(feats), feats, train_contrastive=False)
-    per_class = args.batch // 10
-    targets, _ = bank.sample(range(10), per_class, torch.Generator().manual_seed(args.seed), selection="gaussian")
+    targets, _ = bank.sample(range(10), args.targets // 10, torch.Generator().manual_seed(args.seed), selection="gaussian")
     print(f"{targets.shape[0]} targets (class Gaussians of digits features, seed {args.seed})", flush=True)
 
     common = dict(batch_size=targets.shape[0], inversion_seed=args.seed)
-    full_cfg = InversionConfig(mode="full", full_steps=args.full_steps, full_lr=args.full_lr, **common)
-    pmi_cfg = InversionConfig(
-        mode="pmi", layer_steps=args.layer_steps, first_block_steps=args.first_block_steps,
-        upsample_at=tuple(int(round(args.first_block_steps * f)) for f in (0.25, 0.5, 0.75)),
-        refine_steps=args.refine_steps, refine_lr=args.refine_lr, layer_init=args.layer_init, **common,
-    )
-    print(f"full-model inversion from a random start: {args.full_steps} steps, lr {args.full_lr}", flush=True)
-    full = invert(model, targets, stats, full_cfg, progress=args.progress).report
-    level = full["final_loss"]
-    print(f"  L* = {level:.5f} after {full['full_model_passes']:.1f} passes, {full['seconds']:.1f} s", flush=True)
-    print("PMI: per-layer inversion then refinement", flush=True)
-    pmi = invert(model, targets, stats, pmi_cfg, progress=args.progress).report
-    passes, seconds = first_reach(pmi["curve"], level)
-    # the reverse question: when does the full run first reach PMI's final loss?
-    full_passes_to_pmi, full_seconds_to_pmi = first_reach(full["curve"], pmi["final_loss"])
-    print(f"  per-layer stage: {sum(v for k, v in pmi['stage_passes'].items() if k != 'refine'):.1f} passes, "
-          f"{sum(v for k, v in pmi['stage_seconds'].items() if k != 'refine'):.1f} s; stage losses {pmi['stage_loss']}")
-    print(f"  first refinement loss {pmi['curve'][0][2]:.5f}, final {pmi['final_loss']:.5f}", flush=True)
-
-    result = {
-        "full": {"passes": full["full_model_passes"], "seconds": full["seconds"], "final_loss": level,
-                 "steps": args.full_steps, "lr": args.full_lr, "final_feature_mse": full["final_feature_mse"]},
-        "pmi": {"passes_to_match": passes, "seconds_to_match": seconds, "final_loss": pmi["final_loss"],
-                "total_passes": pmi["full_model_passes"], "total_seconds": pmi["seconds"],
-                "final_feature_mse": pmi["final_feature_mse"], "steps": pmi["steps"],
-                "stage_passes": pmi["stage_passes"], "stage_seconds": pmi["stage_seconds"], "stage_loss": pmi["stage_loss"],
-                "first_refine_loss": pmi["curve"][0][2] if pmi["curve"] else None,
-                "config": {k: v for k, v in pmi_cfg.to_dict().items() if k in (
-                    "layer_steps", "first_block_steps", "upsample_at", "refine_steps", "refine_lr", "layer_init", "a_layer")}},
-        "full_to_reach_pmi_final": {"passes": full_passes_to_pmi, "seconds": full_seconds_to_pmi},
-        "passes_ratio": full["full_model_passes"] / passes if passes else None,
-        "seconds_ratio": full["seconds"] / seconds if seconds else None,
-        "model": name,
-        "batch": targets.shape[0],
-        "machine": machine(),
+    runs = {"pmi": InversionConfig(**common), "reference": InversionConfig(preset="reference", **common)}
+    results, curves = {}, {}
+    for key in args.runs:
+        results[key], run_curve, rnd_curve = compare(key, runs[key], model, targets, stats, args)
+        curves[key] = (run_curve, rnd_curve, results[key]["final_loss"])
+    out = dict(results.get("pmi", {}))
+    if "reference" in results:
+        out["reference"] = results["reference"]
+    out.update({
+        "model": name, "targets": targets.shape[0], "random_budget": args.random_budget, "machine": machine(),
         "seed": args.seed,
         "objective": "feature MSE + alpha_rf * sum_k KL(layer k input) + alpha_tv * TV (hf_pmi.inversion.full_loss)",
-        "note": "ratios are full budget / PMI cost to first reach the full run's best loss; null if PMI never reached it",
-    }
-    plot(full["curve"], pmi["curve"], level, Path(args.output).with_suffix(".png"))
-    return result
+        "note": "passes_ratio = passes a random start with the refinement's settings needs to reach the run's final loss "
+                "/ the run's passes; lower_bound: the random start never reached it within random_budget x the run's "
+                "passes, and the ratio is budget / passes",
+    })
+    plot(curves, Path(args.output).with_suffix(".png"))
+    return out
 
 
-def plot(full_curve, pmi_curve, level, path: Path) -> None:
+def plot(curves, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot([c[0] for c in full_curve], [c[2] for c in full_curve], label="full-model inversion (random start)")
-    ax.plot([c[0] for c in pmi_curve], [c[2] for c in pmi_curve], label="PMI refinement (after per-layer stage)")
-    ax.axhline(level, color="gray", ls="--", lw=1, label="L* (full run's best)")
-    ax.set_xlabel("full-model-equivalent passes")
-    ax.set_ylabel("full-model loss")
-    ax.set_yscale("log")
-    ax.legend()
+    fig, axes = plt.subplots(1, len(curves), figsize=(6 * len(curves), 4), squeeze=False)
+    for ax, (key, (run_curve, rnd_curve, level)) in zip(axes[0], curves.items()):
+        ax.plot([c[0] for c in rnd_curve], [c[2] for c in rnd_curve], label="random start (refinement settings)")
+        ax.plot([c[0] for c in run_curve], [c[2] for c in run_curve], label=f"{key}: refinement after the per-layer stage")
+        ax.axhline(level, color="gray", ls="--", lw=1, label=f"{key}'s final loss")
+        ax.set_xlabel("full-model-equivalent passes")
+        ax.set_ylabel("full-model loss")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_title(key)
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -238,10 +258,11 @@ def run_timing(args) -> dict:
         full_step = time_steps(lambda: torch.autograd.grad(obj.full_loss(1, x1, target), x1), args.reps)
         target2 = obj.sample_input(2, b, gen)
         steps = 8
-        c2f_cfg = InversionConfig(first_block_steps=steps, upsample_at=(2, 4, 6), batch_size=b)
         tr = _Tracker(steps, False, "")
+        g = blocks.grid
         t = time.perf_counter()
-        _coarse_to_fine(obj, target2, b, gen, c2f_cfg, tr)
+        _coarse_to_fine(lambda v: obj.block_loss(1, _up(v, g), target2, coarse=v), obj.sample_input(1, b, gen, size=2),
+                        g, steps, (2, 4, 6), 0.1, tr, "block1", 0.0, True)
         first_block = (time.perf_counter() - t) / steps
     # fwd + input-gradient backward ~ 2 x forward FLOPs (frozen weights: no weight gradients)
     layer_flops = 2 * 2 * macs[2] * b
@@ -262,21 +283,18 @@ def run_timing(args) -> dict:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--output", required=True, help="JSON file to write (the plot goes next to it as .png)")
-    parser.add_argument("--model_name_or_path", default=None, help="a CLIPModel directory or Hub id (default: train a mini CLIP)")
+    parser.add_argument("--output", default="benchmarks/results/inversion_efficiency.json",
+                        help="JSON file to write (the plot goes next to it as .png)")
+    parser.add_argument("--model", default="letters-small",
+                        help="'letters-small' / 'letters-mini' (offline pre-trained, cached) or a CLIPModel folder / Hub id")
+    parser.add_argument("--backbone_seed", type=int, default=0, help="seed of the letters backbone's pre-training")
+    parser.add_argument("--runs", nargs="+", default=["pmi", "reference"], choices=("pmi", "reference"))
+    parser.add_argument("--targets", type=int, default=20, help="targets, 10 classes x targets/10 (reference refinement batch 20)")
+    parser.add_argument("--random_budget", type=float, default=5.0, help="random start budget, x the run's passes (>= 5)")
     parser.add_argument("--timing_only", action="store_true", help="only time one step of each stage")
     parser.add_argument("--config", default="vit-b16", help="architecture for --timing_only")
-    parser.add_argument("--batch", type=int, default=20, help="targets (reference refinement batch 20); 8 for --timing_only")
+    parser.add_argument("--batch", type=int, default=8, help="batch of --timing_only (environment.md's ViT-B/16 timings)")
     parser.add_argument("--reps", type=int, default=3, help="timed repetitions per stage (--timing_only)")
-    parser.add_argument("--train_epochs", type=int, default=3, help="epochs of mini-CLIP training (~0.7 accuracy at 3)")
-    parser.add_argument("--full_steps", type=int, default=1500, help="budget N of the random-start baseline")
-    parser.add_argument("--full_lr", type=float, default=0.03, help="Adam lr of the baseline (cosine; 0.03 beat 0.1)")
-    parser.add_argument("--layer_steps", type=int, default=200, help="PMI steps per block (reference 200)")
-    parser.add_argument("--first_block_steps", type=int, default=1200, help="coarse-to-fine steps of block 1 (reference 1200)")
-    parser.add_argument("--refine_steps", type=int, default=600, help="PMI refinement steps (reference 600)")
-    parser.add_argument("--refine_lr", type=float, default=0.01, help="PMI refinement lr (reference 0.01)")
-    parser.add_argument("--layer_init", default=InversionConfig.layer_init, choices=("noise", "forward", "target"),
-                        help="start of each block in the per-layer stage (see InversionConfig.layer_init; 'noise' = reference)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--progress", action="store_true", help="tqdm bars")
@@ -284,8 +302,6 @@ def main(argv=None):
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.timing_only and args.batch == 20:
-        args.batch = 8  # the batch of environment.md's ViT-B/16 timings
     result = run_timing(args) if args.timing_only else run_comparison(args)
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(json.dumps(result, indent=2) + "\n")

@@ -119,12 +119,16 @@ class FeatureBank:
         contrastive_lr: float = 1e-2,  # reference: Adam lr 1e-2
         tau: float = 1.0,  # reference: tau = 1
         seed: int = 0,
+        progress: bool = False,
     ) -> None:
         """Store the Gaussian (and g_c) of each new class from its real features ``(n_c, P)``.
 
         `class_ids` must continue the bank's numbering (``num_classes, num_classes + 1, ...``);
-        earlier classes are never re-estimated.
+        earlier classes are never re-estimated. `progress` shows a bar over the classes (the
+        contrastive models take most of the time).
         """
+        from tqdm.auto import tqdm
+
         class_ids = [int(c) for c in class_ids]
         expected = list(range(self.num_classes, self.num_classes + len(class_ids)))
         if class_ids != expected:
@@ -132,7 +136,7 @@ class FeatureBank:
                 f"Class ids arrive in order: this bank holds {self.num_classes} classes, so the next ids "
                 f"are {expected}, got {class_ids}. Map your labels to 0..C-1 in order of arrival."
             )
-        for c in class_ids:
+        for c in tqdm(class_ids, desc="feature bank", disable=not progress, leave=False):
             if c not in features:
                 raise KeyError(f"No features given for class {c}.")
             f = features[c].detach().to("cpu", torch.float32)
@@ -328,6 +332,7 @@ class FeatureBank:
                 f"(got format={config.get('format')!r}, version={config.get('version')}); upgrade hf_pmi."
             )
         tensors = load_file(str(folder / WEIGHTS_NAME))
+        _check_config_matches_tensors(config, tensors, config_path)
         bank = cls(covariance=config["covariance"], shrinkage=config["shrinkage"])
         if config["num_classes"]:
             bank._means = list(tensors["means"].unbind(0))
@@ -347,6 +352,18 @@ class FeatureBank:
             bank.raw_statistics = LayerStatistics.from_tensors(tensors, prefix="raw_statistics.")
         bank.names_only_classes = [int(c) for c in config.get("names_only_classes", [])]
         return bank
+
+
+def _check_config_matches_tensors(config: dict, tensors: dict, config_path) -> None:
+    """The JSON's class count and contrastive classes must describe the saved tensors."""
+    stored = tensors["means"].shape[0] if "means" in tensors else 0
+    contrastive = [int(c) for c in config.get("contrastive_classes", [])]
+    if config.get("num_classes") != stored or any(not 0 <= c < stored for c in contrastive):
+        raise ValueError(
+            f"{config_path} says num_classes={config.get('num_classes')} (contrastive classes {contrastive}) but "
+            f"{WEIGHTS_NAME} holds {stored} classes: the two files disagree (edited, or from different banks). "
+            f"Restore an intact copy of the checkpoint, or set num_classes to {stored}."
+        )
 
 
 def _refuse_or_missing(listing: list[str], where: str) -> None:

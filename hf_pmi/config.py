@@ -20,11 +20,19 @@ from dataclasses import dataclass, field
 from transformers import TrainingArguments
 
 
+def _accelerator_available() -> bool:
+    import torch
+
+    accelerator = getattr(torch, "accelerator", None)
+    return accelerator.is_available() if accelerator is not None else torch.cuda.is_available()
+
+
 @dataclass
 class ContinualConfig(TrainingArguments):
-    method: str = field(
-        default="finetune",
-        metadata={"help": "Continual method, a name from `hf_pmi.methods.METHODS` (pmi, finetune, joint, lwf, ...)."},
+    method: str | None = field(
+        default=None,
+        metadata={"help": "Continual method, a name from `hf_pmi.methods.METHODS` (pmi, finetune, joint, lwf, ...). "
+                  "Default: finetune, or the checkpoint's method when continuing one."},
     )
     # Replay training (method.md "Training task t+1"); reference values for CLIP.
     replay_batch_size: int = field(
@@ -65,6 +73,11 @@ class ContinualConfig(TrainingArguments):
     )
     report_to: None | str | list[str] = field(default="none", metadata={"help": "Trackers to report to."})
     logging_steps: float = field(default=10, metadata={"help": "Log every N steps."})
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "Start again in an output_dir that holds finished tasks, deleting them (otherwise such a "
+                  "folder is refused; --resume_from_checkpoint true continues it instead)."},
+    )
     ddp_find_unused_parameters: bool | None = field(
         default=False, metadata={"help": "Every trainable parameter is used in each step."}
     )
@@ -72,6 +85,12 @@ class ContinualConfig(TrainingArguments):
     def __post_init__(self):
         super().__post_init__()
         from .methods import METHODS
+
+        if self.dataloader_pin_memory and not _accelerator_available():
+            self.dataloader_pin_memory = False  # pinned memory only helps copies to an accelerator (torch warns)
+        self.method_given = self.method is not None  # a continued run keeps the checkpoint's method otherwise
+        if self.method is None:
+            self.method = "finetune"
 
         if self.method not in METHODS:
             raise ValueError(

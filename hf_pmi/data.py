@@ -23,6 +23,9 @@ import numpy as np
 import torch
 from datasets import ClassLabel, Dataset, DatasetDict, IterableDataset, IterableDatasetDict, concatenate_datasets
 
+from .images import to_rgb
+from .validation import align_test_labels, check_labels_match_names, check_test_split
+
 AnyDataset = Dataset | IterableDataset
 
 
@@ -164,7 +167,7 @@ def split_class_incremental(
     label_column: str = "label",
     image_column: str = "image",
     train_split: str = "train",
-    test_split: str = "test",
+    test_split: str | None = "test",
 ) -> ContinualTasks:
     """Cut a labelled image dataset into class-incremental tasks.
 
@@ -178,6 +181,8 @@ def split_class_incremental(
             drawn with `seed` (NumPy's `RandomState(seed).permutation`, as in LAMDA-PILOT); with
             `seed=None` the natural order.
         class_names: names of the original labels, when the label column is not a `ClassLabel`.
+        test_split: the test split of a dict (it must exist); None trains without evaluation. Its
+            labels are matched to the training labels by class name, whatever their ids.
 
     Raises `ValueError` naming the fix for a missing label column, labels without names, more
     tasks than classes, a bad class order, or a task without training examples.
@@ -185,10 +190,14 @@ def split_class_incremental(
     if isinstance(data, (DatasetDict, IterableDatasetDict)):
         if train_split not in data:
             raise ValueError(f"No {train_split!r} split in {list(data)}; pass `train_split=` to name it.")
-        train, test = data[train_split], data.get(test_split)
+        check_test_split(data, test_split)
+        train, test = data[train_split], (data[test_split] if test_split else None)
     else:
         train, test = data, None
     names = _class_names(train, label_column, class_names)
+    check_labels_match_names(train, label_column, names, class_names is not None)
+    if test is not None:
+        test = align_test_labels(test, train, label_column, names)  # by class name, not by id
     if image_column not in (train.features or {image_column: None}):
         raise ValueError(
             f"The dataset has no image column {image_column!r} (columns: {sorted(train.features)}); "
@@ -246,7 +255,7 @@ class ContinualCollator:
         self.label_column = label_column
 
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
-        images = [row[self.image_column].convert("RGB") for row in rows]
+        images = [to_rgb(row[self.image_column]) for row in rows]  # float / 16-bit images keep their contrast
         pixel_values = self.image_processor(images=images, return_tensors="pt")["pixel_values"]
         try:
             labels = [self.label_map[int(row[self.label_column])] for row in rows]

@@ -26,7 +26,6 @@ Example:
 from __future__ import annotations
 
 import fnmatch
-import logging
 import os
 import posixpath
 import shlex
@@ -34,7 +33,9 @@ import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
-logger = logging.getLogger("hf_pmi")
+from .log import get_logger
+
+logger = get_logger()
 
 #: File name patterns that may hold a pickle. They are never downloaded and never loaded.
 PICKLE_PATTERNS = ["*.bin", "*.pt", "*.pth", "*.pkl", "*.pickle", "*.ckpt"]
@@ -114,7 +115,7 @@ def check_hub_access(
 
     Checks, in order: offline mode is off (`HF_HUB_OFFLINE`), a token is available (argument,
     `HF_TOKEN` or `hf auth login`), the Hub answers within `timeout` seconds and accepts the token
-    (`whoami`), and the token may write. Then creates `repo_id` (`exist_ok=True`), so that later
+    (`HfApi.whoami`), and the token may write. Then creates `repo_id` (`exist_ok=True`), so that later
     pushes only upload.
 
     Args:
@@ -138,7 +139,7 @@ def check_hub_access(
     """
     import huggingface_hub
     from huggingface_hub.errors import HfHubHTTPError, HFValidationError
-    from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status, validate_repo_id
+    from huggingface_hub.utils import validate_repo_id
 
     try:
         validate_repo_id(repo_id)
@@ -157,24 +158,23 @@ def check_hub_access(
             "or train with push_to_hub=False."
         )
     try:
-        response = get_session().get(f"{url}/api/whoami-v2", headers=build_hf_headers(token=token), timeout=timeout)
+        who = _whoami(_api(token, url), timeout)
+    except HfHubHTTPError as e:
+        status = e.response.status_code if e.response is not None else None
+        if status == 401:
+            raise HubAccessError(
+                f"The Hub at {url} rejected the token (401 Unauthorized). To fix it, {_TOKEN_FIX}."
+            ) from e
+        raise HubAccessError(
+            f"The Hub at {url} answered {status} to a token check ({e}). Retry later, or train "
+            "with push_to_hub=False."
+        ) from e
     except Exception as e:  # connection refused, DNS failure, timeout, proxy error, ...
         raise HubAccessError(
             f"Cannot reach the Hub at {url} ({type(e).__name__}: {e}). Check your network connection and the "
             "HF_ENDPOINT environment variable, or train with push_to_hub=False."
         ) from e
-    try:
-        hf_raise_for_status(response)
-    except HfHubHTTPError as e:
-        if response.status_code == 401:
-            raise HubAccessError(
-                f"The Hub at {url} rejected the token (401 Unauthorized). To fix it, {_TOKEN_FIX}."
-            ) from e
-        raise HubAccessError(
-            f"The Hub at {url} answered {response.status_code} to a token check ({e}). Retry later, or train "
-            "with push_to_hub=False."
-        ) from e
-    access = (response.json().get("auth") or {}).get("accessToken") or {}
+    access = (who.get("auth") or {}).get("accessToken") or {}
     if access.get("role") == "read":
         raise HubAccessError(
             f"The token {access.get('displayName', '')!r} is read-only and cannot push to {repo_id}. "
@@ -191,6 +191,53 @@ def check_hub_access(
         raise HubAccessError(f"Cannot create the repo {repo_id} on {url}: {type(e).__name__}: {e}") from e
     logger.info("Hub access checked: pushes go to %s", repo_url)
     return str(repo_url)
+
+
+def _whoami(api, timeout: float) -> dict:
+    """`HfApi.whoami`, given up after `timeout` seconds (the client itself has no time limit, and a
+    Hub that never answers must not hang the start of a run). The call runs in a daemon thread."""
+    box: dict = {}
+
+    def call():
+        try:
+            box["value"] = api.whoami()
+        except BaseException as e:  # handed to the caller
+            box["error"] = e
+
+    thread = threading.Thread(target=call, name="hf_pmi-whoami", daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if thread.is_alive():
+        raise TimeoutError(f"no answer within {timeout:g} s")
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
+def upload_folder_to_revision(
+    folder: str | os.PathLike,
+    repo_id: str,
+    *,
+    revision: str | None = None,
+    token: str | None = None,
+    endpoint: str | None = None,
+    private: bool | None = None,
+    commit_message: str | None = None,
+    create_pr: bool = False,
+):
+    """Create `repo_id` if needed (and branch `revision` from `main` if it does not exist), then upload
+    `folder` there in one commit. Returns the `huggingface_hub.CommitInfo`; errors are raised."""
+    api = _api(token, endpoint)
+    api.create_repo(repo_id, private=private, exist_ok=True)
+    if revision and revision != "main":
+        api.create_branch(repo_id, branch=revision, exist_ok=True)  # the Hub does not create it on upload
+    return api.upload_folder(
+        repo_id=repo_id,
+        folder_path=os.fspath(folder),
+        revision=revision,
+        commit_message=commit_message or "hf_pmi: upload ContinualCLIP",
+        create_pr=create_pr,
+    )
 
 
 def _retry_instructions(folder: str, repo_id: str, task_id, endpoint: str | None, update_main: bool):
@@ -416,8 +463,11 @@ def resolve_pretrained_folder(
     from huggingface_hub.errors import HfHubHTTPError, HFValidationError
     from huggingface_hub.utils import validate_repo_id
 
+    from .validation import check_local_path
+
     path = os.fspath(path_or_repo_id)
     sub = (subfolder or "").strip("/")
+    check_local_path(path, "checkpoint folder")  # a missing local folder is reported as such, not as a bad repo id
     if os.path.isdir(path):
         local = os.path.join(path, sub) if sub else path
         if not os.path.isdir(local):

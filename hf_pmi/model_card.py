@@ -26,7 +26,12 @@ The `state` dict (accuracies are fractions in [0, 1]; the card shows percentages
 | `names_only_classes` | list[str] or None | classes learned from their names only (no image) |
 | `tags` | list[str] or None | extra Hub tags |
 | `license` | str | Hub license id (default "apache-2.0"; match your base model's license) |
-| `library_name` | str | default "transformers" |
+| `library_name` | str | default "hf_pmi" (the folder root is an hf_pmi checkpoint; `clip/` is a transformers CLIPModel) |
+| `base_model_relation` | str or None | "adapter" (LoRA) or "finetune": how the checkpoint relates to `base_model` |
+| `lora` | dict or None | LoRA settings (r, alpha, target modules) shown in the card |
+| `hyperparameters` | dict or None | training hyper-parameters (a table) |
+| `framework_versions` | dict or None | package -> version |
+| `replay_grid_caption` | str or None | caption under the replay grid |
 | `model_name` | str or None | title of the card (default: `repo_id`) |
 
 Example:
@@ -155,10 +160,12 @@ def card_data(state: dict):
                 metric_value=round(100 * float(state["a_last"]), 2),
             )
         ]
+    relation = state.get("base_model_relation") if base_model else None
     return ModelCardData(
         base_model=base_model,
+        base_model_relation=relation,
         datasets=[dataset] if dataset else None,
-        library_name=state.get("library_name", "transformers"),
+        library_name=state.get("library_name", "hf_pmi"),
         pipeline_tag="zero-shot-image-classification",
         license=state.get("license", "apache-2.0"),
         tags=tags,
@@ -229,7 +236,13 @@ def _context(state: dict, heatmap: str | None) -> dict:
 
     repo_id = state.get("repo_id")
     order = state.get("class_order")
+    lora = state.get("lora")
     return {
+        "lora": ", ".join(f"{k} {_cell(v)}" for k, v in lora.items()) if isinstance(lora, dict) else lora,
+        "hyperparameters": [(_cell(k), _cell(v)) for k, v in (state.get("hyperparameters") or {}).items()],
+        "framework_versions": list((state.get("framework_versions") or {}).items()),
+        "replay_grid_caption": state.get("replay_grid_caption")
+        or "Synthetic samples used to rehearse the old classes, each titled with its class.",
         "title": state.get("model_name") or repo_id or "Continual CLIP (hf_pmi)",
         "task_id": task_id,
         "tasks_done": task_id + 1,
@@ -267,18 +280,12 @@ def render_model_card(state: dict, template_path: str | os.PathLike | None = Non
         >>> ModelCard(text).data.pipeline_tag
         'zero-shot-image-classification'
     """
-    import jinja2
     from huggingface_hub import ModelCard
 
     _check(state)
     path = Path(template_path) if template_path is not None else find_template()
-    env = jinja2.Environment(
-        undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True
-    )
-    template = env.from_string(path.read_text(encoding="utf-8"))
-    data = card_data(state)
-    text = template.render(card_data=data.to_yaml(), **_context(state, state.get("heatmap")))
-    text = re.sub(r"\n{3,}", "\n\n", text)
+    card = ModelCard.from_template(card_data(state), template_path=str(path), **_context(state, state.get("heatmap")))
+    text = re.sub(r"\n{3,}", "\n\n", str(card)).rstrip("\n") + "\n"
     ModelCard(text)  # raises if the YAML block does not parse
     return text
 

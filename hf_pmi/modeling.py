@@ -9,10 +9,13 @@ A checkpoint folder holds:
 
 - ``continual_clip.json``: class names, templates, LoRA settings, base model;
 - ``class_prompts.safetensors``: the tokenised prompts (so logits need no tokenizer to reload);
-- ``clip/``: a plain `CLIPModel` (`CLIPModel.from_pretrained(path, subfolder="clip")`), left out
-  when LoRA adapters sit on a frozen base that has a Hub id or path of its own;
+- ``clip/``: a plain `CLIPModel` with the checkpoint's weights, LoRA merged and peft's
+  ``modules_to_save`` copies unwrapped (`CLIPModel.from_pretrained(path, subfolder="clip")` loads it
+  with no missing or unexpected key and gives the checkpoint's logits);
 - ``adapter/``: the peft LoRA adapter, when there is one
-  (`PeftModel.from_pretrained(clip, path, subfolder="adapter")`).
+  (`PeftModel.from_pretrained(base, path, subfolder="adapter")` on the base model);
+- ``base/``: the frozen base under the adapter, a plain `CLIPModel`, only when that base has no Hub
+  id or path of its own (a CLIP built from a config).
 
 Example:
     >>> from hf_pmi import ContinualCLIP
@@ -36,6 +39,7 @@ from transformers import CLIPConfig, CLIPModel
 from transformers.utils import ModelOutput
 
 from .blocks import VisionBlocks, unwrap_clip
+from .validation import check_checkpoint_prompts, check_local_path, check_templates
 
 DEFAULT_TEMPLATES = ["a bad photo of a {}."]  # the reference's single prompt template
 DEFAULT_LORA_TARGETS = r".*vision_model.*\.(q_proj|v_proj)"  # vision tower only (peft has no CLIP default)
@@ -78,6 +82,7 @@ class ContinualCLIP(nn.Module):
         super().__init__()
         self.clip = clip
         self.templates = list(templates or DEFAULT_TEMPLATES)
+        check_templates(self.templates)
         self.class_names: list[str] = []
         self.lora_config = lora_config
         length = self.clip_config.text_config.max_position_embeddings
@@ -106,9 +111,12 @@ class ContinualCLIP(nn.Module):
             class_names, tokenizer: classes to start with (more come with `add_classes`).
             templates: prompt templates with one ``{}`` for the class name.
             lora: a `peft.LoraConfig`. Without ``target_modules`` it adapts the vision tower's
-                ``q_proj`` / ``v_proj``; name text-tower modules to adapt the text tower too.
+                ``q_proj`` / ``v_proj``; name text-tower modules to adapt the text tower too. Its
+                weights are drawn from torch's global generator: call `transformers.set_seed`
+                first for a reproducible run.
         """
         if not isinstance(clip, nn.Module):
+            check_local_path(clip, "CLIP model folder")  # a missing folder is not a bad Hub id
             clip = CLIPModel.from_pretrained(clip, **from_pretrained_kwargs)
         lora_dict = None
         if lora is not None:
@@ -116,7 +124,10 @@ class ContinualCLIP(nn.Module):
 
             if lora.target_modules is None:
                 lora.target_modules = DEFAULT_LORA_TARGETS
-            clip = get_peft_model(clip, lora)
+            from .export import peft_deprecations_silenced
+
+            with peft_deprecations_silenced():
+                clip = get_peft_model(clip, lora)
             lora_dict = lora.to_dict()
         model = cls(clip, templates=templates, lora_config=lora_dict)
         if class_names:
@@ -226,23 +237,25 @@ class ContinualCLIP(nn.Module):
     # ----- save / load -------------------------------------------------------------------------
     def save_pretrained(self, save_directory: str | os.PathLike, **kwargs) -> None:
         """Write the checkpoint folder described in the module docstring (safetensors + JSON)."""
+        from .export import base_state_dict, merged_clip
+
         os.makedirs(save_directory, exist_ok=True)
         base = unwrap_clip(self.clip)
         base_name = base.config._name_or_path or None
-        save_base = self.lora_config is None or not base_name
-        if self.lora_config is None:
-            base.save_pretrained(os.path.join(save_directory, "clip"))
-        else:
-            self.clip.save_pretrained(os.path.join(save_directory, "adapter"))
+        save_base = self.lora_config is not None and not base_name
+        merged_clip(self.clip).save_pretrained(os.path.join(save_directory, "clip"))
+        if self.lora_config is not None:
+            # save_embedding_layers=False: no embedding is adapted or resized, and peft's "auto" would look the
+            # base model's config up on the Hub at every save
+            self.clip.save_pretrained(os.path.join(save_directory, "adapter"), save_embedding_layers=False)
+            from .trainer_hub import write_adapter_card
+
+            write_adapter_card(os.path.join(save_directory, "adapter"), base_name)  # not peft's empty template
             if save_base:  # a base built from a config has no other home: keep its (frozen) weights
-                state = {
-                    k.replace(".base_layer.", "."): v.contiguous()
-                    for k, v in base.state_dict().items()
-                    if "lora_" not in k
-                }
-                os.makedirs(os.path.join(save_directory, "clip"), exist_ok=True)
-                base.config.save_pretrained(os.path.join(save_directory, "clip"))
-                save_file(state, os.path.join(save_directory, "clip", "model.safetensors"), metadata={"format": "pt"})
+                os.makedirs(os.path.join(save_directory, "base"), exist_ok=True)
+                base.config.save_pretrained(os.path.join(save_directory, "base"))
+                save_file(base_state_dict(self.clip), os.path.join(save_directory, "base", "model.safetensors"),
+                          metadata={"format": "pt"})
         save_file(
             {"prompt_ids": self.prompt_ids.contiguous().cpu(), "prompt_mask": self.prompt_mask.contiguous().cpu()},
             os.path.join(save_directory, PROMPTS_NAME),
@@ -253,20 +266,66 @@ class ContinualCLIP(nn.Module):
             "lora": self.lora_config,
             "base_model_name_or_path": base_name,
             "base_saved": save_base,
+            "clip_merged": True,  # clip/ holds the merged model; the LoRA base is in base/ (or base_model_name_or_path)
         }
         with open(os.path.join(save_directory, CONFIG_NAME), "w") as f:
             json.dump(meta, f, indent=2, default=str)
 
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        revision: str | None = None,
+        token: str | None = None,
+        private: bool | None = None,
+        commit_message: str | None = None,
+        create_pr: bool = False,
+        endpoint: str | None = None,
+    ):
+        """Upload the `save_pretrained` folder to `repo_id` (created if needed) at `revision` (a branch,
+        created from `main` if missing); `from_pretrained(repo_id, revision=..., token=...)` reloads it.
+        Returns the `huggingface_hub.CommitInfo`.
+
+        Example:
+            >>> model.push_to_hub("me/clip-digits", revision="task-4")  # doctest: +SKIP
+            >>> ContinualCLIP.from_pretrained("me/clip-digits", revision="task-4")  # doctest: +SKIP
+        """
+        import tempfile
+
+        from .hub import upload_folder_to_revision
+
+        with tempfile.TemporaryDirectory(prefix="hf_pmi_push_") as folder:
+            self.save_pretrained(folder)
+            return upload_folder_to_revision(
+                folder, repo_id, revision=revision, token=token, endpoint=endpoint, private=private,
+                commit_message=commit_message, create_pr=create_pr,
+            )
+
     @classmethod
     def from_pretrained(
-        cls, path_or_repo_id: str | os.PathLike, revision: str | None = None, is_trainable: bool = True, **kwargs
+        cls,
+        path_or_repo_id: str | os.PathLike,
+        revision: str | None = None,
+        is_trainable: bool = True,
+        *,
+        token: str | None = None,
+        cache_dir: str | None = None,
+        **kwargs,
     ) -> "ContinualCLIP":
-        """Reload a checkpoint written by `save_pretrained` (a local folder or a Hub repo + revision)."""
+        """Reload a checkpoint written by `save_pretrained` (a local folder or a Hub repo + revision).
+
+        `token` and `cache_dir` serve the download of the checkpoint and of a base model it names;
+        other keyword arguments go to `CLIPModel.from_pretrained`.
+        """
         folder = str(path_or_repo_id)
+        if token is not None:
+            kwargs["token"] = token
+        if cache_dir is not None:
+            kwargs["cache_dir"] = cache_dir
         if not os.path.isdir(folder):
             from .hub import resolve_pretrained_folder
 
-            folder = resolve_pretrained_folder(folder, revision=revision)
+            folder = resolve_pretrained_folder(folder, revision=revision, token=token, cache_dir=cache_dir)
         config_file = os.path.join(folder, CONFIG_NAME)
         if not os.path.isfile(config_file):
             raise ValueError(
@@ -275,16 +334,22 @@ class ContinualCLIP(nn.Module):
             )
         with open(config_file) as f:
             meta = json.load(f)
-        if meta["base_saved"]:
+        if meta["lora"] is None:
             clip = CLIPModel.from_pretrained(os.path.join(folder, "clip"), **kwargs)
+        elif meta["base_saved"]:  # older checkpoints kept the base in clip/
+            clip = CLIPModel.from_pretrained(os.path.join(folder, "base" if meta.get("clip_merged") else "clip"), **kwargs)
         else:
             clip = CLIPModel.from_pretrained(meta["base_model_name_or_path"], **kwargs)
         if meta["lora"] is not None:
             from peft import PeftModel
 
-            clip = PeftModel.from_pretrained(clip, os.path.join(folder, "adapter"), is_trainable=is_trainable)
+            from .export import peft_deprecations_silenced
+
+            with peft_deprecations_silenced():
+                clip = PeftModel.from_pretrained(clip, os.path.join(folder, "adapter"), is_trainable=is_trainable)
         model = cls(clip, templates=meta["templates"], lora_config=meta["lora"])
         prompts = load_file(os.path.join(folder, PROMPTS_NAME))
+        check_checkpoint_prompts(meta["class_names"], meta["templates"], prompts["prompt_ids"], folder)
         model.prompt_ids, model.prompt_mask = prompts["prompt_ids"], prompts["prompt_mask"]
         model.class_names = list(meta["class_names"])
         return model

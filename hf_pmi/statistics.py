@@ -9,6 +9,8 @@ merge exactly (count-weighted), as if they had been computed on the concatenated
 Keys (``L`` encoder layers, ``k`` in ``0 .. L-1``):
 
 - ``"patch"``: the patch map entering block 1, ``(B, D, g, g)``; moments over batch and channels.
+- ``"patch_channel"``: the same patch map per channel (vectors of length ``D``), moments over batch
+  and positions: the reference's statistics of block 1's input.
 - ``"pre_ln_input"``: tokens after the class token and positions, before ``pre_layrnorm``.
 - ``"layer{k}.input"``, ``"layer{k}.ln1"``, ``"layer{k}.ln2"``: input, ``layer_norm1`` output and
   ``layer_norm2`` output of encoder layer ``k``.
@@ -279,6 +281,7 @@ def collect_statistics_and_features(
             feats = blocks.features(pixels.to(device)).float().cpu()
             for key, value in acts.items():
                 stats.update(key, value)
+            stats.update("patch_channel", acts["patch"].flatten(2))  # (B, D, g*g): per-channel moments
             labels = torch.as_tensor(labels).cpu()
             for c in labels.unique().tolist():
                 chunks.setdefault(int(c), []).append(feats[labels == c])

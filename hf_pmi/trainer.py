@@ -10,11 +10,14 @@ Example:
     >>> from hf_pmi import ContinualCLIP, ContinualConfig, ContinualTrainer, split_class_incremental
     >>> from hf_pmi.testing import build_clip, build_processor, load_digits_dataset
     >>> tasks = split_class_incremental(load_digits_dataset(), num_tasks=2)
-    >>> args = ContinualConfig(output_dir="/tmp/doc_run", method="finetune", max_steps=2, disable_tqdm=True)
+    >>> args = ContinualConfig(output_dir="/tmp/doc_run", method="finetune", max_steps=2, disable_tqdm=True,
+    ...                        overwrite_output_dir=True)
     >>> trainer = ContinualTrainer(model=ContinualCLIP.from_clip(build_clip("tiny")), args=args, tasks=tasks,
     ...                            processing_class=build_processor())
     >>> result = trainer.train()  # doctest: +ELLIPSIS
     {'train_runtime': ...}
+    ...
+    [hf_pmi] task 1/1 (10 classes seen): ...
     >>> len(result.accuracy_matrix), result.accuracy_matrix[0][1] is None
     (2, True)
 """
@@ -22,7 +25,6 @@ Example:
 from __future__ import annotations
 
 import json
-import logging
 import os
 import shutil
 import time
@@ -30,18 +32,29 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
-from transformers import Trainer
+from transformers import Trainer, set_seed
 
+from . import faults
 from .config import ContinualConfig
 from .data import ContinualCollator, ContinualTasks
 from .methods import METHODS
+from .guard import DivergenceGuard, check_loss, check_weights
 from .hub import check_hub_access, push_task_checkpoint, resolve_pretrained_folder
+from .integrity import verify_checksums, weight_checksums
+from .log import get_logger, set_verbosity
 from .metrics import continual_metrics, format_matrix
 from .model_card import write_model_card
 from .modeling import ContinualCLIP
 from .names_only import validate_names_only
+from .resume import (
+    check_resume_consistency, dataset_fingerprint, prepare_output_dir, restore_trainable, resume_request, task_seed,
+    trainable_parameter_names,
+)
+from .tracking import ContinualCallbackHandler, summary_line, task_metrics
+from .trainer_hub import ContinualHubMixin, card_state, continued_args
+from .validation import check_output_dir_writable, validate_trainer
 
-logger = logging.getLogger("hf_pmi")
+logger = get_logger()
 STATE_NAME = "continual_state.json"
 RESULTS_NAME = "results.json"
 
@@ -94,7 +107,7 @@ def latest_task_checkpoint(output_dir: str) -> str | None:
     return os.path.join(output_dir, f"task-{max(done)}") if done else None
 
 
-class ContinualTrainer(Trainer):
+class ContinualTrainer(ContinualHubMixin, Trainer):
     """Trains a `ContinualCLIP` on `ContinualTasks`, one task after another.
 
     Args:
@@ -123,17 +136,24 @@ class ContinualTrainer(Trainer):
             )
         if not isinstance(tasks, ContinualTasks):
             raise TypeError("tasks must come from `split_class_incremental(...)`.")
+        check_output_dir_writable(args.output_dir)  # before the Trainer creates it (it would fail unclearly)
         image_processor = getattr(processing_class, "image_processor", None)
         self._tokenizer = getattr(processing_class, "tokenizer", None)
         if image_processor is None or self._tokenizer is None:
             raise ValueError("processing_class must be a CLIPProcessor (with an image processor and a tokenizer).")
         collator = ContinualCollator(image_processor, tasks.label_map, tasks.image_column, tasks.label_column)
         super().__init__(model=model, args=args, data_collator=collator, processing_class=processing_class, **kwargs)
+        set_verbosity(args.get_process_log_level())  # the hf_pmi logger follows log_level, as transformers' does
+        self.callback_handler = ContinualCallbackHandler.from_handler(self.callback_handler)  # one tracker run
         self.tasks = tasks
         self.inversion_config = inversion_config
         self.method = METHODS[args.method](self)
         self.method.validate()
         validate_names_only(self)  # tasks given by class names only
+        validate_trainer(self)  # every setting and input, before any work (hf_pmi.validation)
+        self.dataset_fingerprint = dataset_fingerprint(tasks)
+        self.current_task = None  # global index of the task being learnt (divergence errors name it)
+        self.add_callback(DivergenceGuard(self))
         if self.method.trains:
             streaming = [t.task_id for t in tasks if t.train is not None and not hasattr(t.train, "__len__")]
             if streaming and args.max_steps <= 0:
@@ -150,8 +170,20 @@ class ContinualTrainer(Trainer):
 
     # ----- the task loop -----------------------------------------------------------------------
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs) -> ContinualResult:
-        """Learn every task in turn; `resume_from_checkpoint=True` continues after the last finished one."""
-        start = 0
+        """Learn every task in turn; `resume_from_checkpoint=True` continues after the last finished one.
+
+        Without the argument, ``args.resume_from_checkpoint`` is used ("true" or a task folder), so
+        ``--resume_from_checkpoint true`` works in every recipe. An `output_dir` holding finished
+        tasks is refused unless resuming or ``args.overwrite_output_dir``.
+        """
+        if resume_from_checkpoint is None:
+            resume_from_checkpoint = self.args.resume_from_checkpoint
+        resume_from_checkpoint = resume_request(resume_from_checkpoint)
+        if self.is_world_process_zero():
+            prepare_output_dir(self.args.output_dir, resume_from_checkpoint, self.args.overwrite_output_dir,
+                               STATE_NAME, RESULTS_NAME)
+        self.accelerator.wait_for_everyone()
+        start, elapsed = 0, 0.0
         if resume_from_checkpoint:
             folder = (
                 latest_task_checkpoint(self.args.output_dir)
@@ -162,25 +194,43 @@ class ContinualTrainer(Trainer):
                 logger.warning("No finished task under %s: starting from task 0.", self.args.output_dir)
             else:
                 start = self._load_task_checkpoint(folder) + 1 - self.tasks.task_offset
-        wall = time.time()
-        for t in range(start, len(self.tasks)):
-            t0 = time.time()
-            self._add_task_classes(t)
-            self._task_event("on_task_begin", t)
-            self.method.before_task(t)
-            if self.method.trains:
-                self.train_dataset = self.method.train_dataset(t)
-                self.optimizer, self.lr_scheduler = None, None  # a fresh optimizer and schedule per task
-                super().train(**kwargs)
-            self._evaluate_seen_tasks(t)
-            self.method_logs.append(self.method.after_task(t) or {})
-            self.task_seconds.append(time.time() - t0)
-            result = self.result(time.time() - wall)
-            self._save_task(t, result)
-            self.log({"task": t, "accuracy_all_seen": result.all_seen_accuracy[-1], **self.method_logs[-1]})
-            self._task_event("on_task_end", t, result=result)
+                elapsed = self._resumed_wall_seconds
+        wall = time.time() - elapsed  # a resumed run goes on counting its wall time
+        try:
+            for t in range(start, len(self.tasks)):
+                t0 = time.time()
+                self.current_task = self.tasks.task_offset + t
+                set_seed(task_seed(self.args.seed, self.current_task))  # a resumed task draws the same numbers
+                self._add_task_classes(t)
+                self._task_event("on_task_begin", t)
+                self.method.before_task(t)
+                if self.method.trains:
+                    self.train_dataset = self.method.train_dataset(t)
+                    self.optimizer, self.lr_scheduler = None, None  # a fresh optimizer and schedule per task
+                    super().train(**kwargs)
+                    check_weights(self.accelerator.unwrap_model(self.model), self.current_task, "after training")
+                self._evaluate_seen_tasks(t)
+                self.method_logs.append(self.method.after_task(t) or {})
+                self.task_seconds.append(time.time() - t0)
+                result = self.result(time.time() - wall)
+                self._log_task(t, result)
+                self._save_task(t, result)
+                self._task_event("on_task_end", t, result=result)
+        finally:  # close the trackers' run, also on a crash (they flush at every log)
+            self.callback_handler.finish(self.args, self.state, self.control)
         self._wait_for_pushes()
         return self.result(time.time() - wall)
+
+    def _log_task(self, t: int, result: ContinualResult) -> None:
+        """Per-task metrics to every tracker (one run, a growing step), `save_metrics` and the console."""
+        g = self.tasks.task_offset + t
+        metrics = task_metrics(result, g, self.model.num_classes)
+        self.log(dict(metrics))
+        self.callback_handler.end_task(self.state.global_step if self.method.trains else 0)
+        if self.is_world_process_zero():
+            os.makedirs(self.args.output_dir, exist_ok=True)
+            self.save_metrics("eval", metrics)
+            print(f"[hf_pmi] {summary_line(metrics, self.num_total_tasks)}", flush=True)
 
     def _add_task_classes(self, t: int) -> None:
         task, model = self.tasks[t], self.model
@@ -229,7 +279,9 @@ class ContinualTrainer(Trainer):
         folder = resolve_pretrained_folder(path_or_repo_id, revision=revision)
         with open(os.path.join(folder, STATE_NAME)) as f:
             state = json.load(f)
+        verify_checksums(folder, state.get("checksums"))
         model = ContinualCLIP.from_pretrained(folder)
+        restore_trainable(model, state.get("trainable_parameters"), folder)
         clash = sorted(set(model.class_names) & set(tasks.class_names))
         if clash:
             raise ValueError(
@@ -241,9 +293,11 @@ class ContinualTrainer(Trainer):
 
             processing_class = AutoProcessor.from_pretrained(folder)
         done = state["task_id"] + 1
+        args = continued_args(args, state, path_or_repo_id)
         trainer = cls(model=model, args=args, tasks=tasks.continuing(model.num_classes, done),
                       processing_class=processing_class, **kwargs)
         trainer._previous_task_classes = state["task_classes"]
+        trainer.callback_handler.step_offset = state.get("global_step", 0)  # trackers' steps go on from the checkpoint
         # rows of a run that planned more tasks than it finished are cut to the finished ones
         trainer.accuracy_matrix = [row[:done] + [None] * len(tasks) for row in state["accuracy_matrix"]]
         trainer.counts = state["counts"][:done] + [0] * len(tasks)
@@ -253,6 +307,8 @@ class ContinualTrainer(Trainer):
     # ----- loss and evaluation -----------------------------------------------------------------
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         loss = self.method.compute_loss(model, inputs, num_items_in_batch)
+        check_loss(loss, self.current_task, self.state.global_step + 1)
+        faults.hit("train_step")
         return (loss, None) if return_outputs else loss
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
@@ -307,12 +363,15 @@ class ContinualTrainer(Trainer):
     def _save_task(self, t: int, result: ContinualResult) -> str:
         g = self.tasks.task_offset + t  # task index in the whole sequence (continued runs go on counting)
         folder = os.path.join(self.args.output_dir, f"task-{g}")
+        model = self.accelerator.unwrap_model(self.model)
+        check_weights(model, g, "before saving its checkpoint")  # never write a non-finite checkpoint
         if self.is_world_process_zero():
             tmp = folder + ".tmp"
             shutil.rmtree(tmp, ignore_errors=True)
-            self.accelerator.unwrap_model(self.model).save_pretrained(tmp)
+            model.save_pretrained(tmp)
             self.processing_class.save_pretrained(tmp)
             self.method.save(tmp)
+            faults.hit("save")
             state = {
                 "task_id": g,
                 "num_tasks": self.num_total_tasks,
@@ -322,10 +381,14 @@ class ContinualTrainer(Trainer):
                 "seen_classes": self.model.class_names,
                 "task_classes": self._task_classes(g),
                 "method_info": self.method.card_info(),
+                "trainable_parameters": trainable_parameter_names(model),
+                "dataset_fingerprint": self.dataset_fingerprint,
+                "checksums": weight_checksums(tmp),
+                "global_step": self.callback_handler.step_offset,  # trackers' step after this task
                 **result.to_dict(),
             }
             _write_json(os.path.join(tmp, STATE_NAME), state)
-            write_model_card(tmp, self._card_state(g, result, tmp))  # after save_pretrained: peft writes a README
+            write_model_card(tmp, card_state(self, g, result, tmp))  # after save_pretrained: peft writes a README
             shutil.rmtree(folder, ignore_errors=True)
             os.replace(tmp, folder)  # the finished folder appears whole or not at all
             _write_json(os.path.join(self.args.output_dir, RESULTS_NAME), result.to_dict())
@@ -336,43 +399,9 @@ class ContinualTrainer(Trainer):
         self.accelerator.wait_for_everyone()
         return folder
 
-    def _card_state(self, g: int, result: ContinualResult, folder: str) -> dict:
-        model = self.accelerator.unwrap_model(self.model)
-        offset = self.tasks.label_offset
-        return {
-            "accuracy_matrix": result.accuracy_matrix,
-            "num_tasks": self.num_total_tasks,
-            "task_id": g,
-            "base_model": self._base_model_name(model),
-            "dataset": self.tasks.metadata.get("dataset"),
-            "method": {"name": self.args.method, "description": (type(self.method).__doc__ or "").strip()},
-            "class_order": list(range(model.num_classes)),
-            "class_names": model.class_names,
-            "task_classes": self._task_classes(g),
-            "a_last": result.a_last,
-            "a_avg": result.a_avg,
-            "forgetting": result.forgetting,
-            "bwt": result.bwt,
-            "seen_accuracy": result.all_seen_accuracy,
-            "old_accuracy": result.old_class_accuracy[-1],
-            "new_accuracy": result.new_class_accuracy[-1],
-            "inversion": self.method.card_info(),
-            "repo_id": self.hub_model_id,
-            "replay_grid": "replay_samples.png" if os.path.exists(os.path.join(folder, "replay_samples.png")) else None,
-            "names_only_classes": [model.class_names[c] for c in getattr(getattr(self.method, "bank", None),
-                                                                             "names_only_classes", [])],
-            "tags": ["continual-learning", "class-incremental", "clip", "hf_pmi", self.args.method],
-        }
-
     def _task_classes(self, g: int) -> list[list[int]]:
         """Class ids of every task up to global task `g` (a continued checkpoint's tasks first)."""
         return (self._previous_task_classes + [t.class_ids for t in self.tasks])[: g + 1]
-
-    @staticmethod
-    def _base_model_name(model) -> str | None:
-        from .blocks import unwrap_clip
-
-        return unwrap_clip(model.clip).config._name_or_path or None
 
     # ----- Hub ---------------------------------------------------------------------------------
     def init_hf_repo(self, token: str | None = None, private: bool | None = None) -> None:
@@ -391,14 +420,17 @@ class ContinualTrainer(Trainer):
         self._pushes = []
 
     def _load_task_checkpoint(self, folder: str) -> int:
+        if not os.path.isfile(os.path.join(folder, STATE_NAME)):
+            raise FileNotFoundError(
+                f"No finished task checkpoint at {folder} (no {STATE_NAME}). Pass the task-N folder of a finished "
+                f"task, or resume_from_checkpoint=True for the latest one in output_dir."
+            )
         with open(os.path.join(folder, STATE_NAME)) as f:
             state = json.load(f)
-        if state["tasks"]["class_order"] != self.tasks.class_order:
-            raise ValueError(
-                f"{folder} was trained with class order {state['tasks']['class_order']}, but these tasks use "
-                f"{self.tasks.class_order}: resume with the same data, seed and split."
-            )
+        check_resume_consistency(state, self, folder)
+        verify_checksums(folder, state.get("checksums"))
         model = ContinualCLIP.from_pretrained(folder).to(self.args.device)
+        restore_trainable(model, state.get("trainable_parameters"), folder)
         self.model = self.model_wrapped = model
         self.method.load(folder)
         self.accuracy_matrix = state["accuracy_matrix"]
@@ -406,5 +438,7 @@ class ContinualTrainer(Trainer):
         self._previous_task_classes = state["task_classes"][: self.tasks.task_offset]
         self.task_seconds = state.get("task_seconds", [])
         self.method_logs = state.get("method_logs", [])
+        self._resumed_wall_seconds = float(state.get("wall_seconds", 0.0))
+        self.callback_handler.step_offset = state.get("global_step", 0)
         logger.info("Resumed from %s (task %d finished).", folder, state["task_id"])
         return state["task_id"]

@@ -16,11 +16,12 @@ from dataclasses import dataclass, field
 
 from datasets import load_dataset
 from peft import LoraConfig
-from transformers import AutoProcessor, HfArgumentParser
+from transformers import AutoProcessor, HfArgumentParser, set_seed
 
 from hf_pmi import ContinualCLIP, ContinualConfig, ContinualTrainer, split_class_incremental
 from hf_pmi.inversion import InversionConfig
 from hf_pmi.modeling import DEFAULT_LORA_TARGETS
+from hf_pmi.validation import check_local_path
 
 
 @dataclass
@@ -54,7 +55,9 @@ def main():
     parser.set_defaults(method="pmi", num_train_epochs=10, l_tkd=0.1, l_ft=0.1, alpha_rf=0.2, a_layer=3.0, refine_lr=0.02)
     script, args, inversion = parser.parse_args_into_dataclasses()
 
+    check_local_path(script.model_name_or_path, "CLIP model folder")
     if script.data_dir:
+        check_local_path(script.data_dir, "image folder")
         data = load_dataset("imagefolder", data_dir=script.data_dir, streaming=script.streaming)
     else:
         data = load_dataset(script.dataset_name, script.dataset_config, streaming=script.streaming)
@@ -67,15 +70,17 @@ def main():
         train_split=script.train_split,
         test_split=script.test_split,
     )
+    tasks.metadata["dataset"] = None if script.data_dir else script.dataset_name  # the Hub id, for the card
     processor = AutoProcessor.from_pretrained(script.model_name_or_path)
     lora = None
     if script.lora_r > 0:
         lora = LoraConfig(r=script.lora_r, lora_alpha=script.lora_alpha, target_modules=script.lora_target_modules)
+    set_seed(args.seed)  # LoRA weights are drawn here, before the Trainer seeds anything
     model = ContinualCLIP.from_clip(script.model_name_or_path, templates=[script.template], lora=lora)
     trainer = ContinualTrainer(
         model=model, args=args, tasks=tasks, processing_class=processor, inversion_config=inversion
     )
-    result = trainer.train()
+    result = trainer.train()  # --resume_from_checkpoint true (or a task folder) continues an interrupted run
     if trainer.is_world_process_zero():
         print(f"\n{args.method}, accuracy (%) after task i on task j:\n{result.table()}")
         print(f"A_last {result.a_last:.4f}  A_avg {result.a_avg:.4f}  forgetting {result.forgetting:.4f}")

@@ -14,7 +14,7 @@ and one checkpoint per task (``runs/digits/task-{t}``).
 from dataclasses import dataclass, field
 
 from peft import LoraConfig
-from transformers import HfArgumentParser
+from transformers import HfArgumentParser, set_seed
 
 from hf_pmi import ContinualCLIP, ContinualConfig, ContinualTrainer, split_class_incremental
 from hf_pmi.inversion import InversionConfig
@@ -91,6 +91,7 @@ def main():
         clip.text_model.requires_grad_(False)
         if script.text_training == "none":
             clip.text_projection.requires_grad_(False)
+    set_seed(args.seed)  # LoRA weights are drawn here, before the Trainer seeds anything
     model = ContinualCLIP.from_clip(clip, templates=[script.template], lora=lora)
     trainer = ContinualTrainer(
         model=model,
@@ -99,7 +100,7 @@ def main():
         processing_class=build_processor(script.image_size),
         inversion_config=inversion,
     )
-    result = trainer.train()
+    result = trainer.train()  # --resume_from_checkpoint true (or a task folder) continues an interrupted run
     if trainer.is_world_process_zero():
         print(f"\n{args.method} (seed {args.seed}), accuracy (%) after task i on task j:\n{result.table()}")
         print(

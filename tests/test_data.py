@@ -69,7 +69,7 @@ def test_labels_without_names_are_refused(digits):
 
 def test_empty_task_is_refused(digits):
     some = digits["train"].filter(lambda y: y < 8, input_columns="label")
-    with pytest.raises(ValueError, match="has no training examples"):
+    with pytest.raises(ValueError, match="no training examples"):
         split_class_incremental(some, num_tasks=10, seed=None)
 
 

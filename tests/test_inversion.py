@@ -1,6 +1,7 @@
 """The inversion engine: per-block progress, cost accounting, determinism, replay buffer."""
 
 import dataclasses
+import math
 
 import pytest
 import torch
@@ -164,34 +165,147 @@ def test_patch_maps_back_to_images(tmp_path):
     assert (tmp_path / "grid.png").stat().st_size > 0
 
 
-@pytest.mark.parametrize("init", ["forward", "target"])
-def test_layer_init_from_chain_beats_noise_start(setup, init):
-    """'forward' / 'target' starts (beyond the reference) give the encoder layers a lower block loss than
-    the reference's independent noise starts, and a better start for the refinement."""
-    model, stats = setup
-    targets = torch.randn(8, 16, generator=torch.Generator().manual_seed(5))
-    config = InversionConfig(batch_size=8, layer_steps=10, first_block_steps=4, upsample_at=(1, 2, 3), refine_steps=1,
-                             cls_target_last_layer=True)
-    reps = {k: invert(model, targets, stats, dataclasses.replace(config, layer_init=k), progress=False).report
-            for k in ("noise", init)}
-    layer_loss = {k: r["stage_loss"]["block3"] for k, r in reps.items()}
-    assert layer_loss[init] < layer_loss["noise"], layer_loss
-    # the 'forward' / 'target' start runs blocks 1..L+1 forward once, counted as a pass of those blocks
-    costs = VisionBlocks(model).block_costs()
-    assert reps[init]["steps"]["forward_init"] == 1
-    assert reps[init]["full_model_passes"] == pytest.approx(reps["noise"]["full_model_passes"] + sum(costs[1:4]))
-    with pytest.raises(ValueError, match="layer_init"):
-        InversionConfig(layer_init="zeros")
+# ----- the reference's behaviours (shared/inversion-notes.md, table), each against its definition
+def test_reference_preset_sets_every_reference_behaviour_and_keeps_explicit_values():
+    from hf_pmi.inversion import REFERENCE_PRESET
+
+    ref = InversionConfig(preset="reference")
+    assert {k: getattr(ref, k) for k in REFERENCE_PRESET} == REFERENCE_PRESET
+    ours = InversionConfig()
+    assert all(getattr(ours, k) != v for k, v in REFERENCE_PRESET.items())  # each one is a real difference
+    assert InversionConfig(preset="reference", refine_batch_size=40).refine_batch_size == 40
+    with pytest.raises(ValueError, match="preset"):
+        InversionConfig(preset="paper")
 
 
-def test_forward_trajectory_is_a_consistent_chain(setup):
+def test_layer_weight_is_alpha_rf_times_blocks_unless_given():
+    assert InversionConfig().layer_weight(15) == pytest.approx(0.03)  # ViT-B/16: 0.002 x 15 blocks
+    assert InversionConfig(alpha_rf=0.2).layer_weight(15) == pytest.approx(3.0)  # CUB
+    assert InversionConfig(a_layer=0.5).layer_weight(15) == 0.5
+
+
+def test_total_variation_norm_definition():
+    x = torch.zeros(2, 3, 3, 3)
+    x[0, 1, 1, 1] = 2.0  # one bright pixel in one of 6 (sample, channel) maps
+    # per direction: the L2 norm over space of that map's differences, mean over the 6 maps
+    right, diagonal = (2 * 2.0**2) ** 0.5 / 6, (2 * 2.0**2) ** 0.5 / 6
+    assert total_variation(x, "norm").item() == pytest.approx(2 * right + 2 * diagonal)
+
+
+def test_patch_channel_statistics_are_per_channel_moments(setup):
+    model, _ = setup
+    pixels = torch.randn(6, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    stats = collect_layer_statistics(model, [pixels[:4], pixels[4:]])
+    maps = VisionBlocks(model).patch_embed(pixels).detach()
+    assert torch.allclose(stats.mean("patch_channel").float(), maps.mean(dim=(0, 2, 3)), atol=1e-5)
+    assert torch.allclose(stats.var("patch_channel").float(), maps.var(dim=(0, 2, 3), unbiased=False), atol=1e-4)
+
+
+def test_channel_statistics_start_and_kl_on_the_coarse_variable(setup):
     model, stats = setup
     blocks = VisionBlocks(model)
-    obj = _Objective(blocks, stats, InversionConfig(), torch.device("cpu"), torch.float32)
+    obj = _Objective(blocks, stats, InversionConfig(patch_stats="channel"), torch.device("cpu"), torch.float32)
+    x = obj.sample_input(1, 400, torch.Generator().manual_seed(0), size=2)
+    m, v = obj.moments("patch_channel")
+    assert x.shape == (400, 32, 2, 2)
+    assert torch.allclose(x.mean(dim=(0, 2, 3)), m, atol=0.3) and torch.allclose(x.var(dim=(0, 2, 3)), v, rtol=0.2)
+    target = torch.randn(400, 65, 32)
+    from torch.nn import functional as F
+
+    up = F.interpolate(x, size=(8, 8), mode="bicubic", align_corners=False)
+    loss = obj.block_loss(1, up, target, coarse=x)
     with torch.no_grad():
-        traj = obj.forward_trajectory(4, torch.Generator().manual_seed(0))
-        for i in range(1, blocks.num_blocks - 1):
-            assert torch.allclose(blocks.block(i, traj[i]), traj[i + 1], atol=1e-5)
-        assert torch.allclose(obj.pre_ln(traj[-1]), traj[2], atol=1e-5)  # the first layer's pre-LN start
-        # the exact inverse of the pre block used by 'target'
-        assert torch.allclose(blocks.pre(obj.pre_inverse(traj[2]))[:, 1:], traj[2][:, 1:], atol=1e-2)
+        tokens = up.flatten(2).transpose(1, 2)
+        cls = blocks.embeddings.class_embedding.expand(400, 1, -1)
+        pre_in = torch.cat([cls, tokens], 1) + blocks.embeddings.position_embedding.weight[None]
+    expected = F.mse_loss(blocks.block(1, up), target) + obj.a_layer * (obj.kl("pre_ln_input", pre_in) + obj.kl("patch_channel", x))
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    no_pre = _Objective(blocks, stats, InversionConfig(patch_stats="channel", pre_block_kl=False), torch.device("cpu"), torch.float32)
+    assert no_pre.hooked(1) == []
+    assert no_pre.block_loss(1, up, target, coarse=x).item() == pytest.approx(
+        (F.mse_loss(blocks.block(1, up), target) + obj.a_layer * obj.kl("patch_channel", x)).item(), rel=1e-5)
+
+
+def test_last_layer_matches_all_tokens_or_cls_only(setup):
+    model, stats = setup
+    blocks = VisionBlocks(model)
+    z, target = torch.randn(3, 65, 32), torch.randn(3, 65, 32)
+    out = blocks.block(3, z)
+    for cls_only, mse in ((True, F_mse(out[:, 0], target[:, 0])), (False, F_mse(out, target))):
+        obj = _Objective(blocks, stats, InversionConfig(cls_target_last_layer=cls_only, a_layer=0.0), torch.device("cpu"), torch.float32)
+        assert obj.block_loss(3, z, target).item() == pytest.approx(mse.item(), rel=1e-5)
+
+
+def F_mse(a, b):
+    return torch.nn.functional.mse_loss(a, b)
+
+
+def test_keep_best_returns_the_best_or_the_last_iterate():
+    """A quadratic with a too-large lr overshoots, so the best iterate is not the last one."""
+    objective = lambda v: (v**2).sum()  # noqa: E731
+    z0 = torch.tensor([1.0])
+    manual, visited = z0.clone().requires_grad_(True), []
+    opt = torch.optim.Adam([manual], lr=2.0)
+    for _ in range(5):
+        visited.append((objective(manual).item(), manual.detach().clone()))
+        opt.zero_grad()
+        objective(manual).backward()
+        opt.step()
+    best, best_loss = _adam_loop(objective, z0, 5, 2.0, _Tracker(5, False, ""), "s", 0.0, True)
+    last, last_loss = _adam_loop(objective, z0, 5, 2.0, _Tracker(5, False, ""), "s", 0.0, False)
+    expected_loss, expected = min(visited, key=lambda lv: lv[0])
+    assert best_loss == pytest.approx(expected_loss) and torch.equal(best, expected)
+    assert torch.allclose(last, manual.detach()) and last_loss == pytest.approx(objective(manual).item())
+    assert last_loss > best_loss
+
+
+def test_refinement_in_chunks_and_cosine_period(setup):
+    model, stats = setup
+    costs = VisionBlocks(model).block_costs()
+    config = InversionConfig(batch_size=4, refine_batch_size=2, refine_t_max=1000, **FAST)
+    rep = invert(model, torch.randn(4, 16), stats, config, progress=False).report
+    assert rep["steps"]["refine"] == 2 * 5 and rep["stage_passes"]["refine"] == pytest.approx(2 * 5 * sum(costs[1:]))
+    assert len(rep["curve"]) == 5 and rep["curve"][-1][0] == pytest.approx(rep["full_model_passes"])
+    assert "start_loss" in rep
+    # T_max 2000 over 600 steps: the reference's lr ends at 0.5 (1 + cos(pi * 600 / 2000)) = 0.79 of its start
+    opt = torch.optim.Adam([torch.zeros(1, requires_grad=True)], lr=0.01)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=2000)
+    for _ in range(600):
+        opt.step()
+        sched.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.01 * 0.5 * (1 + math.cos(math.pi * 600 / 2000)))
+
+
+def test_reference_pixel_path_gives_patch_maps_of_valid_pixels(setup):
+    from hf_pmi.visualize import patch_maps_to_pixels
+
+    model = build_clip("mini")  # an injective patch embedding, so patch maps map back to pixels
+    stats = collect_layer_statistics(model, [torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(0))])
+    config = InversionConfig(preset="reference", mode="full", batch_size=4, full_steps=40, upsample_at=(10, 20))
+    rep = invert(model, 10 * torch.randn(4, 64), stats, config, progress=False)  # far targets: large steps
+    assert rep.samples.shape == (4, 128, 8, 8) and rep.report["steps"] == {"full": 40}
+    pixels = patch_maps_to_pixels(model, rep.samples)
+    mean = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)
+    std = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1)
+    unit = pixels * std + mean  # back to [0, 1]: the coarse variable was clamped after every step
+    # 40 steps of lr 0.1 could move a pixel by 4; bicubic up-sampling of a map in [0, 1] overshoots a little
+    assert unit.min() > -0.3 and unit.max() < 1.3, (unit.min(), unit.max())
+
+
+def test_reference_preset_inverts_end_to_end(setup):
+    model, stats = setup
+    config = InversionConfig(preset="reference", batch_size=4, **FAST)
+    rep = invert(model, torch.randn(4, 16), stats, config, progress=False)
+    assert rep.samples.shape == (4, 32, 8, 8)
+    assert rep.report["steps"]["refine"] == 5  # chunks of 20 (one chunk of 4 here)
+    assert math.isfinite(rep.report["final_loss"])
+
+
+def test_block_variance_diagnostic_compares_solved_and_real_inputs(setup):
+    model, stats = setup
+    rep = invert(model, torch.randn(4, 16), stats, InversionConfig(batch_size=4, **FAST), progress=False).report
+    blocks = VisionBlocks(model)
+    assert set(rep["block_variance"]) == {f"block{i}" for i in range(1, blocks.num_blocks)}
+    assert rep["block_variance"]["block2"]["real"] == pytest.approx(stats.var("layer0.input").mean().item())
+    assert rep["block_variance"]["block1"]["real"] == pytest.approx(stats.var("patch").mean().item())
+    assert all(v["solved"] > 0 for v in rep["block_variance"].values())

@@ -81,12 +81,45 @@ def test_checkpoint_loads_with_plain_transformers_and_peft(tmp_path, tokenizer):
     model = ContinualCLIP.from_clip(build_clip("tiny"), ["cat", "dog"], tokenizer, lora=LoraConfig(r=4))
     _randomise_lora(model)
     model.eval().save_pretrained(tmp_path)
-    base = CLIPModel.from_pretrained(tmp_path, subfolder="clip")
+    base = CLIPModel.from_pretrained(tmp_path, subfolder="base")  # a base built from a config is kept in base/
     clip = PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
     x = torch.rand(2, 3, 32, 32)
     ours = VisionBlocks(model).features(x)
     plain = clip.get_image_features(pixel_values=x).pooler_output
     assert torch.allclose(ours, plain, atol=1e-6)
+
+
+def test_clip_folder_is_a_plain_clip_whatever_peft_wrapped(tmp_path, tokenizer):
+    """LoRA + modules_to_save (peft wrapper keys in the state dict): clip/ still loads into CLIPModel with no
+    missing or unexpected key and gives the checkpoint's logits; the reload through ContinualCLIP is exact."""
+    lora = LoraConfig(r=4, modules_to_save=["text_projection"])
+    model = ContinualCLIP.from_clip(build_clip("tiny"), ["cat", "dog", "bird"], tokenizer, lora=lora)
+    _randomise_lora(model)
+    with torch.no_grad():  # the trained copy of the text projection differs from the original
+        model.clip.base_model.model.text_projection.modules_to_save["default"].weight.mul_(-1.5)
+    model.eval().save_pretrained(tmp_path)
+
+    clip, info = CLIPModel.from_pretrained(tmp_path, subfolder="clip", output_loading_info=True)
+    assert not info["missing_keys"], info
+    assert not info["unexpected_keys"] and not info["mismatched_keys"], info
+    clip.eval()
+    x = torch.rand(3, 3, 32, 32)
+    ids, mask = model.prompt_ids[:, 0], model.prompt_mask[:, 0]  # one template
+    with torch.no_grad():
+        out = clip(input_ids=ids, attention_mask=mask, pixel_values=x)
+        expected = model(pixel_values=x).logits
+    assert torch.allclose(out.logits_per_image, expected, atol=1e-4)
+    assert not torch.allclose(out.logits_per_image, ContinualCLIP.from_clip(build_clip("tiny"), ["cat", "dog", "bird"],
+                                                                           tokenizer).eval()(pixel_values=x).logits,
+                              atol=1e-2)
+
+    reloaded = ContinualCLIP.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        assert torch.equal(reloaded(pixel_values=x).logits, expected)
+    trainable = {n for n, p in reloaded.named_parameters() if p.requires_grad}
+    assert any("modules_to_save" in n for n in trainable)  # continuing trains the same parts
+    base, info = CLIPModel.from_pretrained(tmp_path, subfolder="base", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
 
 
 def test_not_a_checkpoint_says_what_to_do(tmp_path):

@@ -12,7 +12,7 @@ FAST = ["--max_steps", "2", "--per_device_train_batch_size", "16", "--disable_tq
 
 
 def run(cmd, env_extra=None, timeout=300):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env_extra or {})}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT, **(env_extra or {})}  # this checkout's hf_pmi
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc

@@ -10,11 +10,13 @@ teacher (the model at the end of the previous task).
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 
 import torch
 from torch.utils.data import DataLoader
 
+from .. import faults
 from ..bank import FeatureBank
 from ..blocks import VisionBlocks
 from ..inversion import InversionConfig, synthesize_replay
@@ -99,13 +101,15 @@ class PMI(ContinualMethod):
             return {**self.names_only.after_task(task), **self.synthesize()}
         model = self.trainer.accelerator.unwrap_model(self.model)
         model.eval()
-        stats, features = collect_statistics_and_features(model, _real_batches(self.trainer, task.train))
+        progress = self.trainer.is_world_process_zero() and not self.args.disable_tqdm
+        stats, features = collect_statistics_and_features(model, _real_batches(self.trainer, task.train), progress)
         self.bank.update_statistics(stats)
         self.bank.add_classes(
             task.class_ids,
             features,
             train_contrastive=self.inversion.selection == "cfs",  # g_c only serves CFS
             seed=self.args.seed,
+            progress=progress,
         )
         self.names_only.after_real_task(task, _real_batches(self.trainer, task.train))
         return self.synthesize()
@@ -113,14 +117,15 @@ class PMI(ContinualMethod):
     def synthesize(self) -> dict:
         """Regenerate the replay buffer for every class in the bank."""
         model = self.trainer.accelerator.unwrap_model(self.model)
-        samples, labels, report = synthesize_replay(
-            model,
-            self.bank,
-            list(range(self.bank.num_classes)),
-            dataclasses.replace(self.inversion, inversion_seed=self.args.seed),
-            accelerator=self.trainer.accelerator,
-            progress=self.trainer.is_world_process_zero() and not self.args.disable_tqdm,
-        )
+        with faults.counting_module_calls("inversion"):  # crash tests only (HF_PMI_KILL_AT)
+            samples, labels, report = synthesize_replay(
+                model,
+                self.bank,
+                list(range(self.bank.num_classes)),
+                dataclasses.replace(self.inversion, inversion_seed=self.args.seed),
+                accelerator=self.trainer.accelerator,
+                progress=self.trainer.is_world_process_zero() and not self.args.disable_tqdm,
+            )
         self.buffer = (samples, labels)
         self.last_report = {k: v for k, v in report.items() if k != "curve"}
         return {
@@ -151,9 +156,10 @@ class PMI(ContinualMethod):
         self.synthesize()  # the buffer is not stored: it is regenerated, data-free, from the bank
 
     def card_info(self) -> dict | None:
-        keys = ("mode", "start_block", "layer_steps", "first_block_steps", "refine_steps", "a_layer", "alpha_rf",
+        keys = ("preset", "mode", "start_block", "layer_steps", "first_block_steps", "refine_steps", "alpha_rf",
                 "alpha_tv", "per_class", "selection")
         info = {k: getattr(self.inversion, k) for k in keys}
+        info["a_layer"] = self.inversion.layer_weight(VisionBlocks(self.model).num_blocks)
         if self.last_report is not None:
             info.update(seconds=self.last_report["seconds"], full_model_passes=self.last_report["full_model_passes"])
         return info
@@ -183,4 +189,5 @@ def pmi_passes_per_chunk(blocks: VisionBlocks, config: InversionConfig) -> float
     last = blocks.num_blocks - 1
     per_layer = sum(config.layer_steps * costs[i] for i in range(config.start_block + 1, last + 1))
     first = config.first_block_steps * costs[config.start_block]
-    return per_layer + first + config.refine_steps * sum(costs[config.start_block:])
+    refine_chunks = math.ceil(config.batch_size / (config.refine_batch_size or config.batch_size))
+    return per_layer + first + refine_chunks * config.refine_steps * sum(costs[config.start_block:])

@@ -1,0 +1,147 @@
+"""The ``hf-pmi`` command: ``hf-pmi train ...`` runs a continual sequence, ``hf-pmi eval ...`` scores a checkpoint.
+
+    hf-pmi train --output_dir runs/cifar --dataset_name uoft-cs/cifar100 --image_column img \\
+        --label_column fine_label --num_tasks 10 --method pmi
+    hf-pmi eval --checkpoint runs/cifar/task-9 --dataset_name uoft-cs/cifar100 --image_column img \\
+        --label_column fine_label
+    hf-pmi train --help      # every flag: data and task split, model, ContinualConfig, InversionConfig
+
+``train`` takes the flags of `hf_pmi.recipe.RecipeArguments`, `ContinualConfig` and
+`InversionConfig` (the recipes in ``recipes/`` are the same run with a benchmark's defaults). For
+several processes launch the module: ``accelerate launch -m hf_pmi.cli train ...``.
+
+``eval`` scores a checkpoint (a folder or a Hub repo + ``--revision``) on the test split of a
+dataset: the classes the checkpoint knows are matched by name, and the accuracy over them and per
+task of the checkpoint is printed as JSON (and written to ``--output_file``).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass, field
+
+COMMANDS = {
+    "train": "learn a class-incremental task sequence (see `hf-pmi train --help`)",
+    "eval": "accuracy of a checkpoint on a dataset's test split (see `hf-pmi eval --help`)",
+}
+
+
+@dataclass
+class EvalArguments:
+    checkpoint: str = field(metadata={"help": "Checkpoint folder (task-<i>/) or Hub repo id."})
+    revision: str | None = field(default=None, metadata={"help": "Hub revision, e.g. task-3."})
+    dataset_name: str | None = field(default=None, metadata={"help": "Hub dataset id (ignored with --data_dir)."})
+    dataset_config: str | None = field(default=None, metadata={"help": "Dataset configuration name."})
+    data_dir: str | None = field(default=None, metadata={"help": "Local image folder (train/ and test/ subfolders)."})
+    test_split: str = field(default="test", metadata={"help": "Split to score."})
+    test_size: float = field(default=0.2, metadata={"help": "Held-out share when the data has no test split."})
+    seed: int = field(default=42, metadata={"help": "Seed of that held-out split (use the training run's)."})
+    image_column: str = field(default="image", metadata={"help": "Image column."})
+    label_column: str = field(default="label", metadata={"help": "Label column (a ClassLabel)."})
+    batch_size: int = field(default=128, metadata={"help": "Evaluation batch size."})
+    output_file: str | None = field(default=None, metadata={"help": "Also write the scores to this JSON file."})
+
+
+def _usage() -> str:
+    lines = ["usage: hf-pmi <command> [flags]", "", "Data-free continual learning of CLIP (hf_pmi).", "", "commands:"]
+    lines += [f"  {name:<7} {text}" for name, text in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def train(argv: list[str]) -> None:
+    from transformers import HfArgumentParser
+
+    from .config import ContinualConfig
+    from .inversion import InversionConfig
+    from .recipe import RecipeArguments, run_recipe
+
+    parser = HfArgumentParser((RecipeArguments, ContinualConfig, InversionConfig), prog="hf-pmi train")
+    recipe, args, inversion = parser.parse_args_into_dataclasses(argv)
+    run_recipe(recipe, args, inversion)
+
+
+def evaluate_checkpoint(opts: EvalArguments) -> dict:
+    """Accuracy of the checkpoint on the classes it knows (matched by name), overall and per task."""
+    import os
+
+    import numpy as np
+    import torch
+    from transformers import AutoProcessor
+
+    from .data import ContinualCollator, _class_names
+    from .hub import resolve_pretrained_folder
+    from .modeling import ContinualCLIP
+    from .recipe import RecipeArguments, load_data
+
+    folder = resolve_pretrained_folder(opts.checkpoint, revision=opts.revision)
+    model = ContinualCLIP.from_pretrained(folder).eval()
+    processor = AutoProcessor.from_pretrained(folder)
+    recipe = RecipeArguments(dataset_name=opts.dataset_name, dataset_config=opts.dataset_config,
+                             data_dir=opts.data_dir, test_split=opts.test_split, test_size=opts.test_size,
+                             image_column=opts.image_column, label_column=opts.label_column)
+    data = load_data(recipe, seed=opts.seed)
+    if opts.test_split not in data:
+        raise ValueError(f"No {opts.test_split!r} split in {list(data)}; pass --test_split.")
+    test = data[opts.test_split]
+    names = _class_names(test, opts.label_column, None)
+    known = {name: i for i, name in enumerate(model.class_names)}
+    label_map = {label: known[name] for label, name in enumerate(names) if name in known}
+    if not label_map:
+        raise ValueError(f"None of the dataset's classes ({names[:5]}...) is among the checkpoint's classes "
+                         f"({model.class_names[:5]}...): check --dataset_name / --label_column.")
+    labels = np.asarray(test.select_columns([opts.label_column]).with_format("numpy")[opts.label_column])
+    test = test.select(np.flatnonzero(np.isin(labels, list(label_map))))
+    collate = ContinualCollator(processor.image_processor, label_map, opts.image_column, opts.label_column)
+    preds, targets = [], []
+    with torch.no_grad():
+        for start in range(0, len(test), opts.batch_size):
+            batch = collate([test[i] for i in range(start, min(start + opts.batch_size, len(test)))])
+            preds.append(model(pixel_values=batch["pixel_values"]).logits.argmax(-1))
+            targets.append(batch["labels"])
+    pred, target = torch.cat(preds).numpy(), torch.cat(targets).numpy()
+    scores = {"checkpoint": opts.checkpoint, "revision": opts.revision, "examples": int(len(target)),
+              "classes": len(label_map), "accuracy": float((pred == target).mean())}
+    state_file = os.path.join(folder, "continual_state.json")
+    if os.path.isfile(state_file):
+        with open(state_file) as f:
+            task_classes = json.load(f)["task_classes"]
+        per_task = []
+        for ids in task_classes:
+            mask = np.isin(target, ids)
+            per_task.append(float((pred[mask] == target[mask]).mean()) if mask.any() else None)
+        scores["task_accuracy"] = per_task
+    return scores
+
+
+def evaluate(argv: list[str]) -> dict:
+    from transformers import HfArgumentParser
+
+    (opts,) = HfArgumentParser(EvalArguments, prog="hf-pmi eval").parse_args_into_dataclasses(argv)
+    scores = evaluate_checkpoint(opts)
+    text = json.dumps(scores, indent=2)
+    print(text)
+    if opts.output_file:
+        with open(opts.output_file, "w") as f:
+            f.write(text + "\n")
+    return scores
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    if command == "train":
+        train(rest)
+    elif command == "eval":
+        evaluate(rest)
+    else:
+        print(f"hf-pmi: unknown command {command!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,155 @@
+"""What the benchmark recipes and the ``hf-pmi`` command share: data and model arguments, and one run.
+
+`RecipeArguments` names the data (a Hub dataset or a local image folder), how its classes are cut
+into tasks (class order from a seed or a file, first-task size and increment, or a number of
+equal tasks) and the model (a CLIP by Hub id or folder, LoRA settings). `run_recipe` turns them,
+with a `ContinualConfig` and an `InversionConfig`, into a finished `ContinualTrainer.train()`.
+A recipe script is then a few lines: its reference defaults and a call (see ``recipes/``).
+
+Example:
+    >>> from transformers import HfArgumentParser
+    >>> from hf_pmi.recipe import RecipeArguments, task_split_kwargs
+    >>> (recipe,) = HfArgumentParser(RecipeArguments).parse_args_into_dataclasses(
+    ...     ["--initial_classes", "50", "--classes_per_task", "10"])
+    >>> task_split_kwargs(recipe)
+    {'initial_classes': 50, 'classes_per_task': 10, 'class_order': None, 'seed': 1993}
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+
+from .modeling import DEFAULT_LORA_TARGETS
+
+
+@dataclass
+class RecipeArguments:
+    """Data, task split and model settings of a continual run (flags of every recipe and of ``hf-pmi train``)."""
+
+    model_name_or_path: str = field(default="openai/clip-vit-base-patch16", metadata={"help": "CLIP: Hub id or folder."})
+    dataset_name: str | None = field(default=None, metadata={"help": "Hub dataset id (ignored with --data_dir)."})
+    dataset_config: str | None = field(default=None, metadata={"help": "Dataset configuration name."})
+    data_dir: str | None = field(
+        default=None, metadata={"help": "Local image folder (<data_dir>/{train,test}/<class name>/*.png)."}
+    )
+    streaming: bool = field(default=False, metadata={"help": "Stream the dataset (then set --max_steps per task)."})
+    train_split: str = field(default="train", metadata={"help": "Training split."})
+    test_split: str = field(default="test", metadata={"help": "Test split."})
+    test_size: float = field(
+        default=0.2,
+        metadata={"help": "Share of the training split held out (stratified, seeded) when the data has no test split "
+                  "(ImageNet-R: 0.2, the usual 80/20 split)."},
+    )
+    image_column: str = field(default="image", metadata={"help": "Image column."})
+    label_column: str = field(default="label", metadata={"help": "Label column (a ClassLabel)."})
+    num_tasks: int | None = field(
+        default=10, metadata={"help": "Number of equal tasks (ignored with --initial_classes/--classes_per_task)."}
+    )
+    initial_classes: int | None = field(default=None, metadata={"help": "Classes of the first task (B in 'B-inc')."})
+    classes_per_task: int | None = field(default=None, metadata={"help": "Classes of every later task (the increment)."})
+    class_order_seed: int = field(
+        default=1993, metadata={"help": "Seed of the class order (reference: 1993); ignored with --class_order_file."}
+    )
+    class_order_file: str | None = field(
+        default=None, metadata={"help": "File with the class order: dataset label ids (JSON list, or separated by "
+                                "commas/whitespace), in learning order."}
+    )
+    template: str = field(default="a bad photo of a {}.", metadata={"help": "Prompt template (the reference's)."})
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank; 0 trains the whole model instead."})
+    lora_alpha: float = field(default=32, metadata={"help": "LoRA scaling alpha."})
+    lora_target_modules: str = field(
+        default=DEFAULT_LORA_TARGETS, metadata={"help": "Regex of modules to adapt (default: vision q/v proj)."}
+    )
+    lora_modules_to_save: list[str] | None = field(
+        default=None, metadata={"help": "Modules trained whole next to LoRA (e.g. text_projection)."}
+    )
+
+
+def read_class_order(path: str) -> list[int]:
+    """Label ids from a JSON list or a text file of integers separated by commas or whitespace."""
+    with open(path) as f:
+        text = f.read().strip()
+    try:
+        order = json.loads(text) if text.startswith("[") else [int(t) for t in text.replace(",", " ").split()]
+    except ValueError as e:
+        raise ValueError(f"{path}: a class order is a JSON list or integers separated by commas/whitespace ({e}).")
+    return [int(c) for c in order]
+
+
+def task_split_kwargs(recipe: RecipeArguments) -> dict:
+    """Keyword arguments of `split_class_incremental` from the recipe's flags."""
+    order = read_class_order(recipe.class_order_file) if recipe.class_order_file else None
+    if recipe.initial_classes is not None or recipe.classes_per_task is not None:
+        cut = {"initial_classes": recipe.initial_classes, "classes_per_task": recipe.classes_per_task}
+    else:
+        cut = {"num_tasks": recipe.num_tasks}
+    return {**cut, "class_order": order, "seed": recipe.class_order_seed}
+
+
+def load_data(recipe: RecipeArguments, seed: int = 0):
+    """The dataset (a `DatasetDict`), with a held-out test split when it has none."""
+    from datasets import DatasetDict, load_dataset
+
+    if recipe.data_dir:
+        data = load_dataset("imagefolder", data_dir=recipe.data_dir, streaming=recipe.streaming)
+    elif recipe.dataset_name:
+        data = load_dataset(recipe.dataset_name, recipe.dataset_config, streaming=recipe.streaming)
+    else:
+        raise ValueError("Name the data: --dataset_name <Hub id> or --data_dir <local image folder>.")
+    if recipe.test_split not in data and isinstance(data, DatasetDict) and recipe.test_size > 0:
+        split = data[recipe.train_split].train_test_split(
+            test_size=recipe.test_size, seed=seed, stratify_by_column=recipe.label_column
+        )
+        data = DatasetDict({recipe.train_split: split["train"], recipe.test_split: split["test"]})
+    return data
+
+
+def build_tasks(recipe: RecipeArguments, seed: int = 0):
+    """`ContinualTasks` of the recipe's data; ``metadata["dataset"]`` is the Hub id (None for a local folder)."""
+    from .data import split_class_incremental
+
+    tasks = split_class_incremental(
+        load_data(recipe, seed),
+        image_column=recipe.image_column,
+        label_column=recipe.label_column,
+        train_split=recipe.train_split,
+        test_split=recipe.test_split,
+        **task_split_kwargs(recipe),
+    )
+    tasks.metadata["dataset"] = None if recipe.data_dir else recipe.dataset_name
+    return tasks
+
+
+def build_model(recipe: RecipeArguments):
+    """The `ContinualCLIP` (LoRA on the vision tower unless ``lora_r`` is 0) and its processor."""
+    from transformers import AutoProcessor
+
+    from .modeling import ContinualCLIP
+
+    lora = None
+    if recipe.lora_r > 0:
+        from peft import LoraConfig
+
+        lora = LoraConfig(r=recipe.lora_r, lora_alpha=recipe.lora_alpha, target_modules=recipe.lora_target_modules,
+                          modules_to_save=recipe.lora_modules_to_save)
+    processor = AutoProcessor.from_pretrained(recipe.model_name_or_path)
+    model = ContinualCLIP.from_clip(recipe.model_name_or_path, templates=[recipe.template], lora=lora)
+    return model, processor
+
+
+def run_recipe(recipe: RecipeArguments, args, inversion=None):
+    """Train the whole task sequence; prints the accuracy matrix and returns the `ContinualResult`."""
+    from .trainer import ContinualTrainer
+
+    tasks = build_tasks(recipe, seed=args.seed)
+    model, processor = build_model(recipe)
+    trainer = ContinualTrainer(model=model, args=args, tasks=tasks, processing_class=processor,
+                               inversion_config=inversion)
+    result = trainer.train()
+    if trainer.is_world_process_zero():
+        print(f"\n{args.method} (seed {args.seed}), accuracy (%) after task i on task j:\n{result.table()}")
+        print(f"A_last {result.a_last:.4f}  A_avg {result.a_avg:.4f}  forgetting {result.forgetting:.4f}  "
+              f"-> {os.path.join(args.output_dir, 'results.json')}")
+    return result

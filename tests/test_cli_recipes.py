@@ -1,0 +1,86 @@
+"""The `hf-pmi` command and the CIFAR-100 / ImageNet-R recipes, run as a user would (subprocesses, offline,
+a tiny CLIP and a generated image folder)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FAST = ["--max_steps", "1", "--per_device_train_batch_size", "16", "--disable_tqdm", "true", "--method", "finetune",
+        "--lora_r", "2"]
+
+
+def run(cmd, timeout=300):
+    # PYTHONPATH: this checkout's hf_pmi, also for `python recipes/x.py` (whose sys.path[0] is recipes/)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": ROOT}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, digits):
+    """A tiny CLIP + processor in a folder; digits as an image folder with train/ and test/, and one with train/ only."""
+    from hf_pmi.testing import build_clip, build_processor
+
+    root = tmp_path_factory.mktemp("world")
+    build_clip("tiny").save_pretrained(root / "clip")
+    build_processor().save_pretrained(root / "clip")
+    names = digits["train"].features["label"].names
+    for split, n in (("train", 150), ("test", 80)):
+        for i, row in enumerate(digits[split].select(range(n))):
+            for target in ([root / "images", root / "train_only"] if split == "train" else [root / "images"]):
+                folder = target / split / names[row["label"]]
+                folder.mkdir(parents=True, exist_ok=True)
+                row["image"].save(folder / f"{i}.png")
+    return root
+
+
+def test_hf_pmi_help_lists_the_commands():
+    out = run([sys.executable, "-m", "hf_pmi.cli", "--help"]).stdout
+    assert "train" in out and "eval" in out and "usage: hf-pmi" in out
+    assert "--class_order_file" in run([sys.executable, "-m", "hf_pmi.cli", "train", "--help"]).stdout
+
+
+def test_cli_train_then_eval_agree(tmp_path, world):
+    out = tmp_path / "run"
+    proc = run([sys.executable, "-m", "hf_pmi.cli", "train", "--model_name_or_path", str(world / "clip"),
+                "--data_dir", str(world / "images"), "--num_tasks", "2", "--output_dir", str(out), *FAST])
+    assert "A_last" in proc.stdout and "[hf_pmi] task 1/1" in proc.stdout
+    results = json.loads((out / "results.json").read_text())
+    scores_file = tmp_path / "scores.json"
+    run([sys.executable, "-m", "hf_pmi.cli", "eval", "--checkpoint", str(out / "task-1"), "--data_dir",
+         str(world / "images"), "--output_file", str(scores_file)])
+    scores = json.loads(scores_file.read_text())
+    assert scores["classes"] == 10 and scores["examples"] == sum(results["counts"])
+    assert scores["accuracy"] == pytest.approx(results["all_seen_accuracy"][-1])
+    assert scores["task_accuracy"] == pytest.approx(results["accuracy_matrix"][-1])
+
+
+def test_cifar100_recipe_with_class_order_file_and_first_task_size(tmp_path, world):
+    order = [9, 3, 0, 7, 1, 2, 8, 4, 6, 5]
+    (tmp_path / "order.json").write_text(json.dumps(order))
+    out = tmp_path / "cifar"
+    run([sys.executable, "recipes/clip_cifar100.py", "--model_name_or_path", str(world / "clip"), "--data_dir",
+         str(world / "images"), "--image_column", "image", "--label_column", "label", "--initial_classes", "4",
+         "--classes_per_task", "3", "--class_order_file", str(tmp_path / "order.json"), "--output_dir", str(out),
+         *FAST])
+    results = json.loads((out / "results.json").read_text())
+    assert results["class_order"] == order and len(results["accuracy_matrix"]) == 3
+    state = json.loads((out / "task-2" / "continual_state.json").read_text())
+    assert [len(ids) for ids in state["task_classes"]] == [4, 3, 3]
+    card = (out / "task-2" / "README.md").read_text()
+    assert "imagefolder" not in card.split("---")[1]  # a local folder is no dataset id
+    assert f"`{', '.join(map(str, order))}`" in card
+
+
+def test_imagenet_r_recipe_holds_out_a_test_split(tmp_path, world):
+    out = tmp_path / "inr"
+    run([sys.executable, "recipes/clip_imagenet_r.py", "--model_name_or_path", str(world / "clip"), "--data_dir",
+         str(world / "train_only"), "--num_tasks", "2", "--class_order_seed", "0", "--output_dir", str(out), *FAST])
+    results = json.loads((out / "results.json").read_text())
+    assert len(results["accuracy_matrix"]) == 2
+    assert sum(results["counts"]) == 30  # 20 % of the 150 training images, held out

@@ -1,0 +1,312 @@
+"""Bad inputs are refused before any training step, with an error that names the cause and the fix.
+
+Every refusal test goes through `refused`: it builds the data, the model and the trainer and calls
+`train()` as a user would, asserts the error, and asserts that no task folder was written.
+"""
+
+import functools
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from datasets import ClassLabel, Dataset, DatasetDict, load_dataset
+from PIL import Image
+
+from hf_pmi import ContinualCLIP, ContinualConfig, ContinualTrainer, FeatureBank, split_class_incremental
+from hf_pmi.data import ContinualCollator
+from hf_pmi.inversion import InversionConfig
+from hf_pmi.testing import build_clip, load_digits_dataset
+
+@functools.cache
+def _digits():
+    return load_digits_dataset()
+
+
+TINY_INVERSION = dict(layer_steps=2, first_block_steps=4, upsample_at=[1, 2, 3], refine_steps=2, per_class=2)
+
+
+def task_folders(out) -> list[str]:
+    return sorted(p for p in os.listdir(out) if p.startswith("task-")) if os.path.isdir(out) else []
+
+
+def make_args(out, **kw):
+    defaults = dict(output_dir=str(out), max_steps=1, per_device_train_batch_size=16, warmup_steps=0,
+                    disable_tqdm=True, logging_steps=100, seed=0, report_to="none")
+    defaults.update(kw)
+    return ContinualConfig(**defaults)
+
+
+def run(out, processor, data=None, split=None, args=None, inversion=None, templates=None, resume=None, **kw):
+    """Build everything from user inputs and train; returns the result (if nothing is refused)."""
+    tasks = split_class_incremental(data if data is not None else _digits(), **(split or {"num_tasks": 2}))
+    model = ContinualCLIP.from_clip(build_clip("tiny"), templates=templates)
+    trainer = ContinualTrainer(model=model, args=make_args(out, **(args or {})), tasks=tasks, processing_class=processor,
+                               inversion_config=InversionConfig(**{**TINY_INVERSION, **(inversion or {})}), **kw)
+    return trainer.train(resume_from_checkpoint=resume)
+
+
+def refused(tmp_path, match, build, error=ValueError, out=None):
+    out = out or tmp_path / "out"
+    before = task_folders(out)
+    with pytest.raises(error, match=match):
+        build(out)
+    assert task_folders(out) == before, "a task folder was written before the error"
+
+
+# ----- data ------------------------------------------------------------------------------------
+def test_class_names_shorter_than_the_classlabel(tmp_path, digits, processor):
+    names = digits["train"].features["label"].names[:9]
+    refused(tmp_path, r"class_names has 9 names .* ClassLabel of 10 classes",
+            lambda out: run(out, processor, digits, {"num_tasks": 2, "class_names": names}))
+
+
+def test_class_names_longer_than_the_classlabel(tmp_path, digits, processor):
+    names = digits["train"].features["label"].names + ["ten"]
+    refused(tmp_path, r"class_names has 11 names .* one name per label",
+            lambda out: run(out, processor, digits, {"num_tasks": 2, "class_names": names}))
+
+
+def _plain(digits, n=60):
+    rows = digits["train"].select(range(n))
+    return Dataset.from_dict({"image": rows["image"], "label": rows["label"]})
+
+
+def test_class_names_shorter_than_plain_labels(tmp_path, digits, processor):
+    refused(tmp_path, r"Label\(s\) \[8, 9\] of the training data have no class name",
+            lambda out: run(out, processor, _plain(digits), {"num_tasks": 2, "class_names": list("abcdefgh")}))
+
+
+def test_class_names_longer_than_plain_labels_make_phantom_classes(tmp_path, digits, processor):
+    refused(tmp_path, r"Class\(es\) \['k', 'l'\] have no training examples",
+            lambda out: run(out, processor, _plain(digits), {"num_tasks": 2, "class_names": list("abcdefghijkl")}))
+
+
+def test_class_in_test_but_not_in_train(tmp_path, digits, processor):
+    names = digits["train"].features["label"].names
+    test = digits["test"].cast_column("label", ClassLabel(names=names[:9] + ["ten"]))
+    data = DatasetDict(train=digits["train"], test=test)
+    refused(tmp_path, r"Test class\(es\) \['ten'\] do not occur in the training data.*filter",
+            lambda out: run(out, processor, data))
+
+
+def test_test_labels_without_a_training_class(tmp_path, digits, processor):
+    train = _plain(digits)
+    test = Dataset.from_dict({"image": train["image"][:4], "label": [0, 1, 2, 12]})
+    data = DatasetDict(train=train, test=test)
+    refused(tmp_path, r"Test label\(s\) \[12\] are not training classes",
+            lambda out: run(out, processor, data, {"num_tasks": 2, "class_names": list("abcdefghij")}))
+
+
+def test_misspelt_test_split(tmp_path, digits, processor):
+    refused(tmp_path, r"No 'tset' split in \['train', 'test'\].*test_split=None",
+            lambda out: run(out, processor, digits, {"num_tasks": 2, "test_split": "tset"}))
+
+
+def test_empty_class_folder(tmp_path, digits, processor):
+    images = tmp_path / "images"
+    for split in ("train", "test"):
+        for name in ("cat", "dog", "eel"):
+            folder = images / split / name
+            folder.mkdir(parents=True)
+            if not (split == "train" and name == "dog"):
+                for i in range(3):
+                    digits["train"][i]["image"].save(folder / f"{i}.png")
+    data = load_dataset("imagefolder", data_dir=str(images))
+    refused(tmp_path, r"Class\(es\) \['dog'\] have no training examples \(an empty class folder",
+            lambda out: run(out, processor, data, {"num_tasks": 3}))
+
+
+def test_test_split_in_another_label_order_is_matched_by_name(digits):
+    names = digits["train"].features["label"].names
+    reordered = names[::-1]
+    test = digits["test"]
+    flipped = Dataset.from_dict(
+        {"image": test["image"][:50], "label": [9 - y for y in test["label"][:50]]},
+        features=test.select(range(50)).features.copy(),
+    ).cast_column("label", ClassLabel(names=reordered))
+    tasks = split_class_incremental(DatasetDict(train=digits["train"], test=flipped), num_tasks=2, seed=0)
+    for task in tasks:
+        got = sorted(task.test["label"])
+        expected = sorted(y for y in test["label"][:50] if names[y] in task.class_names)
+        assert got == expected  # test rows land in the task of their class name, with training ids
+
+
+# ----- prompts ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("template, match", [
+    ("a photo", r"has no '\{\}'"),
+    ("{} and {}", r"has no '\{\}' \(or more than one\)"),
+    ("a {} of {kind}", r"cannot be formatted"),
+])
+def test_bad_prompt_templates(tmp_path, processor, template, match):
+    refused(tmp_path, match, lambda out: run(out, processor, templates=[template]))
+
+
+# ----- training settings -------------------------------------------------------------------------
+@pytest.mark.parametrize("setting, match", [
+    ({"learning_rate": 0.0}, r"learning_rate=0.0 is invalid: it must be > 0"),
+    ({"learning_rate": -1e-3}, r"learning_rate=-0.001 is invalid"),
+    ({"max_steps": -1, "num_train_epochs": 0}, r"num_train_epochs=0.* Or set max_steps"),
+    ({"l_hkd": -0.1}, r"l_hkd=-0.1 is invalid: it must be >= 0"),
+    ({"keep_replay_samples": -1}, r"keep_replay_samples=-1"),
+    ({"per_device_eval_batch_size": 0}, r"per_device_eval_batch_size=0"),
+])
+def test_bad_training_settings(tmp_path, processor, setting, match):
+    refused(tmp_path, match, lambda out: run(out, processor, args=setting))
+
+
+def test_lwf_temperature_zero(tmp_path, processor):
+    refused(tmp_path, r"lwf_temperature=0.0 is invalid",
+            lambda out: run(out, processor, args={"method": "lwf", "lwf_temperature": 0.0}))
+
+
+@pytest.mark.parametrize("method", ["pmi", "feature_replay", "exemplar_replay"])
+def test_replay_batch_size_zero(tmp_path, processor, method):
+    refused(tmp_path, r"replay_batch_size=0 is invalid: it must be >= 1",
+            lambda out: run(out, processor, args={"method": method, "replay_batch_size": 0}))
+
+
+def test_exemplar_replay_keeping_no_samples(tmp_path, processor):
+    refused(tmp_path, r"per_class=0 is invalid",
+            lambda out: run(out, processor, args={"method": "exemplar_replay"}, inversion={"per_class": 0}))
+
+
+@pytest.mark.parametrize("setting, match", [
+    ({"layer_steps": 0}, r"layer_steps=0 is invalid: it must be an integer >= 1"),
+    ({"first_block_steps": -5}, r"first_block_steps=-5"),
+    ({"per_class": 0}, r"per_class=0"),
+    ({"refine_steps": -1}, r"refine_steps=-1 is invalid: it must be >= 0"),
+    ({"layer_lr": 0.0}, r"layer_lr=0.0"),
+    ({"rho": 0.0}, r"rho=0.0 is invalid: it must be in \(0, 1\]"),
+    ({"tau": 0.0}, r"tau=0.0"),
+    ({"boost": 0}, r"boost=0"),
+    ({"alpha_tv": -1.0}, r"alpha_tv=-1.0"),
+    ({"upsample_at": [1, 2, 40]}, r"upsample_at=\[1, 2, 40\].*first_block_steps=4"),
+])
+def test_bad_inversion_settings_fail_before_task_0(tmp_path, processor, setting, match):
+    refused(tmp_path, match, lambda out: run(out, processor, args={"method": "pmi"}, inversion=setting))
+
+
+def test_full_inversion_steps_zero(tmp_path, processor):
+    refused(tmp_path, r"full_steps=0",
+            lambda out: run(out, processor, args={"method": "full_inversion"}, inversion={"full_steps": 0}))
+
+
+# ----- output folder -----------------------------------------------------------------------------
+def test_output_dir_that_cannot_be_written(tmp_path, processor):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    refused(tmp_path, r"Cannot write to output_dir .*Choose a writable folder",
+            lambda out: run(out, processor), out=blocker / "out")
+
+
+def test_output_dir_with_finished_tasks_needs_resume_or_overwrite(tmp_path, processor):
+    out = tmp_path / "out"
+    (out / "task-0").mkdir(parents=True)
+    (out / "task-0" / "continual_state.json").write_text("{}")
+    refused(tmp_path, r"already holds finished tasks \(task-0\).*resume_from_checkpoint.*overwrite_output_dir",
+            lambda out: run(out, processor))
+    assert (out / "task-0" / "continual_state.json").read_text() == "{}"  # untouched
+    (out / "task-7").mkdir()  # a stale task of a longer earlier run
+    (out / "task-7" / "continual_state.json").write_text("{}")
+    result = run(out, processor, args={"overwrite_output_dir": True})  # asked for: the old tasks are replaced
+    assert task_folders(out) == ["task-0", "task-1"] and len(result.accuracy_matrix) == 2
+    assert json.loads((out / "task-0" / "continual_state.json").read_text())["task_id"] == 0
+
+
+# ----- checkpoints -----------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """A finished 2-task finetune run of one step per task (the checkpoint the resume tests start from)."""
+    from hf_pmi.testing import build_processor
+
+    out = tmp_path_factory.mktemp("finished") / "run"
+    run(out, build_processor())
+    return out
+
+
+def copy_run(finished_run, tmp_path):
+    out = tmp_path / "copy"
+    shutil.copytree(finished_run, out)
+    shutil.rmtree(out / "task-1")  # task 0 finished, task 1 to do
+    return out
+
+
+@pytest.mark.parametrize("change, match", [
+    (dict(args={"method": "lwf"}), r"trained with method 'finetune', this run uses 'lwf'"),
+    (dict(split={"num_tasks": 5}), r"belongs to a run of 2 tasks, this run has 5"),
+    (dict(split={"num_tasks": 2, "class_names": [f"digit {i}" for i in range(10)]}), r"trained on classes"),
+    (dict(data=load_digits_dataset(test_size=0.25)), r"trained on another data set"),
+])
+def test_resume_of_another_run_is_refused(tmp_path, processor, finished_run, change, match):
+    out = copy_run(finished_run, tmp_path)
+    refused(tmp_path, match + r".*overwrite_output_dir", lambda o: run(o, processor, resume=True, **change), out=out)
+
+
+def test_resume_from_a_missing_folder(tmp_path, processor):
+    refused(tmp_path, r"No finished task checkpoint at", lambda out: run(out, processor, resume=str(tmp_path / "nope")),
+            error=FileNotFoundError)
+
+
+def test_corrupt_weight_file_is_detected(tmp_path, processor, finished_run):
+    out = copy_run(finished_run, tmp_path)
+    weights = out / "task-0" / "clip" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1  # one flipped bit
+    weights.write_bytes(bytes(data))
+    refused(tmp_path, r"model.safetensors is corrupt: its sha256 is", lambda o: run(o, processor, resume=True), out=out)
+
+
+def test_checkpoint_whose_class_list_and_prompts_disagree(tmp_path, processor, finished_run):
+    out = copy_run(finished_run, tmp_path)
+    config = out / "task-0" / "continual_clip.json"
+    meta = json.loads(config.read_text())
+    meta["class_names"] = meta["class_names"][:-1]
+    config.write_text(json.dumps(meta))
+    refused(tmp_path, r"lists 4 class names and 1 template\(s\) but holds prompts of shape \(5, 1",
+            lambda o: run(o, processor, resume=True), out=out)
+
+
+def test_bank_json_with_zero_classes(tmp_path):
+    bank = FeatureBank()
+    bank.add_classes([0, 1], {0: torch.randn(6, 8), 1: torch.randn(6, 8)}, train_contrastive=False)
+    bank.save_pretrained(tmp_path / "bank")
+    config = tmp_path / "bank" / "feature_bank.json"
+    config.write_text(config.read_text().replace('"num_classes": 2', '"num_classes": 0'))
+    with pytest.raises(ValueError, match=r"num_classes=0 .* holds 2 classes.*set num_classes to 2"):
+        FeatureBank.from_pretrained(tmp_path / "bank")
+
+
+def test_missing_local_model_path_is_reported_as_a_path(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"No CLIP model folder at './no/such/clip'.*namespace/name"):
+        ContinualCLIP.from_clip("./no/such/clip")
+
+
+def test_missing_local_checkpoint_is_reported_as_a_path(tmp_path, digits):
+    tasks = split_class_incremental(digits, num_tasks=2)
+    missing = str(tmp_path / "runs" / "task-3")
+    with pytest.raises(FileNotFoundError, match=r"No checkpoint folder at .*task-3"):
+        ContinualTrainer.from_pretrained(missing, tasks=tasks, args=make_args(tmp_path / "out"))
+    assert task_folders(tmp_path / "out") == []
+
+
+# ----- images ----------------------------------------------------------------------------------
+def test_float_and_16_bit_images_keep_their_contrast(processor):
+    grey = np.linspace(0, 1, 32 * 32, dtype=np.float32).reshape(32, 32)
+    rows = [
+        {"image": Image.fromarray(grey), "label": 0},  # float in [0, 1]
+        {"image": Image.fromarray((grey * 65535).astype(np.uint16)), "label": 0},  # 16-bit
+        {"image": Image.fromarray((grey * 255).astype(np.uint8)).convert("RGB"), "label": 0},  # 8-bit reference
+    ]
+    pixels = ContinualCollator(processor.image_processor, {0: 0})(rows)["pixel_values"]
+    assert torch.allclose(pixels[0], pixels[2], atol=0.05) and torch.allclose(pixels[1], pixels[2], atol=0.05)
+    assert pixels[2].std() > 0.5  # a real gradient, not a black or white image
+
+
+def test_nan_pixel_in_a_float_image_is_named(processor):
+    bad = np.full((8, 8), 0.5, np.float32)
+    bad[3, 3] = np.nan
+    with pytest.raises(ValueError, match=r"1 non-finite pixel value"):
+        ContinualCollator(processor.image_processor, {0: 0})([{"image": Image.fromarray(bad), "label": 0}])
