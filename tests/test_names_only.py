@@ -12,6 +12,7 @@ from peft import LoraConfig
 
 from hf_pmi import ContinualCLIP, ContinualConfig, ContinualTrainer, split_class_incremental
 from hf_pmi.bank import FeatureBank
+from hf_pmi.integrity import weight_checksums
 from hf_pmi.inversion import InversionConfig
 from hf_pmi.names_only import (NamesOnlyConfig, make_names_only, names_only_tasks, nearest_classes, project_name,
                                rotate_toward)
@@ -138,6 +139,9 @@ def test_continued_checkpoint_errors(tmp_path, checkpoint):
     bank = FeatureBank.from_pretrained(folder / "feature_bank")
     bank._raw_means, bank._raw_stds, bank.raw_statistics = [], [], None
     bank.save_pretrained(folder / "feature_bank")
+    state = json.loads((folder / "continual_state.json").read_text())
+    state["checksums"] = weight_checksums(str(folder))  # an honest old bank, not a corrupt file
+    (folder / "continual_state.json").write_text(json.dumps(state))
     with pytest.raises(ValueError, match="record_raw_gaussians"):
         ContinualTrainer.from_pretrained(str(folder), tasks=["a new digit"], args=args_for(tmp_path, "d"),
                                          inversion_config=FAST_INVERSION)
@@ -174,7 +178,7 @@ def test_recipe_runs_and_adds_classes_by_name_to_its_checkpoint(tmp_path):
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     fast = ["--max_steps", "2", "--per_device_train_batch_size", "16", "--replay_batch_size", "8", "--disable_tqdm",
-            "true", "--layer_steps", "2", "--first_block_steps", "3", "--upsample_at", "1", "2", "3",
+            "true", "--layer_steps", "2", "--first_block_steps", "4", "--upsample_at", "1", "2", "3",
             "--refine_steps", "2", "--per_class", "2", "--names_only_per_class", "3", "--keep_replay_samples", "0"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": root}
 
