@@ -5,6 +5,11 @@ Per class (integer ids ``0 .. C-1`` in order of arrival): a Gaussian of the un-n
 number of real features it was estimated from, and the state dict of its contrastive model g_c.
 Shared by all classes: the per-layer `LayerStatistics`, merged across tasks.
 
+For learning new classes from their names (`hf_pmi.names_only`) the bank also keeps, per class, a
+diagonal Gaussian of the *raw* (pre-trained, adapter-free) CLIP's image features
+(``raw_means`` / ``raw_stds``), the raw CLIP's layer statistics, and which classes were themselves
+learned from their names only (``names_only_classes``).
+
 Saved as ``feature_bank.safetensors`` + ``feature_bank.json``; pickles are never read.
 
 Example:
@@ -65,6 +70,10 @@ class FeatureBank:
         self._covs: list[torch.Tensor] = []
         self.contrastive: dict[int, dict[str, torch.Tensor]] = {}
         self.statistics: LayerStatistics | None = None
+        self._raw_means: list[torch.Tensor] = []
+        self._raw_stds: list[torch.Tensor] = []
+        self.raw_statistics: LayerStatistics | None = None
+        self.names_only_classes: list[int] = []
 
     # ----- contents --------------------------------------------------------------------------
     @property
@@ -148,6 +157,36 @@ class FeatureBank:
                 g = fit_contrastive(f, epochs=contrastive_epochs, lr=contrastive_lr, tau=tau, seed=seed + c)
                 self.contrastive[c] = {k: v.clone() for k, v in g.state_dict().items()}
 
+    @property
+    def num_raw_classes(self) -> int:
+        """Classes ``0 .. num_raw_classes - 1`` have a Gaussian of the raw CLIP's features."""
+        return len(self._raw_means)
+
+    @property
+    def raw_means(self) -> torch.Tensor:
+        """(C, P) class means of the raw (pre-trained) CLIP's image features."""
+        return torch.stack(self._raw_means) if self._raw_means else torch.empty(0)
+
+    @property
+    def raw_stds(self) -> torch.Tensor:
+        """(C, P) population stds of the raw CLIP's image features."""
+        return torch.stack(self._raw_stds) if self._raw_stds else torch.empty(0)
+
+    def add_raw_classes(self, class_ids: Iterable[int], features: dict[int, torch.Tensor]) -> None:
+        """Store the raw-CLIP Gaussian of each class from its raw features ``(n_c, P)`` (ids in order, as `add_classes`)."""
+        class_ids = [int(c) for c in class_ids]
+        expected = list(range(self.num_raw_classes, self.num_raw_classes + len(class_ids)))
+        if class_ids != expected:
+            raise ValueError(f"Raw Gaussians arrive in class order: the next ids are {expected}, got {class_ids}.")
+        for c in class_ids:
+            f = features[c].detach().to("cpu", torch.float32)
+            self._raw_means.append(f.mean(dim=0))
+            self._raw_stds.append(f.std(dim=0, unbiased=False))
+
+    def update_raw_statistics(self, stats: LayerStatistics) -> None:
+        """Merge a task's layer statistics of the raw CLIP (count-weighted)."""
+        self.raw_statistics = stats if self.raw_statistics is None else self.raw_statistics.merge(stats)
+
     def update_statistics(self, stats: LayerStatistics) -> None:
         """Merge a task's layer statistics into the bank's (count-weighted)."""
         self.statistics = stats if self.statistics is None else self.statistics.merge(stats)
@@ -223,6 +262,11 @@ class FeatureBank:
                 tensors[f"contrastive.{c}.{k}"] = v.contiguous()
         if self.statistics is not None:
             tensors.update(self.statistics.to_tensors(prefix="statistics."))
+        if self._raw_means:
+            tensors["raw_means"] = self.raw_means.contiguous()
+            tensors["raw_stds"] = self.raw_stds.contiguous()
+        if self.raw_statistics is not None:
+            tensors.update(self.raw_statistics.to_tensors(prefix="raw_statistics."))
         return tensors
 
     def save_pretrained(self, save_directory: str | os.PathLike) -> None:
@@ -240,6 +284,9 @@ class FeatureBank:
             "shrinkage": self.shrinkage,
             "contrastive_classes": sorted(self.contrastive),
             "has_statistics": self.statistics is not None,
+            "raw_classes": self.num_raw_classes,
+            "has_raw_statistics": self.raw_statistics is not None,
+            "names_only_classes": self.names_only_classes,
         }
         save_file(self.to_tensors(), str(save_directory / WEIGHTS_NAME), metadata={"format": "pt"})
         (save_directory / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
@@ -298,6 +345,12 @@ class FeatureBank:
             bank.contrastive[int(c)] = {k[len(head) :]: v for k, v in tensors.items() if k.startswith(head)}
         if config["has_statistics"]:
             bank.statistics = LayerStatistics.from_tensors(tensors, prefix="statistics.")
+        if config.get("raw_classes"):  # absent in banks written before raw Gaussians existed
+            bank._raw_means = list(tensors["raw_means"].unbind(0))
+            bank._raw_stds = list(tensors["raw_stds"].unbind(0))
+        if config.get("has_raw_statistics"):
+            bank.raw_statistics = LayerStatistics.from_tensors(tensors, prefix="raw_statistics.")
+        bank.names_only_classes = [int(c) for c in config.get("names_only_classes", [])]
         return bank
 
 

@@ -23,6 +23,7 @@ The `state` dict (accuracies are fractions in [0, 1]; the card shows percentages
 | `inversion` | dict or None | inversion settings (any keys) plus cost keys `seconds` and `full_model_passes` |
 | `repo_id` | str or None | Hub repo for the how-to-load snippets |
 | `replay_grid` | str or None | file name of an image of replay samples, in the same folder |
+| `names_only_classes` | list[str] or None | classes learned from their names only (no image) |
 | `tags` | list[str] or None | extra Hub tags |
 | `license` | str | Hub license id (default "apache-2.0"; match your base model's license) |
 | `library_name` | str | default "hf_pmi" (the folder root is an hf_pmi checkpoint; `clip/` is a transformers CLIPModel) |
@@ -197,9 +198,11 @@ def _context(state: dict, heatmap: str | None) -> dict:
         metrics.append(("New classes", _pct(state["new_accuracy"]), "accuracy on the last task's classes"))
 
     names = state.get("class_names") or []
+    from_names = set(state.get("names_only_classes") or [])
     tasks = []
     for t, ids in enumerate(_task_classes(state)):
         labels = [names[i] if i < len(names) else str(i) for i in ids]
+        labels = [f"{n} (learned from its name only, no image)" if n in from_names else n for n in labels]
         tasks.append({"index": t, "classes": _cell(", ".join(labels))})
     seen_classes = sum(len(ids) for ids in _task_classes(state)[: task_id + 1]) or "?"
 

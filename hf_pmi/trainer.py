@@ -45,6 +45,7 @@ from .log import get_logger, set_verbosity
 from .metrics import continual_metrics, format_matrix
 from .model_card import write_model_card
 from .modeling import ContinualCLIP
+from .names_only import validate_names_only
 from .resume import (
     check_resume_consistency, dataset_fingerprint, prepare_output_dir, restore_trainable, resume_request, task_seed,
     trainable_parameter_names,
@@ -148,12 +149,13 @@ class ContinualTrainer(ContinualHubMixin, Trainer):
         self.inversion_config = inversion_config
         self.method = METHODS[args.method](self)
         self.method.validate()
+        validate_names_only(self)  # tasks given by class names only
         validate_trainer(self)  # every setting and input, before any work (hf_pmi.validation)
         self.dataset_fingerprint = dataset_fingerprint(tasks)
         self.current_task = None  # global index of the task being learnt (divergence errors name it)
         self.add_callback(DivergenceGuard(self))
         if self.method.trains:
-            streaming = [t.task_id for t in tasks if not hasattr(t.train, "__len__")]
+            streaming = [t.task_id for t in tasks if t.train is not None and not hasattr(t.train, "__len__")]
             if streaming and args.max_steps <= 0:
                 raise ValueError(
                     f"Tasks {streaming} stream their data (no length), so the Trainer cannot count epochs: set "
@@ -252,7 +254,7 @@ class ContinualTrainer(ContinualHubMixin, Trainer):
     def from_pretrained(
         cls,
         path_or_repo_id: str,
-        tasks: ContinualTasks,
+        tasks: ContinualTasks | list[str],
         args: ContinualConfig,
         revision: str | None = None,
         processing_class=None,
@@ -262,12 +264,18 @@ class ContinualTrainer(ContinualHubMixin, Trainer):
 
         Loads the model, processor, feature bank and state; `tasks` (new classes only, e.g. from
         `split_class_incremental(new_data, ...)`) are renumbered to follow the checkpoint's classes
-        and tasks. Old classes are replayed from the bank: no old data is needed.
+        and tasks. Old classes are replayed from the bank: no old data is needed. A list of class
+        names instead of tasks adds those classes from their names only (`hf_pmi.names_only`;
+        method "pmi" on a LoRA checkpoint), with no image at all.
 
         Example:
             >>> trainer = ContinualTrainer.from_pretrained("me/clip-cub200-pmi", tasks=new_tasks, args=args,
             ...                                            revision="task-9")  # doctest: +SKIP
         """
+        if not isinstance(tasks, ContinualTasks):  # class names only: learned data-free (hf_pmi.names_only)
+            from .names_only import names_only_tasks
+
+            tasks = names_only_tasks(tasks)
         folder = resolve_pretrained_folder(path_or_repo_id, revision=revision)
         with open(os.path.join(folder, STATE_NAME)) as f:
             state = json.load(f)
@@ -290,8 +298,9 @@ class ContinualTrainer(ContinualHubMixin, Trainer):
                       processing_class=processing_class, **kwargs)
         trainer._previous_task_classes = state["task_classes"]
         trainer.callback_handler.step_offset = state.get("global_step", 0)  # trackers' steps go on from the checkpoint
-        trainer.accuracy_matrix = [row + [None] * len(tasks) for row in state["accuracy_matrix"]]
-        trainer.counts = state["counts"] + [0] * len(tasks)
+        # rows of a run that planned more tasks than it finished are cut to the finished ones
+        trainer.accuracy_matrix = [row[:done] + [None] * len(tasks) for row in state["accuracy_matrix"]]
+        trainer.counts = state["counts"][:done] + [0] * len(tasks)
         trainer.method.load(folder)
         return trainer
 

@@ -119,6 +119,8 @@ def card_state(trainer, g: int, result, folder: str) -> dict:
             "Synthetic samples used to rehearse the old classes (the first ones of the replay buffer, row by row), "
             "each titled with its class."
         ),
+        "names_only_classes": [model.class_names[c] for c in getattr(getattr(trainer.method, "bank", None),
+                                                                         "names_only_classes", [])],
         "hyperparameters": _hyperparameters(trainer.args),
         "framework_versions": framework_versions(),
         "tags": ["continual-learning", "class-incremental", "clip", "hf_pmi", trainer.args.method]

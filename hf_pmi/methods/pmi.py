@@ -20,6 +20,7 @@ from .. import faults
 from ..bank import FeatureBank
 from ..blocks import VisionBlocks
 from ..inversion import InversionConfig, synthesize_replay
+from ..names_only import NamesOnlyLearner, check_bank, is_names_only
 from ..replay import replay_losses, task_weights
 from ..statistics import collect_statistics_and_features
 from . import ContinualMethod, old_class_count, register_method
@@ -49,6 +50,8 @@ class PMI(ContinualMethod):
         self.teacher = None
         self.buffer: tuple[torch.Tensor, torch.Tensor] | None = None
         self.last_report: dict | None = None
+        self.names_only = NamesOnlyLearner(self)  # tasks given by class names only (hf_pmi.names_only)
+        self.task_id = None
 
     def validate(self) -> None:
         if self.inversion.start_block != 1:
@@ -58,7 +61,11 @@ class PMI(ContinualMethod):
             )
 
     # ----- training ----------------------------------------------------------------------------
+    def train_dataset(self, task_id: int):
+        return self.names_only.data if is_names_only(self.tasks[task_id]) else self.tasks[task_id].train
+
     def before_task(self, task_id: int) -> None:
+        self.task_id = task_id
         self.num_old = old_class_count(self.trainer, task_id)
         self.teacher = self.snapshot_teacher() if self.num_old and self.buffer is not None else None
         if self.teacher is not None:
@@ -67,10 +74,14 @@ class PMI(ContinualMethod):
             )
             seed = self.args.seed * 1000 + task_id * 10 + self.trainer.accelerator.process_index
             self.generator = torch.Generator().manual_seed(seed)  # replay draws differ per process, as data shards do
+        if is_names_only(self.tasks[task_id]):
+            self.names_only.before_task(task_id)
 
     def compute_loss(self, model, inputs, num_items_in_batch=None):
         if self.teacher is None:  # first task: plain CE
             return model(pixel_values=inputs["pixel_values"], labels=inputs["labels"]).loss
+        if is_names_only(self.tasks[self.task_id]):
+            return self.names_only.compute_loss(model, inputs)
         samples, labels = self.buffer
         idx = torch.randint(len(labels), (self.args.replay_batch_size,), generator=self.generator)
         replay, replay_labels = samples[idx.to(samples.device)], labels[idx.to(labels.device)]
@@ -86,6 +97,8 @@ class PMI(ContinualMethod):
     # ----- between tasks ---------------------------------------------------------------------------
     def after_task(self, task_id: int) -> dict:
         task = self.tasks[task_id]
+        if is_names_only(task):
+            return {**self.names_only.after_task(task), **self.synthesize()}
         model = self.trainer.accelerator.unwrap_model(self.model)
         model.eval()
         progress = self.trainer.is_world_process_zero() and not self.args.disable_tqdm
@@ -98,6 +111,7 @@ class PMI(ContinualMethod):
             seed=self.args.seed,
             progress=progress,
         )
+        self.names_only.after_real_task(task, _real_batches(self.trainer, task.train))
         return self.synthesize()
 
     def synthesize(self) -> dict:
@@ -137,6 +151,8 @@ class PMI(ContinualMethod):
 
     def load(self, folder: str) -> None:
         self.bank = FeatureBank.from_pretrained(os.path.join(folder, BANK_FOLDER))
+        if any(is_names_only(t) for t in self.tasks):
+            check_bank(self.bank, folder)  # before the inversion work below
         self.synthesize()  # the buffer is not stored: it is regenerated, data-free, from the bank
 
     def card_info(self) -> dict | None:

@@ -1,0 +1,198 @@
+"""New classes from their names only, on the shapes world (recipes/clip_names_only.py's protocol).
+
+    python benchmarks/names_only.py --seeds 0 1 2 --output benchmarks/results/names_only.json
+
+Per seed: the 16 held-out shape-colour pairs of `hf_pmi.testing.shapes` (never seen by the pre-trained
+shapes CLIP) cut into 5 tasks (class order drawn with the seed); tasks 0-3 are learned from images
+with `pmi` on a LoRA-adapted shapes CLIP, task 4 from its class names only. Measured:
+
+- ``zero_shot_new``: accuracy on task 4's test images of the model after task 3 with task 4's names
+  added to its classifier (no training), over all 16 classes;
+- ``names_only_new``: the same after the names-only task;
+- ``real_data_new``: the same after learning task 4 from its real images with the same method and
+  losses, continued from the same task-3 checkpoint (the upper bound);
+- ``old_before`` / ``old_after``: accuracy on tasks 0-3's test images before (the model after task 3,
+  over its 13 classes) / after the names-only task (``real_old_after``: after the real-data task;
+  ``old_before_with_new_names``: before, with the new names already in the classifier).
+
+A seed whose ``<workdir>/seed<S>/result.json`` exists (a finished earlier call) is reused, not rerun,
+and so is a finished names-only run (``<workdir>/seed<S>/names_only/task-4``).
+Each seed runs in its own process (one CPU thread, ``--jobs`` at a time); the shapes CLIP is
+pre-trained by the first one that needs it and cached. Writes the JSON (per seed, mean and
+population std) and a bar plot next to it.
+"""
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+KEYS = ["zero_shot_new", "names_only_new", "real_data_new", "old_before", "old_after", "real_old_after"]
+
+
+def accuracy(model, dataset, label_map, processor, batch_size=128):
+    """Accuracy of `model` (over all its classes) on `dataset`, labels mapped by `label_map`."""
+    import torch
+
+    from hf_pmi.data import ContinualCollator
+
+    collate = ContinualCollator(processor.image_processor, label_map)
+    model.eval()
+    correct = total = 0
+    with torch.no_grad():
+        for start in range(0, len(dataset), batch_size):
+            batch = collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
+            pred = model(pixel_values=batch["pixel_values"]).logits.argmax(-1)
+            correct += int((pred == batch["labels"]).sum())
+            total += len(pred)
+    return correct / total
+
+
+def run_seed(seed, workdir, a):
+    """One seed of the protocol, in this process; returns its numbers."""
+    from datasets import concatenate_datasets
+    from peft import LoraConfig
+
+    from hf_pmi import ContinualCLIP, ContinualConfig, ContinualTrainer, split_class_incremental
+    from hf_pmi.inversion import InversionConfig
+    from hf_pmi.names_only import NamesOnlyConfig, make_names_only
+    from hf_pmi.testing import build_processor
+    from hf_pmi.testing.shapes import SHAPES_TEMPLATES, load_shapes_dataset, shapes_clip
+
+    t0 = time.time()
+    processor = build_processor()
+    data = load_shapes_dataset(per_class=a.per_class, test_per_class=a.test_per_class)
+    tasks = split_class_incremental(data, num_tasks=5, seed=seed)
+    names_config = NamesOnlyConfig(num_train_epochs=a.names_only_epochs)
+    # the recipe's budgets (recipes/clip_names_only.py): small tasks, a CPU-sized inversion
+    inversion = InversionConfig(layer_steps=50, first_block_steps=200, upsample_at=[50, 100, 150], refine_steps=100)
+
+    def args_for(name):
+        return ContinualConfig(output_dir=os.path.join(workdir, f"seed{seed}", name), method="pmi", seed=seed,
+                               num_train_epochs=a.epochs, per_device_train_batch_size=32, warmup_steps=10,
+                               replay_batch_size=32, disable_tqdm=True, logging_steps=10**9, keep_replay_samples=0)
+
+    def model_for():
+        lora = LoraConfig(r=16, lora_alpha=32, target_modules=r".*vision_model.*\.(q_proj|v_proj|fc1|fc2)",
+                          modules_to_save=["text_projection"])
+        return ContinualCLIP.from_clip(shapes_clip(a.backbone_dir), templates=SHAPES_TEMPLATES, lora=lora)
+
+    results_file = os.path.join(workdir, f"seed{seed}", "names_only", "results.json")
+    if os.path.isdir(os.path.join(os.path.dirname(results_file), "task-4")):  # finished by an earlier call
+        with open(results_file) as f:
+            run = json.load(f)
+    else:
+        run = ContinualTrainer(model=model_for(), args=args_for("names_only"),
+                               tasks=make_names_only(tasks, [-1], names_config), processing_class=processor,
+                               inversion_config=inversion).train().to_dict()
+    checkpoint = os.path.join(workdir, f"seed{seed}", "names_only", "task-3")
+    old_test = concatenate_datasets([t.test for t in tasks.tasks[:4]])
+    new_test = tasks[4].test
+    # zero-shot: the model after task 3, the new names added, no training
+    before = ContinualCLIP.from_pretrained(checkpoint)
+    before.add_classes(tasks[4].class_names, processor.tokenizer)
+    zero_shot_new = accuracy(before, new_test, tasks.label_map, processor)
+    # upper bound: task 4 from its real images, continued from the same checkpoint
+    n = len(tasks[4].class_ids)
+    real_tasks = dataclasses.replace(
+        tasks, tasks=[dataclasses.replace(tasks[4], task_id=0, class_ids=list(range(n)))],
+        class_order=tasks.class_order[-n:], class_names=tasks.class_names[-n:])
+    real = ContinualTrainer.from_pretrained(checkpoint, tasks=real_tasks, args=args_for("real"), inversion_config=inversion)
+    real.train()
+    real_model = real.accelerator.unwrap_model(real.model)
+    result = {
+        "seed": seed,
+        "zero_shot_new": zero_shot_new,
+        "names_only_new": run["accuracy_matrix"][4][4],
+        "real_data_new": accuracy(real_model, new_test, tasks.label_map, processor),
+        "old_before": run["all_seen_accuracy"][3],  # the model after task 3, over its own 13 classes
+        "old_before_with_new_names": accuracy(before, old_test, tasks.label_map, processor),
+        "old_after": run["old_class_accuracy"][4],
+        "real_old_after": accuracy(real_model, old_test, tasks.label_map, processor),
+        "names_only_classes": tasks[4].class_names,
+        "accuracy_matrix": run["accuracy_matrix"],
+        "seconds": time.time() - t0,
+    }
+    return result
+
+
+def plot(mean, std, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 3.2))
+    ax.bar(range(len(KEYS)), [mean[k] for k in KEYS], yerr=[std[k] for k in KEYS], capsize=3,
+           color=["grey", "tab:blue", "tab:green", "tab:orange", "tab:red", "tab:olive"])
+    ax.set_xticks(range(len(KEYS)), KEYS, rotation=20)
+    ax.set_ylabel("accuracy")
+    ax.set_ylim(0, 1)
+    ax.set_title("names-only task (shapes world, mean ± std over seeds)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--output", default=os.path.join(ROOT, "benchmarks", "results", "names_only.json"))
+    parser.add_argument("--workdir", default=os.path.join(ROOT, "runs", "names_only"))
+    parser.add_argument("--backbone_dir", default=None, help="Cache of the shapes CLIP (default $HF_PMI_CACHE or ~/.cache/hf_pmi).")
+    parser.add_argument("--jobs", type=int, default=2, help="Seeds at a time (one CPU thread each).")
+    parser.add_argument("--epochs", type=float, default=6, help="Epochs of each task learned from images.")
+    parser.add_argument("--names_only_epochs", type=float, default=3, help="Epochs of the names-only task (reference 1-5).")
+    parser.add_argument("--per_class", type=int, default=60, help="Training images per class.")
+    parser.add_argument("--test_per_class", type=int, default=30)
+    parser.add_argument("--one_seed", type=int, default=None, help=argparse.SUPPRESS)  # worker mode
+    a = parser.parse_args()
+    if a.one_seed is not None:
+        result = run_seed(a.one_seed, a.workdir, a)
+        with open(os.path.join(a.workdir, f"seed{a.one_seed}", "result.json"), "w") as f:
+            json.dump(result, f, indent=2)
+        print(json.dumps(result))
+        return
+    t0 = time.time()
+    forwarded = [arg for arg in sys.argv[1:]]
+
+    def worker(seed):
+        done = os.path.join(a.workdir, f"seed{seed}", "result.json")
+        if os.path.exists(done):  # a finished seed of an earlier call with the same --workdir
+            with open(done) as f:
+                result = json.load(f)
+            print(f"seed {seed}: reused {done}", flush=True)
+            return result
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+        cmd = [sys.executable, os.path.abspath(__file__), *forwarded, "--one_seed", str(seed)]
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"seed {seed} failed:\n{proc.stderr[-4000:]}")
+        result = json.loads(proc.stdout.strip().splitlines()[-1])
+        print(f"seed {seed}: " + "  ".join(f"{k} {result[k]:.3f}" for k in KEYS) + f"  ({result['seconds']:.0f} s)",
+              flush=True)
+        return result
+
+    with ThreadPoolExecutor(a.jobs) as pool:
+        seeds = list(pool.map(worker, a.seeds))
+    mean = {k: statistics.mean(s[k] for s in seeds) for k in KEYS}
+    std = {k: statistics.pstdev([s[k] for s in seeds]) for k in KEYS}
+    report = {"seeds": seeds, "mean": mean, "std": std,
+              "command": " ".join([os.path.relpath(os.path.abspath(__file__), ROOT), *sys.argv[1:]]),
+              "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, {platform.python_version()}",
+              "total_seconds": time.time() - t0}
+    os.makedirs(os.path.dirname(os.path.abspath(a.output)), exist_ok=True)
+    with open(a.output, "w") as f:
+        json.dump(report, f, indent=2)
+    plot(mean, std, os.path.splitext(a.output)[0] + ".png")
+    print("\n" + "\n".join(f"{k:>15}: {mean[k]:.3f} ± {std[k]:.3f}" for k in KEYS) + f"\n-> {a.output}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,199 @@
+"""New classes from their names only: the projection maths, the bank's raw Gaussians, the errors,
+and names-only tasks end to end (a run, and a checkpoint served by the local Hub server)."""
+
+import dataclasses
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hub_server import hub_client, hub_server  # noqa: F401  (fixtures)
+from peft import LoraConfig
+
+from hf_pmi import ContinualCLIP, ContinualConfig, ContinualTrainer, split_class_incremental
+from hf_pmi.bank import FeatureBank
+from hf_pmi.integrity import weight_checksums
+from hf_pmi.inversion import InversionConfig
+from hf_pmi.names_only import (NamesOnlyConfig, make_names_only, names_only_tasks, nearest_classes, project_name,
+                               rotate_toward)
+from hf_pmi.testing import build_clip
+
+FAST_INVERSION = InversionConfig(layer_steps=3, first_block_steps=4, upsample_at=(1, 2, 3), refine_steps=3,
+                                 per_class=2, selection="gaussian")
+FAST_NAMES = NamesOnlyConfig(per_class=4, neighbours=2)
+
+
+def unit(*shape, seed=0):
+    return F.normalize(torch.randn(*shape, generator=torch.Generator().manual_seed(seed)), dim=-1)
+
+
+# ----- maths ---------------------------------------------------------------------------------------
+def test_rotation_maps_source_onto_target_and_is_orthogonal():
+    a, b = unit(16, seed=1), unit(16, seed=2)
+    assert torch.allclose(rotate_toward(a[None], a, b)[0], b, atol=1e-6)
+    x = torch.randn(10, 16)
+    r = rotate_toward(x, a, b)
+    assert torch.allclose(r @ r.t(), x @ x.t(), atol=1e-4)  # lengths and angles kept
+    # the part orthogonal to the plane of a and b is untouched
+    q, _ = torch.linalg.qr(torch.stack([a, b], 1))
+    perp = lambda y: y - (y @ q) @ q.t()  # noqa: E731
+    assert torch.allclose(perp(r), perp(x), atol=1e-5)
+    # the angle between a rotated vector and b equals that between the original and a
+    assert torch.allclose(r @ b, x @ a, atol=1e-5)
+    assert torch.equal(rotate_toward(x, a, a), x)
+
+
+def test_projection_picks_text_neighbours_and_shifts_toward_the_prototype():
+    old = torch.linalg.qr(torch.randn(8, 6, generator=torch.Generator().manual_seed(3)))[0].t()  # orthonormal rows
+    new = F.normalize(old[4] + 0.3 * old[1], dim=-1)
+    assert nearest_classes(old, new, 2).tolist() == [4, 1]
+    means, stds = torch.randn(6, 8) * 3, torch.zeros(6, 8)
+    # one neighbour, no spread, no shift: the neighbour's mean direction rotated from its prototype to the new one
+    t = project_name(means, stds, old, new, neighbours=1, per_class=3, gamma=0.0)
+    expected = rotate_toward(F.normalize(means[4], dim=-1)[None], old[4], new)[0]
+    assert torch.allclose(t, expected.expand(3, -1), atol=1e-5)
+    # gamma = 1 is the text prototype itself; every target has unit norm
+    assert torch.allclose(project_name(means, stds + 1, old, new, gamma=1.0), new.expand(20, -1), atol=1e-6)
+    t = project_name(means, stds + 1, old, new, generator=torch.Generator().manual_seed(0))
+    assert t.shape == (20, 8) and torch.allclose(t.norm(dim=-1), torch.ones(20), atol=1e-5)
+
+
+def test_bank_keeps_raw_gaussians_through_save_and_load(tmp_path):
+    bank = FeatureBank()
+    feats = {0: torch.randn(5, 4), 1: torch.randn(5, 4) + 2}
+    bank.add_classes([0, 1], feats, train_contrastive=False)
+    bank.add_raw_classes([0, 1], {c: f * 2 for c, f in feats.items()})
+    bank.names_only_classes = [1]
+    bank.save_pretrained(tmp_path)
+    loaded = FeatureBank.from_pretrained(tmp_path)
+    assert torch.equal(loaded.raw_means, bank.raw_means) and torch.equal(loaded.raw_stds, bank.raw_stds)
+    assert loaded.num_raw_classes == 2 and loaded.names_only_classes == [1]
+    assert torch.allclose(loaded.raw_means[1], (feats[1] * 2).mean(0))
+    with pytest.raises(ValueError, match="next ids are \\[2\\]"):
+        bank.add_raw_classes([3], {3: torch.randn(2, 4)})
+
+
+# ----- runs ----------------------------------------------------------------------------------------
+def lora_model():
+    return ContinualCLIP.from_clip(build_clip("tiny"), lora=LoraConfig(r=4, lora_alpha=8))
+
+
+def args_for(tmp_path, name, method="pmi", **kw):
+    return ContinualConfig(output_dir=str(tmp_path / name), method=method, max_steps=2, per_device_train_batch_size=16,
+                           replay_batch_size=8, warmup_steps=0, disable_tqdm=True, logging_steps=100,
+                           keep_replay_samples=0, **kw)
+
+
+def test_run_with_a_names_only_last_task(tmp_path, digits, processor):
+    tasks = make_names_only(split_class_incremental(digits, num_tasks=3, seed=0), config=FAST_NAMES)
+    assert tasks[2].train is None and tasks[2].test is not None
+    trainer = ContinualTrainer(model=lora_model(), args=args_for(tmp_path, "run"), tasks=tasks,
+                               processing_class=processor, inversion_config=FAST_INVERSION)
+    lr = trainer.args.learning_rate
+    result = trainer.train()
+    bank = trainer.method.bank
+    n = len(tasks.class_names)
+    assert bank.num_classes == n and bank.num_raw_classes == n and bank.names_only_classes == tasks[2].class_ids
+    assert result.accuracy_matrix[2][2] is not None  # evaluated on real test images of the names-only classes
+    assert trainer.args.learning_rate == lr  # the names-only task's own lr was restored
+    assert result.method_logs[2]["names_only_feature_mse"] >= 0
+    card = (tmp_path / "run" / "task-2" / "README.md").read_text()
+    assert f"{tasks[2].class_names[0]} (learned from its name only" in card
+    assert "name only" not in (tmp_path / "run" / "task-1" / "README.md").read_text()
+
+
+def test_errors_before_any_work(tmp_path, digits, processor):
+    tasks = split_class_incremental(digits, num_tasks=2, seed=0)
+    with pytest.raises(ValueError, match="no class is known before it"):
+        ContinualTrainer(model=lora_model(), args=args_for(tmp_path, "a"), tasks=make_names_only(tasks, [0]),
+                         processing_class=processor)
+    with pytest.raises(ValueError, match="method='pmi'"):
+        ContinualTrainer(model=lora_model(), args=args_for(tmp_path, "b", method="finetune"),
+                         tasks=make_names_only(tasks), processing_class=processor)
+    for bad, match in (([""], "non-empty"), (["  "], "non-empty"), ([], "at least one"), ("five", "as a list"),
+                       (["x", "x"], "more than once")):
+        with pytest.raises(ValueError, match=match):
+            names_only_tasks(bad)
+
+
+@pytest.fixture
+def checkpoint(tmp_path, digits, processor):
+    """A 2-task pmi run on a LoRA-adapted tiny CLIP; returns (folder of task-1, its class names)."""
+    tasks = split_class_incremental(digits, num_tasks=5, seed=0)
+    old = dataclasses.replace(tasks, tasks=tasks.tasks[:2], class_order=tasks.class_order[:4],
+                              class_names=tasks.class_names[:4])
+    ContinualTrainer(model=lora_model(), args=args_for(tmp_path, "base"), tasks=old, processing_class=processor,
+                     inversion_config=FAST_INVERSION).train()
+    return tmp_path / "base" / "task-1", old.class_names
+
+
+def test_continued_checkpoint_errors(tmp_path, checkpoint):
+    folder, names = checkpoint
+    # continuing a run's middle task (its rows are as long as the whole run) keeps a square matrix
+    mid = ContinualTrainer.from_pretrained(str(folder.parent / "task-0"), tasks=["a new digit"],
+                                           args=args_for(tmp_path, "mid"), inversion_config=FAST_INVERSION)
+    assert [len(row) for row in mid.accuracy_matrix] == [2] and len(mid.counts) == 2
+    with pytest.raises(ValueError, match="already exist"):
+        ContinualTrainer.from_pretrained(str(folder), tasks=[names[0]], args=args_for(tmp_path, "c"))
+    # a bank without raw-CLIP Gaussians (e.g. written before they existed) is refused, saying how to get one
+    bank = FeatureBank.from_pretrained(folder / "feature_bank")
+    bank._raw_means, bank._raw_stds, bank.raw_statistics = [], [], None
+    bank.save_pretrained(folder / "feature_bank")
+    state = json.loads((folder / "continual_state.json").read_text())
+    state["checksums"] = weight_checksums(str(folder))  # an honest old bank, not a corrupt file
+    (folder / "continual_state.json").write_text(json.dumps(state))
+    with pytest.raises(ValueError, match="record_raw_gaussians"):
+        ContinualTrainer.from_pretrained(str(folder), tasks=["a new digit"], args=args_for(tmp_path, "d"),
+                                         inversion_config=FAST_INVERSION)
+
+
+def test_add_a_class_by_name_to_a_hub_checkpoint_and_evaluate_it(tmp_path, hub_client, checkpoint, digits):
+    from huggingface_hub import HfApi
+
+    folder, names = checkpoint
+    repo = "tester/clip-digits-names"
+    api = HfApi()
+    api.create_repo(repo)
+    api.create_branch(repo, branch="task-1")
+    api.upload_folder(folder_path=str(folder), repo_id=repo, revision="task-1")
+    new_name = next(n for n in digits["test"].features["label"].names if n not in names)
+    tasks = names_only_tasks([new_name], test=digits["test"], config=FAST_NAMES)
+    trainer = ContinualTrainer.from_pretrained(repo, tasks=tasks, args=args_for(tmp_path, "cont"), revision="task-1",
+                                               inversion_config=FAST_INVERSION)
+    result = trainer.train()
+    assert trainer.model.class_names == names + [new_name]
+    accuracy = result.accuracy_matrix[2][2]
+    assert accuracy is not None and 0.0 <= accuracy <= 1.0 and result.counts[2] > 0
+    state = json.loads((tmp_path / "cont" / "task-2" / "continual_state.json").read_text())
+    assert state["seen_classes"][-1] == new_name
+    assert "learned from its name only" in (tmp_path / "cont" / "task-2" / "README.md").read_text()
+    bank = FeatureBank.from_pretrained(tmp_path / "cont" / "task-2" / "feature_bank")
+    assert bank.names_only_classes == [4] and bank.num_raw_classes == 5
+
+
+def test_recipe_runs_and_adds_classes_by_name_to_its_checkpoint(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    fast = ["--max_steps", "2", "--per_device_train_batch_size", "16", "--replay_batch_size", "8", "--disable_tqdm",
+            "true", "--layer_steps", "2", "--first_block_steps", "4", "--upsample_at", "1", "2", "3",
+            "--refine_steps", "2", "--per_class", "2", "--names_only_per_class", "3", "--keep_replay_samples", "0"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": root}
+
+    def run(*args):
+        proc = subprocess.run([sys.executable, "recipes/clip_names_only.py", *args, *fast], cwd=root, env=env,
+                              capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+    # a tiny pre-training (3 steps): this checks the plumbing, not the accuracy
+    run("--output_dir", str(tmp_path / "run"), "--num_tasks", "2", "--pretrain_steps", "3", "--backbone_dir",
+        str(tmp_path / "cache"), "--test_images_per_class", "2", "--images_per_class", "8")
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["accuracy_matrix"][1][1] is not None
+    run("--output_dir", str(tmp_path / "more"), "--from_checkpoint", str(tmp_path / "run" / "task-1"),
+        "--add_names", "red circle")
+    state = json.loads((tmp_path / "more" / "task-2" / "continual_state.json").read_text())
+    assert state["seen_classes"][-1] == "red circle"
+    assert "red circle (learned from its name only" in (tmp_path / "more" / "task-2" / "README.md").read_text()
