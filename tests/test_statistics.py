@@ -54,7 +54,7 @@ def test_round_trip_and_collect_keys():
     g = torch.Generator().manual_seed(0)
     pixels = [torch.randn(4, 3, 32, 32, generator=g), torch.randn(2, 3, 32, 32, generator=g)]
     stats = collect_layer_statistics(model, pixels)
-    expected = {"patch", "pre_ln_input", "post_input"} | {f"layer{k}.{h}" for k in range(2) for h in ("input", "ln1", "ln2")}
+    expected = {"patch", "patch_channel", "pre_ln_input", "post_input"} | {f"layer{k}.{h}" for k in range(2) for h in ("input", "ln1", "ln2")}
     assert set(stats.keys()) == expected
     assert stats.mean("patch").shape == (64,) and stats.var("layer1.ln2").shape == (65,)
     # the layer-0 input is the pre-layernorm output: check against a direct computation
