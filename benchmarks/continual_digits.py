@@ -1,7 +1,10 @@
-"""Every continual method on the digits protocol (recipes/clip_digits.py), over several seeds.
+"""Every continual method on the digits protocol (recipes/clip_digits.py), or on another recipe's
+(``--recipe``), over several seeds.
 
     python benchmarks/continual_digits.py --seeds 0 1 2 --output benchmarks/results/continual_digits.json
     python benchmarks/continual_digits.py --seeds 0 1 2 --methods exemplar_replay --update
+    python benchmarks/continual_digits.py --recipe recipes/clip_shapes.py --names_only_last 0 \
+        --methods finetune lwf pmi --output benchmarks/results/continual_shapes.json --workdir runs/continual_shapes
 
 ``--update`` runs only the given methods and keeps every other run already in ``--output`` (the
 recipe arguments must be the same: the script refuses otherwise).
@@ -27,9 +30,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 METHODS = ["finetune", "lwf", "feature_replay", "full_inversion", "pmi", "exemplar_replay", "joint"]
 
 
-def run_one(method, seed, workdir, extra):
+def run_one(method, seed, workdir, recipe, extra):
     out = os.path.join(workdir, f"{method}-seed{seed}")
-    cmd = [sys.executable, os.path.join(ROOT, "recipes", "clip_digits.py"), "--output_dir", out, "--method", method,
+    cmd = [sys.executable, recipe, "--output_dir", out, "--method", method,
            "--seed", str(seed), "--disable_tqdm", "true", *extra]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     t0 = time.time()
@@ -90,27 +93,32 @@ def main():
     parser.add_argument("--methods", nargs="+", default=METHODS)
     parser.add_argument("--output", default=os.path.join(ROOT, "benchmarks", "results", "continual_digits.json"))
     parser.add_argument("--workdir", default=os.path.join(ROOT, "runs", "continual_digits"))
+    parser.add_argument("--recipe", default=os.path.join(ROOT, "recipes", "clip_digits.py"),
+                        help="The recipe each run calls; arguments this script does not know go to it.")
     parser.add_argument("--jobs", type=int, default=2, help="Runs at a time (one CPU thread each).")
     parser.add_argument("--update", action="store_true", help="Keep the other methods' runs already in --output.")
     args, extra = parser.parse_known_args()  # anything else goes to the recipe
+    recipe = os.path.relpath(os.path.abspath(args.recipe), ROOT)
     command = " ".join([os.path.relpath(sys.argv[0], ROOT), *sys.argv[1:]])
     kept, commands = [], [command]
     if args.update and os.path.exists(args.output):
         with open(args.output) as f:
             previous = json.load(f)
-        if previous["recipe_args"] != extra:
-            raise SystemExit(f"--update: {args.output} was made with recipe arguments {previous['recipe_args']}, "
-                             f"not {extra}; runs with other settings cannot share one table.")
+        if previous["recipe_args"] != extra or previous.get("recipe", "recipes/clip_digits.py") != recipe:
+            raise SystemExit(f"--update: {args.output} was made with {previous.get('recipe', 'recipes/clip_digits.py')} and "
+                             f"arguments {previous['recipe_args']}, "
+                             f"not {recipe} {extra}; runs with other settings cannot share one table.")
         kept = [r for r in previous["runs"] if r["method"] not in args.methods]
         commands = previous.get("commands", [previous.get("command")]) + commands
     t0 = time.time()
     jobs = [(m, s) for s in args.seeds for m in args.methods]
     with ThreadPoolExecutor(args.jobs) as pool:
-        runs = kept + list(pool.map(lambda job: run_one(*job, args.workdir, extra), jobs))
+        runs = kept + list(pool.map(lambda job: run_one(*job, args.workdir, args.recipe, extra), jobs))
     order = {m: i for i, m in enumerate(METHODS)}
     runs.sort(key=lambda r: (order.get(r["method"], len(order)), r["seed"]))
     summary = summarise(runs)
-    report = {"summary": summary, "runs": runs, "seeds": sorted({r["seed"] for r in runs}), "recipe_args": extra,
+    report = {"summary": summary, "runs": runs, "seeds": sorted({r["seed"] for r in runs}), "recipe": recipe,
+              "recipe_args": extra,
               "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, {platform.python_version()}",
               "commands": commands, "total_seconds": time.time() - t0}
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)

@@ -1,25 +1,28 @@
-"""New classes from their names only, on the shapes world (recipes/clip_names_only.py's protocol).
+"""New classes from their names only, on the shapes world (recipes/clip_shapes.py's protocol).
 
     python benchmarks/names_only.py --seeds 0 1 2 --output benchmarks/results/names_only.json
 
 Per seed: the 16 held-out shape-colour pairs of `hf_pmi.testing.shapes` (never seen by the pre-trained
-shapes CLIP) cut into 5 tasks (class order drawn with the seed); tasks 0-3 are learned from images
-with `pmi` on a LoRA-adapted shapes CLIP, task 4 from its class names only. Measured:
+shapes CLIP) cut into 5 tasks (class order drawn with the seed). Tasks 0-3 are learned from images
+with `pmi` on a LoRA-adapted shapes CLIP; task 4's classes are then added to that task-3 checkpoint
+by name, as a user would (`ContinualTrainer.from_pretrained(checkpoint, tasks=[names])`). Measured:
 
-- ``zero_shot_new``: accuracy on task 4's test images of the model after task 3 with task 4's names
-  added to its classifier (no training), over all 16 classes;
-- ``names_only_new``: the same after the names-only task;
-- ``real_data_new``: the same after learning task 4 from its real images with the same method and
-  losses, continued from the same task-3 checkpoint (the upper bound);
-- ``old_before`` / ``old_after``: accuracy on tasks 0-3's test images before (the model after task 3,
-  over its 13 classes) / after the names-only task (``real_old_after``: after the real-data task;
-  ``old_before_with_new_names``: before, with the new names already in the classifier).
+- ``zero_shot_new``: accuracy on task 4's test images of the task-3 model with the new names added to
+  its classifier (no training), over all 16 classes;
+- ``names_only_new`` / ``old_after``: on the new / old (tasks 0-3) test images after the names-only
+  task with hf_pmi's settings (`NamesOnlyConfig()`); ``reference_names_only_new`` /
+  ``reference_old_after``: the same with the reference's (`NamesOnlyConfig(preset="reference")`);
+- ``real_data_new`` / ``real_old_after``: after learning task 4 from its real images with `pmi`,
+  continued from the same checkpoint (the upper bound);
+- ``old_before``: the task-3 model on the old test images over its own 13 classes
+  (``old_before_with_new_names``: with the new names already in its classifier);
+- ``gain``: ``names_only_new - zero_shot_new`` per seed (the classes differ between seeds, so the
+  spread of the gain, not of the accuracies, tells a gain from noise).
 
 A seed whose ``<workdir>/seed<S>/result.json`` exists (a finished earlier call) is reused, not rerun,
-and so is a finished names-only run (``<workdir>/seed<S>/names_only/task-4``).
-Each seed runs in its own process (one CPU thread, ``--jobs`` at a time); the shapes CLIP is
-pre-trained by the first one that needs it and cached. Writes the JSON (per seed, mean and
-population std) and a bar plot next to it.
+and so is a finished task-3 run (``<workdir>/seed<S>/base/task-3``). Each seed runs in its own
+process (one CPU thread, ``--jobs`` at a time); the shapes CLIP is pre-trained by the first one that
+needs it and cached. Writes the JSON (per seed, mean and population std) and a bar plot next to it.
 """
 
 import argparse
@@ -34,7 +37,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-KEYS = ["zero_shot_new", "names_only_new", "real_data_new", "old_before", "old_after", "real_old_after"]
+KEYS = ["zero_shot_new", "names_only_new", "reference_names_only_new", "real_data_new", "old_before", "old_after",
+        "reference_old_after", "real_old_after", "gain"]
 
 
 def accuracy(model, dataset, label_map, processor, batch_size=128):
@@ -62,7 +66,7 @@ def run_seed(seed, workdir, a):
 
     from hf_pmi import ContinualCLIP, ContinualConfig, ContinualTrainer, split_class_incremental
     from hf_pmi.inversion import InversionConfig
-    from hf_pmi.names_only import NamesOnlyConfig, make_names_only
+    from hf_pmi.names_only import NamesOnlyConfig, names_only_tasks
     from hf_pmi.testing import build_processor
     from hf_pmi.testing.shapes import SHAPES_TEMPLATES, load_shapes_dataset, shapes_clip
 
@@ -70,8 +74,7 @@ def run_seed(seed, workdir, a):
     processor = build_processor()
     data = load_shapes_dataset(per_class=a.per_class, test_per_class=a.test_per_class)
     tasks = split_class_incremental(data, num_tasks=5, seed=seed)
-    names_config = NamesOnlyConfig(num_train_epochs=a.names_only_epochs)
-    # the recipe's budgets (recipes/clip_names_only.py): small tasks, a CPU-sized inversion
+    # the recipe's budgets (recipes/clip_shapes.py): small tasks, a CPU-sized inversion
     inversion = InversionConfig(layer_steps=50, first_block_steps=200, upsample_at=[50, 100, 150], refine_steps=100)
 
     def args_for(name):
@@ -79,27 +82,36 @@ def run_seed(seed, workdir, a):
                                num_train_epochs=a.epochs, per_device_train_batch_size=32, warmup_steps=10,
                                replay_batch_size=32, disable_tqdm=True, logging_steps=10**9, keep_replay_samples=0)
 
-    def model_for():
+    # tasks 0-3 from images, once per seed (a finished base run of an earlier call is reused)
+    checkpoint = os.path.join(workdir, f"seed{seed}", "base", "task-3")
+    if not os.path.isdir(checkpoint):
         lora = LoraConfig(r=16, lora_alpha=32, target_modules=r".*vision_model.*\.(q_proj|v_proj|fc1|fc2)",
                           modules_to_save=["text_projection"])
-        return ContinualCLIP.from_clip(shapes_clip(a.backbone_dir), templates=SHAPES_TEMPLATES, lora=lora)
-
-    results_file = os.path.join(workdir, f"seed{seed}", "names_only", "results.json")
-    if os.path.isdir(os.path.join(os.path.dirname(results_file), "task-4")):  # finished by an earlier call
-        with open(results_file) as f:
-            run = json.load(f)
-    else:
-        run = ContinualTrainer(model=model_for(), args=args_for("names_only"),
-                               tasks=make_names_only(tasks, [-1], names_config), processing_class=processor,
-                               inversion_config=inversion).train().to_dict()
-    checkpoint = os.path.join(workdir, f"seed{seed}", "names_only", "task-3")
+        model = ContinualCLIP.from_clip(shapes_clip(a.backbone_dir), templates=SHAPES_TEMPLATES, lora=lora)
+        ContinualTrainer(model=model, args=args_for("base"), tasks=dataclasses.replace(tasks, tasks=tasks.tasks[:4]),
+                         processing_class=processor, inversion_config=inversion).train()
     old_test = concatenate_datasets([t.test for t in tasks.tasks[:4]])
-    new_test = tasks[4].test
-    # zero-shot: the model after task 3, the new names added, no training
+    new_test, new_names = tasks[4].test, tasks[4].class_names
     before = ContinualCLIP.from_pretrained(checkpoint)
-    before.add_classes(tasks[4].class_names, processor.tokenizer)
-    zero_shot_new = accuracy(before, new_test, tasks.label_map, processor)
-    # upper bound: task 4 from its real images, continued from the same checkpoint
+    old_before = accuracy(before, old_test, tasks.label_map, processor)  # over its own 13 classes
+    before.add_classes(new_names, processor.tokenizer)  # zero-shot: the new names added, no training
+    result = {"seed": seed, "names_only_classes": new_names, "old_before": old_before,
+              "zero_shot_new": accuracy(before, new_test, tasks.label_map, processor),
+              "old_before_with_new_names": accuracy(before, old_test, tasks.label_map, processor)}
+
+    def names_only(name, config):
+        """The new classes added by name to the task-3 checkpoint, as a user would (from_pretrained)."""
+        trainer = ContinualTrainer.from_pretrained(checkpoint, tasks=names_only_tasks(new_names, config=config),
+                                                   args=args_for(name), inversion_config=inversion)
+        trainer.train()
+        model = trainer.accelerator.unwrap_model(trainer.model)
+        return accuracy(model, new_test, tasks.label_map, processor), accuracy(model, old_test, tasks.label_map, processor)
+
+    result["names_only_new"], result["old_after"] = names_only("names_only", NamesOnlyConfig())
+    result["gain"] = result["names_only_new"] - result["zero_shot_new"]
+    result["reference_names_only_new"], result["reference_old_after"] = names_only(
+        "reference", NamesOnlyConfig(preset="reference"))
+    # upper bound: the new classes from their real images, continued from the same checkpoint
     n = len(tasks[4].class_ids)
     real_tasks = dataclasses.replace(
         tasks, tasks=[dataclasses.replace(tasks[4], task_id=0, class_ids=list(range(n)))],
@@ -107,19 +119,9 @@ def run_seed(seed, workdir, a):
     real = ContinualTrainer.from_pretrained(checkpoint, tasks=real_tasks, args=args_for("real"), inversion_config=inversion)
     real.train()
     real_model = real.accelerator.unwrap_model(real.model)
-    result = {
-        "seed": seed,
-        "zero_shot_new": zero_shot_new,
-        "names_only_new": run["accuracy_matrix"][4][4],
-        "real_data_new": accuracy(real_model, new_test, tasks.label_map, processor),
-        "old_before": run["all_seen_accuracy"][3],  # the model after task 3, over its own 13 classes
-        "old_before_with_new_names": accuracy(before, old_test, tasks.label_map, processor),
-        "old_after": run["old_class_accuracy"][4],
-        "real_old_after": accuracy(real_model, old_test, tasks.label_map, processor),
-        "names_only_classes": tasks[4].class_names,
-        "accuracy_matrix": run["accuracy_matrix"],
-        "seconds": time.time() - t0,
-    }
+    result["real_data_new"] = accuracy(real_model, new_test, tasks.label_map, processor)
+    result["real_old_after"] = accuracy(real_model, old_test, tasks.label_map, processor)
+    result["seconds"] = time.time() - t0
     return result
 
 
@@ -129,12 +131,13 @@ def plot(mean, std, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 3.2))
+    fig, ax = plt.subplots(figsize=(9, 3.6))
     ax.bar(range(len(KEYS)), [mean[k] for k in KEYS], yerr=[std[k] for k in KEYS], capsize=3,
-           color=["grey", "tab:blue", "tab:green", "tab:orange", "tab:red", "tab:olive"])
-    ax.set_xticks(range(len(KEYS)), KEYS, rotation=20)
+           color=["grey", "tab:blue", "lightsteelblue", "tab:green", "tab:orange", "tab:red", "mistyrose", "tab:olive",
+                  "black"])
+    ax.set_xticks(range(len(KEYS)), KEYS, rotation=30, ha="right")
     ax.set_ylabel("accuracy")
-    ax.set_ylim(0, 1)
+    ax.set_ylim(min(0, min(mean[k] - std[k] for k in KEYS)), 1)
     ax.set_title("names-only task (shapes world, mean ± std over seeds)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -148,7 +151,6 @@ def main():
     parser.add_argument("--backbone_dir", default=None, help="Cache of the shapes CLIP (default $HF_PMI_CACHE or ~/.cache/hf_pmi).")
     parser.add_argument("--jobs", type=int, default=2, help="Seeds at a time (one CPU thread each).")
     parser.add_argument("--epochs", type=float, default=6, help="Epochs of each task learned from images.")
-    parser.add_argument("--names_only_epochs", type=float, default=3, help="Epochs of the names-only task (reference 1-5).")
     parser.add_argument("--per_class", type=int, default=60, help="Training images per class.")
     parser.add_argument("--test_per_class", type=int, default=30)
     parser.add_argument("--one_seed", type=int, default=None, help=argparse.SUPPRESS)  # worker mode

@@ -14,8 +14,8 @@ from hf_pmi import ContinualCLIP, ContinualConfig, ContinualTrainer, split_class
 from hf_pmi.bank import FeatureBank
 from hf_pmi.integrity import weight_checksums
 from hf_pmi.inversion import InversionConfig
-from hf_pmi.names_only import (NamesOnlyConfig, make_names_only, names_only_tasks, nearest_classes, project_name,
-                               rotate_toward)
+from hf_pmi.names_only import (REFERENCE_PRESET, NamesOnlyConfig, boundary_target, make_names_only, names_only_tasks,
+                               nearest_classes, project_name, rotate_toward)
 from hf_pmi.testing import build_clip
 
 FAST_INVERSION = InversionConfig(layer_steps=3, first_block_steps=4, upsample_at=(1, 2, 3), refine_steps=3,
@@ -56,6 +56,27 @@ def test_projection_picks_text_neighbours_and_shifts_toward_the_prototype():
     assert torch.allclose(project_name(means, stds + 1, old, new, gamma=1.0), new.expand(20, -1), atol=1e-6)
     t = project_name(means, stds + 1, old, new, generator=torch.Generator().manual_seed(0))
     assert t.shape == (20, 8) and torch.allclose(t.norm(dim=-1), torch.ones(20), atol=1e-5)
+
+
+def test_boundary_target_splits_old_and_new_by_the_raw_clip_and_old_by_the_previous_model():
+    g = torch.Generator().manual_seed(0)
+    raw, previous = torch.randn(6, 7, generator=g) * 3, torch.randn(6, 4, generator=g) * 3
+    p = boundary_target(raw, previous, n_old=4)
+    raw_p, prev_p = F.softmax(raw, -1), F.softmax(previous, -1)
+    assert torch.allclose(p.sum(1), torch.ones(6), atol=1e-6)
+    assert torch.allclose(p[:, 4:], raw_p[:, 4:])  # new classes: the raw CLIP's probabilities
+    assert torch.allclose(p[:, :4].sum(1), raw_p[:, :4].sum(1), atol=1e-6)  # old mass: the raw CLIP's
+    assert torch.allclose(p[:, :4] / p[:, :4].sum(1, keepdim=True), prev_p, atol=1e-6)  # split: the previous model's
+
+
+def test_reference_preset_gives_the_reference_training_and_explicit_values_win():
+    ours, ref = NamesOnlyConfig(), NamesOnlyConfig(preset="reference")
+    for name, value in REFERENCE_PRESET.items():
+        assert getattr(ref, name) == value and getattr(ours, name) != value
+    assert (ref.neighbours, ref.per_class, ref.gamma, ref.learning_rate) == (5, 20, 0.1, 5e-4)
+    assert NamesOnlyConfig(preset="reference", boundary_kd=0.5).boundary_kd == 0.5
+    with pytest.raises(ValueError, match="preset must be"):
+        NamesOnlyConfig(preset="paper")
 
 
 def test_bank_keeps_raw_gaussians_through_save_and_load(tmp_path):
@@ -183,7 +204,7 @@ def test_recipe_runs_and_adds_classes_by_name_to_its_checkpoint(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": root}
 
     def run(*args):
-        proc = subprocess.run([sys.executable, "recipes/clip_names_only.py", *args, *fast], cwd=root, env=env,
+        proc = subprocess.run([sys.executable, "recipes/clip_shapes.py", *args, *fast], cwd=root, env=env,
                               capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 

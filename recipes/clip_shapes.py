@@ -1,16 +1,18 @@
-"""Offline demo: learning classes from their names only, on the shapes world.
+"""The shapes world, offline: continual learning on a CLIP whose text tower means something, and
+learning classes from their names only.
 
 Needs no network. The backbone is `shapes_clip` (a small CLIP pre-trained with the CLIP objective
-on rendered shapes and captions, text tower included: ~10 min on one CPU thread on first use, then
+on rendered shapes and captions, text tower included: ~20 min on one CPU thread on first use, then
 cached), adapted with LoRA. The data are the 16 shape-colour pairs it never saw, cut into 5 tasks;
-the tasks in ``--names_only_tasks`` (default: the last) are learned from their class names alone
+the last ``--names_only_last`` tasks (default 1) are learned from their class names alone
 (`hf_pmi.names_only`), with no image; their test images are still used to evaluate them.
+``--names_only_last 0`` learns every task from images (any method, e.g. the continual benchmark).
 
-    accelerate launch recipes/clip_names_only.py --output_dir runs/names_only --seed 0
+    accelerate launch recipes/clip_shapes.py --output_dir runs/names_only --seed 0
 
 Adding classes by name to someone else's checkpoint (a local folder or a Hub repo + revision):
 
-    python recipes/clip_names_only.py --output_dir runs/more --from_checkpoint runs/names_only/task-4 \\
+    python recipes/clip_shapes.py --output_dir runs/more --from_checkpoint runs/names_only/task-4 \\
         --add_names "purple ring" "white cross"
 
 Writes ``results.json`` and one checkpoint per task, like recipes/clip_digits.py; the model card of
@@ -24,15 +26,15 @@ from transformers import HfArgumentParser
 
 from hf_pmi import ContinualCLIP, ContinualConfig, ContinualTrainer, split_class_incremental
 from hf_pmi.inversion import InversionConfig
-from hf_pmi.names_only import NamesOnlyConfig, make_names_only, names_only_tasks
+from hf_pmi.names_only import BOUNDARY_KD, NamesOnlyConfig, make_names_only, names_only_tasks
 from hf_pmi.testing import build_processor
 from hf_pmi.testing.shapes import PRETRAIN_STEPS, SHAPES_TEMPLATES, load_shapes_dataset, shapes_clip
 
 
 @dataclass
-class NamesOnlyArguments:
-    names_only_tasks: list[int] = field(
-        default_factory=lambda: [-1], metadata={"help": "Tasks learned from their class names only (index; -1: the last)."}
+class ShapesArguments:
+    names_only_last: int = field(
+        default=1, metadata={"help": "The last N tasks are learned from their class names only (0: every task from images)."}
     )
     num_tasks: int = field(default=5, metadata={"help": "Tasks to cut the 16 held-out shape-colour pairs into."})
     backbone_dir: str | None = field(default=None, metadata={"help": "Cache folder of the shapes CLIP."})
@@ -46,23 +48,28 @@ class NamesOnlyArguments:
     revision: str | None = field(default=None, metadata={"help": "Hub revision of --from_checkpoint (e.g. task-4)."})
     add_names: list[str] = field(default_factory=list, metadata={"help": "Class names to add to --from_checkpoint."})
     # names-only settings (hf_pmi.names_only.NamesOnlyConfig), prefixed to keep them apart from the trainer's
+    names_only_preset: str = field(default="", metadata={"help": "'reference': the reference's names-only training."})
     names_only_neighbours: int = field(default=5, metadata={"help": "K text-nearest old classes (reference 5)."})
     names_only_per_class: int = field(default=20, metadata={"help": "Projected targets per new class (reference 20)."})
     names_only_gamma: float = field(default=0.1, metadata={"help": "Shift toward the text prototype (reference 0.1)."})
     names_only_lr: float = field(default=5e-4, metadata={"help": "Learning rate of a names-only task (reference 5e-4)."})
-    names_only_epochs: float = field(default=3, metadata={"help": "Epochs of a names-only task (reference 1-5)."})
+    names_only_epochs: float = field(default=10, metadata={"help": "Epochs of a names-only task (reference 1-5)."})
+    names_only_boundary_kd: float = field(
+        default=BOUNDARY_KD, metadata={"help": "Weight of the raw-CLIP boundary distillation (0: off, as the reference)."}
+    )
 
 
 def main():
-    parser = HfArgumentParser((NamesOnlyArguments, ContinualConfig, InversionConfig))
+    parser = HfArgumentParser((ShapesArguments, ContinualConfig, InversionConfig))
     # Small tasks (~200 images) and a CPU-sized inversion budget, as recipes/clip_digits.py.
     parser.set_defaults(method="pmi", num_train_epochs=6, per_device_train_batch_size=32, warmup_steps=10,
                         replay_batch_size=32, layer_steps=50, first_block_steps=200, upsample_at=[50, 100, 150],
                         refine_steps=100)
     script, args, inversion = parser.parse_args_into_dataclasses()
-    names_config = NamesOnlyConfig(neighbours=script.names_only_neighbours, per_class=script.names_only_per_class,
-                                   gamma=script.names_only_gamma, learning_rate=script.names_only_lr,
-                                   num_train_epochs=script.names_only_epochs)
+    names_config = NamesOnlyConfig(preset=script.names_only_preset, neighbours=script.names_only_neighbours,
+                                   per_class=script.names_only_per_class, gamma=script.names_only_gamma,
+                                   learning_rate=script.names_only_lr, num_train_epochs=script.names_only_epochs,
+                                   boundary_kd=script.names_only_boundary_kd)
     processor = build_processor()
     if script.from_checkpoint:
         if not script.add_names:
@@ -72,8 +79,9 @@ def main():
             revision=script.revision, inversion_config=inversion)
     else:
         data = load_shapes_dataset(per_class=script.images_per_class, test_per_class=script.test_images_per_class)
-        tasks = make_names_only(split_class_incremental(data, num_tasks=script.num_tasks, seed=args.seed),
-                                script.names_only_tasks, names_config)
+        tasks = split_class_incremental(data, num_tasks=script.num_tasks, seed=args.seed)
+        if script.names_only_last:
+            tasks = make_names_only(tasks, range(-script.names_only_last, 0), names_config)
         lora = LoraConfig(r=script.lora_r, lora_alpha=2 * script.lora_r,
                           target_modules=r".*vision_model.*\.(q_proj|v_proj|fc1|fc2)", modules_to_save=["text_projection"])
         model = ContinualCLIP.from_clip(shapes_clip(script.backbone_dir, steps=script.pretrain_steps), templates=SHAPES_TEMPLATES, lora=lora)
