@@ -108,3 +108,20 @@ def test_pmi_two_processes_shards_synthesis(tmp_path):
     meta = json.loads((out / "task-1" / "continual_clip.json").read_text())
     assert meta["lora"]["r"] == 16 and meta["base_saved"]  # the cached backbone is no home: weights kept
     assert len(ContinualCLIP.from_pretrained(out / "task-1").class_names) == 10
+
+
+def test_names_only_task_over_two_processes(tmp_path):
+    """The shapes recipe with its last task learned from names only, over two gloo processes: the
+    boundary distillation's raw-CLIP pass (adapters switched off) and the one-forward loss run under
+    DDP, and the names-only class is evaluated and marked in the card."""
+    out = tmp_path / "names2"
+    run(accelerate("--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+                   "--dynamo_backend", "no", "recipes/clip_shapes.py", "--output_dir", str(out), "--num_tasks", "2",
+                   "--pretrain_steps", "3", "--backbone_dir", str(tmp_path / "cache"), "--images_per_class", "8",
+                   "--test_images_per_class", "2", "--replay_batch_size", "8", "--layer_steps", "2",
+                   "--first_block_steps", "4", "--upsample_at", "1", "2", "3", "--refine_steps", "2", "--per_class", "2",
+                   "--names_only_per_class", "4", "--names_only_epochs", "2", "--keep_replay_samples", "0", *FAST),
+        env_extra={"ACCELERATE_USE_CPU": "true"}, timeout=600)
+    results = check_results(out / "results.json", "pmi", 2)
+    assert results["accuracy_matrix"][1][1] is not None
+    assert "learned from its name only" in (out / "task-1" / "README.md").read_text()
