@@ -63,6 +63,7 @@ def run_seed(seed, workdir, a):
     """One seed of the protocol, in this process; returns its numbers."""
     from datasets import concatenate_datasets
     from peft import LoraConfig
+    from transformers import set_seed
 
     from hf_pmi import ContinualCLIP, ContinualConfig, ContinualTrainer, split_class_incremental
     from hf_pmi.inversion import InversionConfig
@@ -85,9 +86,11 @@ def run_seed(seed, workdir, a):
     # tasks 0-3 from images, once per seed (a finished base run of an earlier call is reused)
     checkpoint = os.path.join(workdir, f"seed{seed}", "base", "task-3")
     if not os.path.isdir(checkpoint):
+        clip = shapes_clip(a.backbone_dir)  # pre-training (first use) seeds itself
         lora = LoraConfig(r=16, lora_alpha=32, target_modules=r".*vision_model.*\.(q_proj|v_proj|fc1|fc2)",
                           modules_to_save=["text_projection"])
-        model = ContinualCLIP.from_clip(shapes_clip(a.backbone_dir), templates=SHAPES_TEMPLATES, lora=lora)
+        set_seed(seed)  # LoRA weights are drawn in from_clip, before the Trainer seeds anything
+        model = ContinualCLIP.from_clip(clip, templates=SHAPES_TEMPLATES, lora=lora)
         ContinualTrainer(model=model, args=args_for("base"), tasks=dataclasses.replace(tasks, tasks=tasks.tasks[:4]),
                          processing_class=processor, inversion_config=inversion).train()
     old_test = concatenate_datasets([t.test for t in tasks.tasks[:4]])

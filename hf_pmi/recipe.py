@@ -143,7 +143,10 @@ def run_recipe(recipe: RecipeArguments, args, inversion=None):
     """Train the whole task sequence; prints the accuracy matrix and returns the `ContinualResult`."""
     from .trainer import ContinualTrainer
 
+    from transformers import set_seed
+
     tasks = build_tasks(recipe, seed=args.seed)
+    set_seed(args.seed)  # LoRA weights are drawn in build_model, before the Trainer seeds anything
     model, processor = build_model(recipe)
     trainer = ContinualTrainer(model=model, args=args, tasks=tasks, processing_class=processor,
                                inversion_config=inversion)

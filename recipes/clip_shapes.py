@@ -22,7 +22,7 @@ a checkpoint marks the classes learned from their names only.
 from dataclasses import dataclass, field
 
 from peft import LoraConfig
-from transformers import HfArgumentParser
+from transformers import HfArgumentParser, set_seed
 
 from hf_pmi import ContinualCLIP, ContinualConfig, ContinualTrainer, split_class_incremental
 from hf_pmi.inversion import InversionConfig
@@ -82,9 +82,11 @@ def main():
         tasks = split_class_incremental(data, num_tasks=script.num_tasks, seed=args.seed)
         if script.names_only_last:
             tasks = make_names_only(tasks, range(-script.names_only_last, 0), names_config)
+        clip = shapes_clip(script.backbone_dir, steps=script.pretrain_steps)  # pre-training (first use) seeds itself
         lora = LoraConfig(r=script.lora_r, lora_alpha=2 * script.lora_r,
                           target_modules=r".*vision_model.*\.(q_proj|v_proj|fc1|fc2)", modules_to_save=["text_projection"])
-        model = ContinualCLIP.from_clip(shapes_clip(script.backbone_dir, steps=script.pretrain_steps), templates=SHAPES_TEMPLATES, lora=lora)
+        set_seed(args.seed)  # LoRA weights are drawn in from_clip, before the Trainer seeds anything
+        model = ContinualCLIP.from_clip(clip, templates=SHAPES_TEMPLATES, lora=lora)
         trainer = ContinualTrainer(model=model, args=args, tasks=tasks, processing_class=processor,
                                    inversion_config=inversion)
     result = trainer.train()

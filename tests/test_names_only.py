@@ -218,3 +218,27 @@ def test_recipe_runs_and_adds_classes_by_name_to_its_checkpoint(tmp_path):
     state = json.loads((tmp_path / "more" / "task-2" / "continual_state.json").read_text())
     assert state["seen_classes"][-1] == "red circle"
     assert "red circle (learned from its name only" in (tmp_path / "more" / "task-2" / "README.md").read_text()
+
+
+def test_shapes_recipe_is_reproducible_with_lora(tmp_path):
+    """The same command twice gives bit-identical LoRA weights: they are drawn after the seed is set
+    (before the fix, the shapes recipe drew them from an unseeded generator)."""
+    import os
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": root}
+    for name in ("a", "b"):
+        cmd = [sys.executable, "recipes/clip_shapes.py", "--output_dir", str(tmp_path / name), "--num_tasks", "2",
+               "--names_only_last", "0", "--pretrain_steps", "3", "--backbone_dir", str(tmp_path / "cache"),
+               "--images_per_class", "8", "--test_images_per_class", "2", "--max_steps", "2",
+               "--per_device_train_batch_size", "16", "--replay_batch_size", "8", "--disable_tqdm", "true",
+               "--layer_steps", "2", "--first_block_steps", "4", "--upsample_at", "1", "2", "3", "--refine_steps", "2",
+               "--per_class", "2", "--keep_replay_samples", "0", "--report_to", "none"]
+        proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    a, b = (load_file(tmp_path / n / "task-1" / "adapter" / "adapter_model.safetensors") for n in ("a", "b"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
