@@ -432,14 +432,16 @@ class NamesOnlyLearner:
                                     image_embeds=out.replay_image_embeds[:n],
                                     replay_image_embeds=out.replay_image_embeds[n:n + r],
                                     text_embeds=out.text_embeds, logit_scale=out.logit_scale)
-        with torch.no_grad():
-            teacher_out = m.teacher(replay_patch_maps=replay)
+        with torch.no_grad():  # one teacher pass for the replay and the mixed maps
+            teacher_out = m.teacher(replay_patch_maps=torch.cat([replay, mixed]))
+        teacher_mixed = teacher_out.replay_logits[r:].float()
+        teacher_out.replay_logits = teacher_out.replay_logits[:r]
         l_ft = m.args.l_ft if cfg.l_ft is None else cfg.l_ft
         ft_detach = m.args.ft_detach if cfg.ft_detach is None else cfg.ft_detach
         terms = replay_losses(split, teacher_out, inputs["labels"], replay_labels, m.num_old, m.weights, l_ft, ft_detach)
         if cfg.boundary_kd > 0:
             t = cfg.boundary_kd_temperature
-            target = self.boundary_target_of(model, mixed, t)
+            target = self.boundary_target_of(model, mixed, teacher_mixed, t)
             student = F.log_softmax(out.replay_logits[n + r:].float() / t, -1)
             terms["boundary_kd"] = cfg.boundary_kd * F.kl_div(student, target, reduction="batchmean") * t * t
         return sum(terms.values())
@@ -453,15 +455,14 @@ class NamesOnlyLearner:
         return lam * new_maps + (1 - lam) * partner
 
     @torch.no_grad()
-    def boundary_target_of(self, model, mixed, temperature):
+    def boundary_target_of(self, model, mixed, old_logits, temperature):
         """`boundary_target` of mixed maps: the raw CLIP (over old and new names) and the model before
-        the task (over the old classes), at `temperature`. Where the two disagree is where the adapted
-        model has lost the raw CLIP's knowledge of the new names."""
+        the task (its logits ``old_logits`` over the old classes), at `temperature`. Where the two
+        disagree is where the adapted model has lost the raw CLIP's knowledge of the new names."""
         m = self.method
         with raw_clip(m.trainer.accelerator.unwrap_model(model), self.snapshot) as clip:
             raw = F.normalize(VisionBlocks(clip).forward_from(1, mixed).float(), dim=-1)
             raw_logits = unwrap_clip(clip).logit_scale.exp() * raw @ self.raw_text.to(raw.device).t()
-        old_logits = m.teacher(replay_patch_maps=mixed).replay_logits.float()
         return boundary_target(raw_logits / temperature, old_logits / temperature, m.num_old)
 
     def after_task(self, task) -> dict:

@@ -70,6 +70,9 @@ def main():
                                    per_class=script.names_only_per_class, gamma=script.names_only_gamma,
                                    learning_rate=script.names_only_lr, num_train_epochs=script.names_only_epochs,
                                    boundary_kd=script.names_only_boundary_kd)
+    if not 0 <= script.names_only_last < script.num_tasks:
+        raise ValueError(f"--names_only_last must be between 0 and --num_tasks - 1 ({script.num_tasks - 1}): the first "
+                         f"task needs images to project names from; got {script.names_only_last}.")
     processor = build_processor()
     if script.from_checkpoint:
         if not script.add_names:
