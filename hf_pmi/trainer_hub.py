@@ -22,6 +22,7 @@ relation (LoRA adapter or fine-tune), hyper-parameters and framework versions.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -69,7 +70,8 @@ def framework_versions() -> dict[str, str]:
     return out
 
 
-def _hyperparameters(args) -> dict:
+def _hyperparameters(args, task=None) -> dict:
+    """The card's hyper-parameter table; a names-only `task` adds its `NamesOnlyConfig` (``names_only.*``)."""
     values = {k: getattr(args, k) for k in CARD_HYPERPARAMETERS if hasattr(args, k)}
     if values.get("max_steps", -1) > 0:
         values.pop("num_train_epochs", None)  # max_steps wins in the Trainer
@@ -79,6 +81,9 @@ def _hyperparameters(args) -> dict:
         for key in ("replay_batch_size", "l_hkd", "l_tkd", "l_ft", "ft_detach"):
             values.pop(key, None)
     values["num_processes"] = args.world_size
+    config = getattr(task, "config", None)  # a NamesOnlyTask's own settings (its lr and epochs win over args')
+    if config is not None:
+        values.update({f"names_only.{k}": v for k, v in dataclasses.asdict(config).items() if k != "preset" or v})
     return values
 
 
@@ -121,7 +126,7 @@ def card_state(trainer, g: int, result, folder: str) -> dict:
         ),
         "names_only_classes": [model.class_names[c] for c in getattr(getattr(trainer.method, "bank", None),
                                                                          "names_only_classes", [])],
-        "hyperparameters": _hyperparameters(trainer.args),
+        "hyperparameters": _hyperparameters(trainer.args, tasks.tasks[g - tasks.task_offset]),
         "framework_versions": framework_versions(),
         "tags": ["continual-learning", "class-incremental", "clip", "hf_pmi", trainer.args.method]
         + (["lora", "peft"] if lora else []),

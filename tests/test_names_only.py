@@ -187,7 +187,9 @@ def test_add_a_class_by_name_to_a_hub_checkpoint_and_evaluate_it(tmp_path, hub_c
     assert accuracy is not None and 0.0 <= accuracy <= 1.0 and result.counts[2] > 0
     state = json.loads((tmp_path / "cont" / "task-2" / "continual_state.json").read_text())
     assert state["seen_classes"][-1] == new_name
-    assert "learned from its name only" in (tmp_path / "cont" / "task-2" / "README.md").read_text()
+    card = (tmp_path / "cont" / "task-2" / "README.md").read_text()
+    assert "learned from its name only" in card
+    assert f"| names_only.per_class | {FAST_NAMES.per_class} |" in card  # the names-only settings that made it
     bank = FeatureBank.from_pretrained(tmp_path / "cont" / "task-2" / "feature_bank")
     assert bank.names_only_classes == [4] and bank.num_raw_classes == 5
 
