@@ -27,9 +27,8 @@ with ``all`` it has 12 among 64 names, which it scores at 0.75-0.85. Measured:
 
 A seed whose ``<workdir>/seed<S>/result.json`` exists (a finished earlier call) is reused, not rerun,
 and so are finished runs (``<workdir>/seed<S>/{base/task-3,names_only/task-4,...}``): delete one to
-redo it. Each seed runs in its own
-process (one CPU thread, ``--jobs`` at a time); the shapes CLIP is pre-trained by the first one that
-needs it and cached. Writes the JSON (per seed, mean and population std) and a bar plot next to it.
+redo it. Each seed runs in its own process (one CPU thread, ``--jobs`` at a time); the shapes CLIP is
+pre-trained by the first one that needs it and cached. Writes the JSON (per seed, mean and population std) and a bar plot next to it.
 """
 
 import argparse
@@ -44,8 +43,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-KEYS = ["raw_clip_new", "zero_shot_new", "names_only_new", "reference_names_only_new", "real_data_new", "old_before", "old_after",
-        "reference_old_after", "real_old_after", "gain"]
+KEYS = ["raw_clip_new", "zero_shot_new", "names_only_new", "reference_names_only_new", "real_data_new", "old_before",
+        "old_after", "reference_old_after", "real_old_after", "gain"]
 
 
 def accuracy(model, dataset, label_map, processor, batch_size=128):
@@ -116,14 +115,15 @@ def run_seed(seed, workdir, a):
         done = os.path.join(workdir, f"seed{seed}", name, "task-4")
         if os.path.isdir(done):
             return ContinualCLIP.from_pretrained(done)
-        trainer = ContinualTrainer.from_pretrained(checkpoint, tasks=tasks_4, args=args_for(name), inversion_config=inversion)
+        trainer = ContinualTrainer.from_pretrained(checkpoint, tasks=tasks_4, args=args_for(name),
+                                                   inversion_config=inversion)
         trainer.train()
         return trainer.accelerator.unwrap_model(trainer.model)
 
     def new_and_old(model):
         return accuracy(model, new_test, tasks.label_map, processor), accuracy(model, old_test, tasks.label_map, processor)
 
-    # the raw (pre-trained, adapter-free) CLIP over all the names: what the names-only training can learn from
+    # the raw (pre-trained, adapter-free) CLIP over all names: what names-only training can learn from
     raw = ContinualCLIP.from_clip(shapes_clip(a.backbone_dir), templates=SHAPES_TEMPLATES)
     raw.add_classes(tasks.class_names, processor.tokenizer)
     result["raw_clip_new"], result["raw_clip_old"] = new_and_old(raw)
@@ -150,8 +150,8 @@ def plot(mean, std, path):
 
     fig, ax = plt.subplots(figsize=(9, 3.6))
     ax.bar(range(len(KEYS)), [mean[k] for k in KEYS], yerr=[std[k] for k in KEYS], capsize=3,
-           color=["silver", "grey", "tab:blue", "lightsteelblue", "tab:green", "tab:orange", "tab:red", "mistyrose", "tab:olive",
-                  "black"])
+           color=["silver", "grey", "tab:blue", "lightsteelblue", "tab:green", "tab:orange", "tab:red", "mistyrose",
+                  "tab:olive", "black"])
     ax.set_xticks(range(len(KEYS)), KEYS, rotation=30, ha="right")
     ax.set_ylabel("accuracy")
     ax.set_ylim(min(0, min(mean[k] - std[k] for k in KEYS)), 1)
