@@ -1,0 +1,113 @@
+"""Is the names-only teacher right where the model is wrong? (docs/names_only.md, "the transfer, not the teacher")
+
+    python benchmarks/names_only_teacher.py --seeds 0 1 --output benchmarks/results/names_only_teacher.json
+
+Reads the task-3 checkpoints that `benchmarks/names_only.py` (``--classes all``) left in its workdir and
+scores, on the real test images of the new (task 4) and old (tasks 0-3) classes, over all 64 names:
+
+- ``adapted``: the task-3 model with the new names added (zero-shot);
+- ``raw``: the raw (adapter-free) CLIP with its text prototypes;
+- ``teacher_t1`` / ``teacher_t2``: the boundary distillation's target (`boundary_target`: old-vs-new
+  from the raw CLIP, old-vs-old from the task-3 model) at temperature 1 / 2, used as a classifier;
+- ``projected``: in the raw CLIP's feature space, the old classes' text prototypes and, for the new
+  classes, the mean of their projected pseudo features (`project_name`, reference settings K 5,
+  gamma 0.1, 200 samples), nearest by cosine; ``projected_cosine``: mean cosine between those means
+  and the means of the new classes' real training features.
+
+A teacher that beats ``adapted`` bounds what distilling it could gain; the names-only training only
+sees inverted maps, so the gap between this and ``names_only_new`` is the loss in the transfer.
+"""
+
+import argparse
+import json
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_seed(seed, workdir):
+    import torch
+    import torch.nn.functional as F
+    from datasets import concatenate_datasets
+
+    from hf_pmi import ContinualCLIP, split_class_incremental
+    from hf_pmi.bank import FeatureBank
+    from hf_pmi.blocks import VisionBlocks, unwrap_clip
+    from hf_pmi.data import ContinualCollator
+    from hf_pmi.names_only import boundary_target, project_name, prompts_for, raw_clip, raw_text_prototypes
+    from hf_pmi.testing import build_processor
+    from hf_pmi.testing.shapes import ALL_CLASSES, load_shapes_dataset
+
+    checkpoint = os.path.join(workdir, f"seed{seed}", "base", "task-3")
+    if not os.path.isdir(checkpoint):
+        raise SystemExit(f"No {checkpoint}: run `python benchmarks/names_only.py --seeds {seed} --workdir {workdir}` "
+                         "first.")
+    processor = build_processor()
+    data = load_shapes_dataset(classes=list(ALL_CLASSES), per_class=60, test_per_class=30)  # names_only.py's defaults
+    tasks = split_class_incremental(data, num_tasks=5, seed=seed)
+    collate = ContinualCollator(processor.image_processor, tasks.label_map)
+    model = ContinualCLIP.from_pretrained(checkpoint).eval()
+    bank = FeatureBank.from_pretrained(os.path.join(checkpoint, "feature_bank"))
+    n_old = len(model.class_names)
+    new_ids, new_mask = prompts_for(model, tasks[4].class_names, processor.tokenizer)
+    with torch.no_grad(), raw_clip(model) as clip:
+        old_text = raw_text_prototypes(clip, model.prompt_ids, model.prompt_mask)
+        new_text = raw_text_prototypes(clip, new_ids, new_mask)
+        scale = unwrap_clip(clip).logit_scale.exp()
+    text = torch.cat([old_text, new_text])
+    generator = torch.Generator().manual_seed(seed)
+    projected = torch.stack([
+        project_name(bank.raw_means[:n_old], bank.raw_stds[:n_old], old_text, b, 5, 200, 0.1, generator).mean(0)
+        for b in new_text
+    ])
+
+    def batch(dataset):
+        b = collate([dataset[i] for i in range(len(dataset))])
+        with torch.no_grad(), raw_clip(model) as clip:
+            raw = VisionBlocks(clip).features(b["pixel_values"]).float()
+        with torch.no_grad():
+            old_logits = model(pixel_values=b["pixel_values"]).logits.float()
+        return b["pixel_values"], b["labels"], raw, old_logits
+
+    _, new_labels, new_raw, _ = batch(tasks[4].train)
+    real_means = torch.stack([F.normalize(new_raw[new_labels == c], dim=-1).mean(0) for c in range(n_old, 64)])
+    result = {"seed": seed, "projected_cosine": F.cosine_similarity(projected, real_means).mean().item()}
+    model.add_classes(tasks[4].class_names, processor.tokenizer)  # the zero-shot model over all names
+    for part, dataset in (("new", tasks[4].test), ("old", concatenate_datasets([t.test for t in tasks.tasks[:4]]))):
+        pixels, labels, raw, old_logits = batch(dataset)
+        with torch.no_grad():
+            adapted = model(pixel_values=pixels).logits
+        raw_logits = scale * F.normalize(raw, dim=-1) @ text.t()
+        scores = {
+            "adapted": adapted,
+            "raw": raw_logits,
+            "teacher_t1": boundary_target(raw_logits, old_logits[:, :n_old], n_old),
+            "teacher_t2": boundary_target(raw_logits / 2, old_logits[:, :n_old] / 2, n_old),
+            "projected": F.normalize(raw, dim=-1) @ torch.cat([old_text, F.normalize(projected, dim=-1)]).t(),
+        }
+        for name, s in scores.items():
+            result[f"{name}_{part}"] = s.argmax(-1).eq(labels).float().mean().item()
+    return result
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--workdir", default=os.path.join(ROOT, "runs", "names_only"))
+    parser.add_argument("--output", default=os.path.join(ROOT, "benchmarks", "results", "names_only_teacher.json"))
+    a = parser.parse_args()
+    seeds = []
+    for seed in a.seeds:
+        seeds.append(run_seed(seed, a.workdir))
+        print(" ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in seeds[-1].items()),
+              flush=True)
+    report = {"seeds": seeds, "command": " ".join([os.path.relpath(os.path.abspath(__file__), ROOT), *sys.argv[1:]])}
+    os.makedirs(os.path.dirname(os.path.abspath(a.output)), exist_ok=True)
+    with open(a.output, "w") as f:
+        json.dump(report, f, indent=2)
+    print(f"-> {a.output}")
+
+
+if __name__ == "__main__":
+    main()
