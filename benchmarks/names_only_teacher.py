@@ -66,24 +66,23 @@ def run_seed(seed, workdir):
         b = collate([dataset[i] for i in range(len(dataset))])
         with torch.no_grad(), raw_clip(model) as clip:
             raw = VisionBlocks(clip).features(b["pixel_values"]).float()
-        with torch.no_grad():
-            old_logits = model(pixel_values=b["pixel_values"]).logits.float()
-        return b["pixel_values"], b["labels"], raw, old_logits
+        return b["pixel_values"], b["labels"], raw
 
-    _, new_labels, new_raw, _ = batch(tasks[4].train)
+    _, new_labels, new_raw = batch(tasks[4].train)
     real_means = torch.stack([F.normalize(new_raw[new_labels == c], dim=-1).mean(0) for c in range(n_old, 64)])
     result = {"seed": seed, "projected_cosine": F.cosine_similarity(projected, real_means).mean().item()}
     model.add_classes(tasks[4].class_names, processor.tokenizer)  # the zero-shot model over all names
     for part, dataset in (("new", tasks[4].test), ("old", concatenate_datasets([t.test for t in tasks.tasks[:4]]))):
-        pixels, labels, raw, old_logits = batch(dataset)
+        pixels, labels, raw = batch(dataset)
         with torch.no_grad():
-            adapted = model(pixel_values=pixels).logits
+            adapted = model(pixel_values=pixels).logits.float()  # its first n_old columns: the task-3 model's
+        old_logits = adapted[:, :n_old]
         raw_logits = scale * F.normalize(raw, dim=-1) @ text.t()
         scores = {
             "adapted": adapted,
             "raw": raw_logits,
-            "teacher_t1": boundary_target(raw_logits, old_logits[:, :n_old], n_old),
-            "teacher_t2": boundary_target(raw_logits / 2, old_logits[:, :n_old] / 2, n_old),
+            "teacher_t1": boundary_target(raw_logits, old_logits, n_old),
+            "teacher_t2": boundary_target(raw_logits / 2, old_logits / 2, n_old),
             "projected": F.normalize(raw, dim=-1) @ torch.cat([old_text, F.normalize(projected, dim=-1)]).t(),
         }
         for name, s in scores.items():

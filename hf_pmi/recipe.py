@@ -141,9 +141,9 @@ def build_model(recipe: RecipeArguments):
 
 def run_recipe(recipe: RecipeArguments, args, inversion=None):
     """Train the whole task sequence; prints the accuracy matrix and returns the `ContinualResult`."""
-    from .trainer import ContinualTrainer
-
     from transformers import set_seed
+
+    from .trainer import ContinualTrainer
 
     tasks = build_tasks(recipe, seed=args.seed)
     set_seed(args.seed)  # LoRA weights are drawn in build_model, before the Trainer seeds anything
