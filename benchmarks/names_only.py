@@ -13,7 +13,9 @@ with ``all`` it has 12 among 64 names, which it scores at 0.75-0.85. Measured:
 - ``zero_shot_new``: accuracy on task 4's test images of the task-3 model with the new names added to
   its classifier (no training), over all classes;
 - ``names_only_new`` / ``old_after``: on the new / old (tasks 0-3) test images after the names-only
-  task with hf_pmi's settings (`NamesOnlyConfig()`); ``reference_names_only_new`` /
+  task with hf_pmi's settings (`NamesOnlyConfig()`: the new classes routed to the raw CLIP at
+  inference); ``unrouted_*``: the same model with routing off (the trained weights alone);
+  ``reference_names_only_new`` /
   ``reference_old_after``: the same with the reference's (`NamesOnlyConfig(preset="reference")`);
 - ``real_data_new`` / ``real_old_after``: after learning task 4 from its real images with `pmi`,
   continued from the same checkpoint (with the same losses: no upper bound on this world, see
@@ -43,8 +45,9 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-KEYS = ["raw_clip_new", "zero_shot_new", "names_only_new", "reference_names_only_new", "real_data_new", "old_before",
-        "old_after", "reference_old_after", "real_old_after", "gain"]
+KEYS = ["raw_clip_new", "zero_shot_new", "names_only_new", "unrouted_names_only_new", "reference_names_only_new",
+        "real_data_new", "old_before", "old_after", "unrouted_old_after", "reference_old_after", "real_old_after",
+        "gain"]
 
 
 def accuracy(model, dataset, label_map, processor, batch_size=128):
@@ -127,8 +130,10 @@ def run_seed(seed, workdir, a):
     raw = ContinualCLIP.from_clip(shapes_clip(a.backbone_dir), templates=SHAPES_TEMPLATES)
     raw.add_classes(tasks.class_names, processor.tokenizer)
     result["raw_clip_new"], result["raw_clip_old"] = new_and_old(raw)
-    result["names_only_new"], result["old_after"] = new_and_old(
-        after_task4("names_only", names_only_tasks(new_names, config=NamesOnlyConfig())))
+    names_only = after_task4("names_only", names_only_tasks(new_names, config=NamesOnlyConfig()))
+    result["names_only_new"], result["old_after"] = new_and_old(names_only)
+    names_only.routed_classes = []  # the trained weights alone
+    result["unrouted_names_only_new"], result["unrouted_old_after"] = new_and_old(names_only)
     result["gain"] = result["names_only_new"] - result["zero_shot_new"]
     result["reference_names_only_new"], result["reference_old_after"] = new_and_old(
         after_task4("reference", names_only_tasks(new_names, config=NamesOnlyConfig(preset="reference"))))
@@ -150,8 +155,8 @@ def plot(mean, std, path):
 
     fig, ax = plt.subplots(figsize=(9, 3.6))
     ax.bar(range(len(KEYS)), [mean[k] for k in KEYS], yerr=[std[k] for k in KEYS], capsize=3,
-           color=["silver", "grey", "tab:blue", "lightsteelblue", "tab:green", "tab:orange", "tab:red", "mistyrose",
-                  "tab:olive", "black"])
+           color=["silver", "grey", "tab:blue", "cornflowerblue", "lightsteelblue", "tab:green", "tab:orange",
+                  "tab:red", "salmon", "mistyrose", "tab:olive", "black"])
     ax.set_xticks(range(len(KEYS)), KEYS, rotation=30, ha="right")
     ax.set_ylabel("accuracy")
     ax.set_ylim(min(0, min(mean[k] - std[k] for k in KEYS)), 1)

@@ -15,7 +15,8 @@ scores, on the real test images of the new (task 4) and old (tasks 0-3) classes,
   and the means of the new classes' real training features.
 
 A teacher that beats ``adapted`` bounds what distilling it could gain; the names-only training only
-sees inverted maps, so the gap between this and ``names_only_new`` is the loss in the transfer.
+sees inverted maps, so the gap between this and ``unrouted_names_only_new`` (names_only.py: the
+trained model alone) is the loss in the transfer. Routing uses the teacher itself at inference.
 """
 
 import argparse

@@ -24,6 +24,7 @@ The `state` dict (accuracies are fractions in [0, 1]; the card shows percentages
 | `repo_id` | str or None | Hub repo for the how-to-load snippets |
 | `replay_grid` | str or None | file name of an image of replay samples, in the same folder |
 | `names_only_classes` | list[str] or None | classes learned from their names only (no image) |
+| `routed_classes` | list[str] or None | those scored by the pre-trained CLIP at inference (`route_classes`) |
 | `tags` | list[str] or None | extra Hub tags |
 | `license` | str | Hub license id (default "apache-2.0"; match your base model's license) |
 | `library_name` | str | default "hf_pmi" (the folder root is an hf_pmi checkpoint; `clip/` is a transformers CLIPModel) |
@@ -198,11 +199,13 @@ def _context(state: dict, heatmap: str | None) -> dict:
         metrics.append(("New classes", _pct(state["new_accuracy"]), "accuracy on the last task's classes"))
 
     names = state.get("class_names") or []
-    from_names = set(state.get("names_only_classes") or [])
+    from_names, routed = set(state.get("names_only_classes") or []), set(state.get("routed_classes") or [])
     tasks = []
     for t, ids in enumerate(_task_classes(state)):
         labels = [names[i] if i < len(names) else str(i) for i in ids]
-        labels = [f"{n} (learned from its name only, no image)" if n in from_names else n for n in labels]
+        routed_note = {n: "; scored by the pre-trained CLIP" if n in routed else "" for n in labels}
+        labels = [f"{n} (learned from its name only, no image{routed_note[n]})" if n in from_names else n
+                  for n in labels]
         tasks.append({"index": t, "classes": _cell(", ".join(labels))})
     seen_classes = sum(len(ids) for ids in _task_classes(state)[: task_id + 1]) or "?"
 
@@ -258,6 +261,7 @@ def _context(state: dict, heatmap: str | None) -> dict:
         "heatmap": heatmap,
         "class_order_display": ", ".join(map(str, order)) if order else "not recorded",
         "tasks": tasks,
+        "routed_classes": sorted(routed),
         "inversion": inversion_ctx,
         "replay_grid": state.get("replay_grid"),
         "repo_id": repo_id,

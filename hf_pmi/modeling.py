@@ -7,15 +7,22 @@ embedding is always frozen: replay samples live right after it (see `hf_pmi.bloc
 
 A checkpoint folder holds:
 
-- ``continual_clip.json``: class names, templates, LoRA settings, base model;
+- ``continual_clip.json``: class names, templates, LoRA settings, base model, routed classes;
 - ``class_prompts.safetensors``: the tokenised prompts (so logits need no tokenizer to reload);
 - ``clip/``: a plain `CLIPModel` with the checkpoint's weights, LoRA merged and peft's
   ``modules_to_save`` copies unwrapped (`CLIPModel.from_pretrained(path, subfolder="clip")` loads it
-  with no missing or unexpected key and gives the checkpoint's logits);
+  with no missing or unexpected key and gives the checkpoint's logits, except that it does not route
+  names-only classes, below);
 - ``adapter/``: the peft LoRA adapter, when there is one
   (`PeftModel.from_pretrained(base, path, subfolder="adapter")` on the base model);
 - ``base/``: the frozen base under the adapter, a plain `CLIPModel`, only when that base has no Hub
   id or path of its own (a CLIP built from a config).
+
+Routed classes (`route_classes`: classes learned from their names only, `hf_pmi.names_only`): in
+eval mode a LoRA model scores them with its raw CLIP (adapters disabled, a second pass through the
+vision tower), each with a prototype (``routed_prototypes``, its projected image feature) for class
+embedding, and splits the rest of the probability among the other classes as the adapted model does
+(`hf_pmi.names_only.routed_probs`); ``logits`` are then log-probabilities.
 
 Example:
     >>> from hf_pmi import ContinualCLIP
@@ -39,6 +46,7 @@ from transformers import CLIPConfig, CLIPModel
 from transformers.utils import ModelOutput
 
 from .blocks import VisionBlocks, unwrap_clip
+from .export import is_peft
 from .validation import check_checkpoint_prompts, check_local_path, check_templates
 
 DEFAULT_TEMPLATES = ["a bad photo of a {}."]  # the reference's single prompt template
@@ -84,11 +92,14 @@ class ContinualCLIP(nn.Module):
         self.templates = list(templates or DEFAULT_TEMPLATES)
         check_templates(self.templates)
         self.class_names: list[str] = []
+        self.routed_classes: list[int] = []  # scored by the raw CLIP at inference (module docstring)
         self.lora_config = lora_config
         length = self.clip_config.text_config.max_position_embeddings
         self.register_buffer("prompt_ids", torch.zeros(0, len(self.templates), length, dtype=torch.long))
         self.register_buffer("prompt_mask", torch.zeros(0, len(self.templates), length, dtype=torch.long))
+        self.register_buffer("routed_prototypes", torch.zeros(0, self.clip_config.projection_dim))
         self._text_cache: torch.Tensor | None = None
+        self._raw_text_cache: torch.Tensor | None = None
         base = unwrap_clip(self.clip)
         base.vision_model.embeddings.patch_embedding.requires_grad_(False)  # replay lives after it
         base.logit_scale.requires_grad_(False)  # the pre-trained temperature; KD terms are scaled by it
@@ -166,8 +177,41 @@ class ContinualCLIP(nn.Module):
         self.prompt_mask = torch.cat([self.prompt_mask, mask.view(shape).to(device)])
         first = self.num_classes
         self.class_names.extend(names)
-        self._text_cache = None
+        self._text_cache = self._raw_text_cache = None
         return list(range(first, self.num_classes))
+
+    def route_classes(self, class_ids: list[int], prototypes: torch.Tensor) -> None:
+        """Score `class_ids` at inference by the raw CLIP with `prototypes` (one row per class, in the
+        space of the class text embeddings, e.g. `hf_pmi.names_only.text_space_prototypes`) as their
+        class embeddings (see the module docstring). Needs LoRA: the raw CLIP is the model with its
+        adapters disabled.
+
+        Example:
+            >>> import torch
+            >>> from peft import LoraConfig
+            >>> from hf_pmi.testing import build_clip, build_tokenizer
+            >>> model = ContinualCLIP.from_clip(build_clip("tiny"), lora=LoraConfig(r=4), class_names=["a", "b"],
+            ...                                 tokenizer=build_tokenizer())
+            >>> model.route_classes([1], torch.randn(1, model.routed_prototypes.shape[1]))
+            >>> model.routed_classes
+            [1]
+        """
+        if not is_peft(self.clip):
+            raise ValueError(
+                "Routing classes to the raw CLIP needs a LoRA model (its adapters disabled give the raw CLIP): "
+                "build it with `ContinualCLIP.from_clip(clip, lora=LoraConfig(...))`."
+            )
+        class_ids = [int(c) for c in class_ids]
+        if prototypes.shape != (len(class_ids), self.routed_prototypes.shape[1]):
+            raise ValueError(f"Expected prototypes of shape ({len(class_ids)}, {self.routed_prototypes.shape[1]}), "
+                             f"got {tuple(prototypes.shape)}.")
+        if any(not 0 <= c < self.num_classes for c in class_ids) or set(class_ids) & set(self.routed_classes):
+            raise ValueError(f"Cannot route classes {class_ids}: the model has {self.num_classes} classes and routes "
+                             f"{self.routed_classes} already.")
+        self.routed_classes = self.routed_classes + class_ids
+        new = prototypes.detach().to(self.routed_prototypes)
+        self.routed_prototypes = torch.cat([self.routed_prototypes, new])
+        self._raw_text_cache = None
 
     # ----- forward -----------------------------------------------------------------------------
     def _text_tower_trainable(self) -> bool:
@@ -182,16 +226,36 @@ class ContinualCLIP(nn.Module):
         frozen = not self._text_tower_trainable()
         if frozen and self._text_cache is not None and self._text_cache.device == self.prompt_ids.device:
             return self._text_cache
-        c, t, length = self.prompt_ids.shape
         with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):
-            out = unwrap_clip(self.clip).get_text_features(
-                input_ids=self.prompt_ids.view(c * t, length), attention_mask=self.prompt_mask.view(c * t, length)
-            )
-            emb = F.normalize(out.pooler_output, dim=-1).view(c, t, -1).mean(1)
-            emb = F.normalize(emb, dim=-1)
+            emb = self._class_text_features()
         if frozen:
             self._text_cache = emb.detach()
         return emb
+
+    def _class_text_features(self) -> torch.Tensor:
+        c, t, length = self.prompt_ids.shape
+        out = unwrap_clip(self.clip).get_text_features(
+            input_ids=self.prompt_ids.view(c * t, length), attention_mask=self.prompt_mask.view(c * t, length)
+        )
+        return F.normalize(F.normalize(out.pooler_output, dim=-1).view(c, t, -1).mean(1), dim=-1)
+
+    @torch.no_grad()
+    def _routed_logits(self, maps: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """Log-probabilities of images (patch maps ``maps``, adapted ``logits``) with the routed classes
+        scored by the raw CLIP (module docstring)."""
+        from .names_only import routed_probs
+
+        with self.clip.disable_adapter():  # the raw CLIP: its weights never change, so its classifier is cached
+            raw = F.normalize(self.blocks.forward_from(1, maps), dim=-1)
+            if self._raw_text_cache is None or self._raw_text_cache.device != raw.device:
+                classifier = self._class_text_features().float()
+                classifier[self.routed_classes] = F.normalize(self.routed_prototypes.float(), dim=-1)
+                self._raw_text_cache = classifier
+        raw_logits = self.logit_scale * raw.float() @ self._raw_text_cache.t()
+        routed = torch.zeros(self.num_classes, dtype=torch.bool, device=raw.device)
+        routed[self.routed_classes] = True
+        # 1e-30: a class with zero probability keeps a finite log (argmax and CE stay defined)
+        return routed_probs(raw_logits, logits.float(), routed).clamp_min(1e-30).log().to(logits.dtype)
 
     @property
     def logit_scale(self) -> torch.Tensor:
@@ -204,7 +268,8 @@ class ContinualCLIP(nn.Module):
         replay_patch_maps: torch.Tensor | None = None,
         **kwargs,
     ) -> ContinualCLIPOutput:
-        """Classify images over all seen classes; replayed patch maps join the same pass.
+        """Classify images over all seen classes; replayed patch maps join the same pass. In eval mode
+        the routed classes of images are scored by the raw CLIP (module docstring).
 
         Real images go through the (frozen) patch embedding; ``replay_patch_maps`` (B, D, g, g)
         enter right after it. Both share one pass through the tower (one DDP forward).
@@ -222,8 +287,11 @@ class ContinualCLIP(nn.Module):
         scale = self.logit_scale
         logits = scale * feats @ text.t()
         n = maps[0].shape[0] if pixel_values is not None else 0
+        image_logits = logits[:n] if pixel_values is not None else None
+        if image_logits is not None and self.routed_classes and not self.training and is_peft(self.clip):
+            image_logits = self._routed_logits(maps[0], image_logits)
         out = ContinualCLIPOutput(
-            logits=logits[:n] if pixel_values is not None else None,
+            logits=image_logits,
             replay_logits=logits[n:] if replay_patch_maps is not None else None,
             image_embeds=feats[:n] if pixel_values is not None else None,
             replay_image_embeds=feats[n:] if replay_patch_maps is not None else None,
@@ -257,11 +325,13 @@ class ContinualCLIP(nn.Module):
                 save_file(base_state_dict(self.clip), os.path.join(save_directory, "base", "model.safetensors"),
                           metadata={"format": "pt"})
         save_file(
-            {"prompt_ids": self.prompt_ids.contiguous().cpu(), "prompt_mask": self.prompt_mask.contiguous().cpu()},
+            {"prompt_ids": self.prompt_ids.contiguous().cpu(), "prompt_mask": self.prompt_mask.contiguous().cpu(),
+             "routed_prototypes": self.routed_prototypes.contiguous().cpu()},
             os.path.join(save_directory, PROMPTS_NAME),
         )
         meta = {
             "class_names": self.class_names,
+            "routed_classes": self.routed_classes,
             "templates": self.templates,
             "lora": self.lora_config,
             "base_model_name_or_path": base_name,
@@ -352,4 +422,14 @@ class ContinualCLIP(nn.Module):
         check_checkpoint_prompts(meta["class_names"], meta["templates"], prompts["prompt_ids"], folder)
         model.prompt_ids, model.prompt_mask = prompts["prompt_ids"], prompts["prompt_mask"]
         model.class_names = list(meta["class_names"])
+        routed = [int(c) for c in meta.get("routed_classes", [])]  # absent before hf_pmi routed classes
+        if routed:
+            prototypes = prompts.get("routed_prototypes")
+            if prototypes is None or len(prototypes) != len(routed):
+                raise ValueError(
+                    f"{folder} routes classes {routed} but its {PROMPTS_NAME} holds "
+                    f"{0 if prototypes is None else len(prototypes)} routed prototypes: the files come from different "
+                    "checkpoints or were edited. Reload an intact copy."
+                )
+            model.route_classes(routed, prototypes)
         return model

@@ -19,6 +19,11 @@ tower, and a boundary distillation (`boundary_target`) teaches the model, on map
 samples and old replay, the raw CLIP's split between old and new names: an adapted model loses
 much of its zero-shot knowledge of names it was never trained on, the raw CLIP keeps it.
 
+Routing (``route``, beyond the reference): the trained model learns little of that boundary from
+inverted maps (docs/names_only.md), so at inference a LoRA model scores its names-only classes with
+the raw CLIP, each with the mean of its projected features for class embedding, and splits the rest
+among the other classes as the adapted model does (`routed_probs`, `ContinualCLIP.route_classes`).
+
 Use: a `ContinualTasks` whose task is a `NamesOnlyTask` (`names_only_tasks(names)`, or
 `make_names_only(tasks, task_ids)` to drop a split's training images), with ``method="pmi"``.
 `ContinualTrainer.from_pretrained(repo, tasks=["purple ring"], ...)` adds classes by name to a
@@ -54,6 +59,7 @@ REFERENCE_PRESET = {
     "l_ft": None,  # the run's balancing CE (reference 0.001-0.1, image features detached)
     "ft_detach": None,
     "boundary_kd": 0.0,  # no distillation from the raw CLIP
+    "route": False,  # the trained model alone scores the new classes
 }
 
 
@@ -102,6 +108,13 @@ class NamesOnlyConfig:
                   "names and the previous model's split among the old ones."},
     )
     boundary_kd_temperature: float = field(default=2.0, metadata={"help": "Temperature of that distillation."})
+    route: bool = field(
+        default=True,
+        metadata={"help": "Score this task's classes at inference with the raw CLIP and the mean of their projected "
+                  "features, the rest split by the trained model (`routed_probs`; beyond the reference; a LoRA "
+                  "model only: it costs a second pass through the vision tower). False: the trained model alone, "
+                  "as the reference."},
+    )
 
     def __post_init__(self):
         if self.preset not in ("", "reference"):
@@ -253,6 +266,21 @@ def project_name(raw_means: torch.Tensor, raw_stds: torch.Tensor, old_prototypes
     return F.normalize((1 - gamma) * avg + gamma * new_prototype, dim=-1)
 
 
+def text_space_prototypes(projected: torch.Tensor, old_means: torch.Tensor, old_text: torch.Tensor) -> torch.Tensor:
+    """Class embeddings (N, P) for the raw CLIP's classifier from the mean projected features
+    `projected` (N, P) of new classes: CLIP's image features sit apart from its text features (the
+    modality gap), so the old classes' mean gap (normalised image mean `old_means` minus text
+    prototype `old_text`) is taken off, and the new rows compete with the old text rows on equal terms.
+
+    Example:
+        >>> old_means, old_text = torch.tensor([[1.0, 0.0, 1.0]]), torch.tensor([[1.0, 0.0, 0.0]])
+        >>> text_space_prototypes(torch.tensor([[0.0, 1.0, 1.0]]), old_means, old_text)
+        tensor([[0.3827, 0.9239, 0.0000]])
+    """
+    gap = (F.normalize(old_means, dim=-1) - old_text).mean(0)
+    return F.normalize(F.normalize(projected, dim=-1) - gap, dim=-1)
+
+
 def boundary_target(raw_logits: torch.Tensor, old_logits: torch.Tensor, n_old: int) -> torch.Tensor:
     """Class probabilities (B, C) that take old-vs-new from the raw CLIP and old-vs-old from the model
     before the task: ``p[new] = raw[new]``, ``p[old] = raw[old].sum() * previous[old]``.
@@ -266,9 +294,24 @@ def boundary_target(raw_logits: torch.Tensor, old_logits: torch.Tensor, n_old: i
         >>> boundary_target(raw, old, n_old=2)
         tensor([[0.5400, 0.0600, 0.4000]])
     """
+    c = raw_logits.shape[1]
+    routed = torch.arange(c, device=raw_logits.device) >= n_old
+    return routed_probs(raw_logits, F.pad(old_logits[:, :n_old], (0, c - n_old)), routed)
+
+
+def routed_probs(raw_logits: torch.Tensor, logits: torch.Tensor, routed: torch.Tensor) -> torch.Tensor:
+    """Class probabilities (B, C): the `routed` classes (a (C,) bool mask) take the raw CLIP's
+    probability, the others share the raw CLIP's remaining mass as `logits` split it among them.
+
+    Example:
+        >>> raw = torch.log(torch.tensor([[0.3, 0.3, 0.4]]))  # the raw CLIP
+        >>> adapted = torch.log(torch.tensor([[0.8, 0.1, 0.1]]))  # the model; class 2 is routed
+        >>> routed_probs(raw, adapted, torch.tensor([False, False, True]))
+        tensor([[0.5333, 0.0667, 0.4000]])
+    """
     raw = F.softmax(raw_logits, -1)
-    previous = F.softmax(old_logits[:, :n_old], -1)
-    return torch.cat([raw[:, :n_old].sum(1, keepdim=True) * previous, raw[:, n_old:]], 1)
+    kept = F.softmax(logits.masked_fill(routed, float("-inf")), -1)
+    return torch.where(routed, raw, raw.masked_fill(routed, 0.0).sum(1, keepdim=True) * kept)
 
 
 # ----- inside the trainer -------------------------------------------------------------------------
@@ -405,6 +448,9 @@ class NamesOnlyLearner:
         with raw_clip(model, self.snapshot) as clip:
             result = invert(clip, targets, bank.raw_statistics, inv,
                             progress=trainer.is_world_process_zero() and not m.args.disable_tqdm)
+        if cfg.route and has_adapters(model):  # from now on, evaluations score the new names by the raw CLIP
+            projected = targets.view(len(task.class_ids), cfg.per_class, -1).mean(1)
+            model.route_classes(task.class_ids, text_space_prototypes(projected, bank.raw_means[:n_old], old))
         self.data = _MapDataset(result.samples, labels)
         self.report = {"names_only_inversion_seconds": result.report["seconds"],
                        "names_only_feature_mse": result.report["final_feature_mse"]}

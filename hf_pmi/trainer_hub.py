@@ -126,6 +126,7 @@ def card_state(trainer, g: int, result, folder: str) -> dict:
         ),
         "names_only_classes": [model.class_names[c] for c in getattr(getattr(trainer.method, "bank", None),
                                                                          "names_only_classes", [])],
+        "routed_classes": [model.class_names[c] for c in getattr(model, "routed_classes", [])],
         "hyperparameters": _hyperparameters(trainer.args, tasks.tasks[g - tasks.task_offset]),
         "framework_versions": framework_versions(),
         "tags": ["continual-learning", "class-incremental", "clip", "hf_pmi", trainer.args.method]

@@ -57,6 +57,10 @@ class ShapesArguments:
     names_only_boundary_kd: float = field(
         default=BOUNDARY_KD, metadata={"help": "Weight of the raw-CLIP boundary distillation (0: off, as the reference)."}
     )
+    names_only_route: bool = field(
+        default=True, metadata={"help": "Score names-only classes by the pre-trained CLIP at inference (false: the "
+                                "trained model alone, as the reference)."}
+    )
 
 
 def main():
@@ -69,7 +73,7 @@ def main():
     names_config = NamesOnlyConfig(preset=script.names_only_preset, neighbours=script.names_only_neighbours,
                                    per_class=script.names_only_per_class, gamma=script.names_only_gamma,
                                    learning_rate=script.names_only_lr, num_train_epochs=script.names_only_epochs,
-                                   boundary_kd=script.names_only_boundary_kd)
+                                   boundary_kd=script.names_only_boundary_kd, route=script.names_only_route)
     if not 0 <= script.names_only_last < script.num_tasks:
         raise ValueError(f"--names_only_last must be between 0 and --num_tasks - 1 ({script.num_tasks - 1}): the first "
                          f"task needs images to project names from; got {script.names_only_last}.")

@@ -15,8 +15,8 @@ from hf_pmi.bank import FeatureBank
 from hf_pmi.integrity import weight_checksums
 from hf_pmi.inversion import InversionConfig
 from hf_pmi.names_only import (REFERENCE_PRESET, NamesOnlyConfig, boundary_target, make_names_only, names_only_tasks,
-                               nearest_classes, project_name, rotate_toward)
-from hf_pmi.testing import build_clip
+                               nearest_classes, project_name, rotate_toward, routed_probs)
+from hf_pmi.testing import build_clip, build_tokenizer
 
 FAST_INVERSION = InversionConfig(layer_steps=3, first_block_steps=4, upsample_at=(1, 2, 3), refine_steps=3,
                                  per_class=2, selection="gaussian")
@@ -69,6 +69,62 @@ def test_boundary_target_splits_old_and_new_by_the_raw_clip_and_old_by_the_previ
     assert torch.allclose(p[:, :4] / p[:, :4].sum(1, keepdim=True), prev_p, atol=1e-6)  # split: the previous model's
 
 
+def test_routing_keeps_the_raw_clip_on_routed_classes_and_the_model_split_on_the_others():
+    g = torch.Generator().manual_seed(1)
+    raw, adapted = torch.randn(5, 6, generator=g) * 3, torch.randn(5, 6, generator=g) * 3
+    routed = torch.tensor([False, True, False, False, True, False])
+    p = routed_probs(raw, adapted, routed)
+    raw_p = F.softmax(raw, -1)
+    assert torch.allclose(p.sum(1), torch.ones(5), atol=1e-6)
+    assert torch.equal(p[:, routed], raw_p[:, routed])
+    kept = p[:, ~routed]
+    assert torch.allclose(kept / kept.sum(1, keepdim=True), F.softmax(adapted[:, ~routed], -1), atol=1e-6)
+
+
+def test_a_routed_model_scores_routed_classes_by_the_raw_clip_and_reloads_bit_exact(tmp_path):
+    from hf_pmi.blocks import VisionBlocks
+
+    torch.manual_seed(0)
+    model = ContinualCLIP.from_clip(build_clip("tiny"), lora=LoraConfig(r=4, lora_alpha=8),
+                                    class_names=["zero", "one", "two"], tokenizer=build_tokenizer())
+    for name, p in model.named_parameters():
+        if "lora_B" in name:  # peft starts B at zero (adapted == raw): make the two models differ
+            torch.nn.init.normal_(p, std=0.5)
+    model.eval()
+    pixels = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        plain = model(pixel_values=pixels).logits
+        prototype = unit(1, model.routed_prototypes.shape[1], seed=5)
+        model.route_classes([1], prototype)
+        routed = model(pixel_values=pixels).logits
+        with model.clip.disable_adapter():
+            raw = F.normalize(VisionBlocks(model.clip).features(pixels), dim=-1)
+            text = model._class_text_features()
+    text[1] = prototype[0]
+    expected = routed_probs(model.logit_scale * raw @ text.t(), plain, torch.tensor([False, True, False]))
+    assert torch.allclose(routed.exp(), expected, atol=1e-5)
+    assert not torch.allclose(routed.exp(), F.softmax(plain, -1), atol=1e-3)  # routing changed the scores
+    with torch.no_grad():
+        assert torch.equal(model.train()(pixel_values=pixels).logits, plain)  # training sees the model alone
+    model.eval().save_pretrained(tmp_path / "ckpt")
+    loaded = ContinualCLIP.from_pretrained(tmp_path / "ckpt").eval()
+    assert loaded.routed_classes == [1] and torch.equal(loaded.routed_prototypes, model.routed_prototypes)
+    with torch.no_grad():
+        assert torch.equal(loaded(pixel_values=pixels).logits, routed)
+    with pytest.raises(ValueError, match=r"routes \[1\] already"):
+        model.route_classes([1], prototype)
+    with pytest.raises(ValueError, match="prototypes of shape"):
+        model.route_classes([2], prototype[:, :3])
+    with pytest.raises(ValueError, match="needs a LoRA model"):
+        ContinualCLIP.from_clip(build_clip("tiny"), class_names=["a"], tokenizer=build_tokenizer()).route_classes(
+            [0], prototype)
+    meta = json.loads((tmp_path / "ckpt" / "continual_clip.json").read_text())
+    meta["routed_classes"] = [1, 2]  # a config that does not match its prototypes is refused, naming both files
+    (tmp_path / "ckpt" / "continual_clip.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="1 routed prototypes"):
+        ContinualCLIP.from_pretrained(tmp_path / "ckpt")
+
+
 def test_reference_preset_gives_the_reference_training_and_explicit_values_win():
     ours, ref = NamesOnlyConfig(), NamesOnlyConfig(preset="reference")
     for name, value in REFERENCE_PRESET.items():
@@ -118,6 +174,14 @@ def test_run_with_a_names_only_last_task(tmp_path, digits, processor):
     assert result.accuracy_matrix[2][2] is not None  # evaluated on real test images of the names-only classes
     assert trainer.args.learning_rate == lr  # the names-only task's own lr was restored
     assert result.method_logs[2]["names_only_feature_mse"] >= 0
+    # the new classes are routed to the raw CLIP; on this tiny CLIP (random text tower) its image and text
+    # features lie far apart, so only `text_space_prototypes` keeps routing from pulling old images to them
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    assert model.routed_classes == tasks[2].class_ids
+    model.routed_classes = []
+    trainer._evaluate_seen_tasks(2)  # appends the unrouted row
+    routed_row, unrouted_row = result.accuracy_matrix[2], trainer.accuracy_matrix[-1]
+    assert all(abs(routed_row[j] - unrouted_row[j]) <= 0.05 for j in (0, 1)), (routed_row, unrouted_row)
     card = (tmp_path / "run" / "task-2" / "README.md").read_text()
     assert f"{tasks[2].class_names[0]} (learned from its name only" in card
     assert "name only" not in (tmp_path / "run" / "task-1" / "README.md").read_text()
@@ -188,10 +252,18 @@ def test_add_a_class_by_name_to_a_hub_checkpoint_and_evaluate_it(tmp_path, hub_c
     state = json.loads((tmp_path / "cont" / "task-2" / "continual_state.json").read_text())
     assert state["seen_classes"][-1] == new_name
     card = (tmp_path / "cont" / "task-2" / "README.md").read_text()
-    assert "learned from its name only" in card
+    assert f"{new_name} (learned from its name only, no image; scored by the pre-trained CLIP)" in card
+    assert f"It does not route {new_name} to the pre-trained CLIP" in card  # the plain clip/ folder's caveat
     assert f"| names_only.per_class | {FAST_NAMES.per_class} |" in card  # the names-only settings that made it
     bank = FeatureBank.from_pretrained(tmp_path / "cont" / "task-2" / "feature_bank")
     assert bank.names_only_classes == [4] and bank.num_raw_classes == 5
+    # the new class is routed to the raw CLIP, and the reloaded checkpoint scores as the trainer did
+    model = trainer.accelerator.unwrap_model(trainer.model).eval()
+    loaded = ContinualCLIP.from_pretrained(tmp_path / "cont" / "task-2").eval()
+    assert model.routed_classes == loaded.routed_classes == [4]
+    pixels = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(loaded(pixel_values=pixels).logits, model(pixel_values=pixels).logits, atol=1e-5)
 
 
 def test_recipe_runs_and_adds_classes_by_name_to_its_checkpoint(tmp_path):
