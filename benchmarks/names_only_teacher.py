@@ -14,6 +14,13 @@ scores, on the real test images of the new (task 4) and old (tasks 0-3) classes,
   gamma 0.1, 200 samples), nearest by cosine; ``projected_cosine``: mean cosine between those means
   and the means of the new classes' real training features.
 
+With the names-only checkpoints of the same workdir (``names_only/task-4``), routing (the
+trained model with routing off for the old classes' split, `routed_probs`) with four class embeddings
+for the new classes in the raw CLIP: ``routed_text`` (their text prototypes), ``routed_projected``
+(the projected means above), ``routed_gap_corrected`` (those through `text_space_prototypes`, the
+default) and ``routed_image_means`` (every class by its mean raw image feature: old classes from
+the bank's raw Gaussians).
+
 A teacher that beats ``adapted`` bounds what distilling it could gain; the names-only training only
 sees inverted maps, so the gap between this and ``unrouted_names_only_new`` (names_only.py: the
 trained model alone) is the loss in the transfer. Routing uses the teacher itself at inference.
@@ -36,7 +43,8 @@ def run_seed(seed, workdir):
     from hf_pmi.bank import FeatureBank
     from hf_pmi.blocks import VisionBlocks, unwrap_clip
     from hf_pmi.data import ContinualCollator
-    from hf_pmi.names_only import boundary_target, project_name, prompts_for, raw_clip, raw_text_prototypes
+    from hf_pmi.names_only import (boundary_target, project_name, prompts_for, raw_clip, raw_text_prototypes,
+                                   routed_probs, text_space_prototypes)
     from hf_pmi.testing import build_processor
     from hf_pmi.testing.shapes import ALL_CLASSES, load_shapes_dataset
 
@@ -73,6 +81,21 @@ def run_seed(seed, workdir):
     real_means = torch.stack([F.normalize(new_raw[new_labels == c], dim=-1).mean(0) for c in range(n_old, 64)])
     result = {"seed": seed, "projected_cosine": F.cosine_similarity(projected, real_means).mean().item()}
     model.add_classes(tasks[4].class_names, processor.tokenizer)  # the zero-shot model over all names
+    projected_classifier = torch.cat([old_text, F.normalize(projected, dim=-1)])
+    routed_checkpoint = os.path.join(workdir, f"seed{seed}", "names_only", "task-4")
+    trained, embeddings = None, {}
+    if os.path.isdir(routed_checkpoint):
+        trained = ContinualCLIP.from_pretrained(routed_checkpoint).eval()
+        trained.routed_classes = []  # the trained model alone; routing is recomputed below
+        embeddings = {
+            "routed_text": text,
+            "routed_projected": projected_classifier,
+            "routed_gap_corrected": torch.cat([old_text, text_space_prototypes(projected, bank.raw_means[:n_old],
+                                                                               old_text)]),
+            "routed_image_means": torch.cat([F.normalize(bank.raw_means[:n_old], dim=-1),
+                                             projected_classifier[n_old:]]),
+        }
+    routed = torch.arange(len(text)) >= n_old
     for part, dataset in (("new", tasks[4].test), ("old", concatenate_datasets([t.test for t in tasks.tasks[:4]]))):
         pixels, labels, raw = batch(dataset)
         with torch.no_grad():
@@ -84,8 +107,13 @@ def run_seed(seed, workdir):
             "raw": raw_logits,
             "teacher_t1": boundary_target(raw_logits, old_logits, n_old),
             "teacher_t2": boundary_target(raw_logits / 2, old_logits / 2, n_old),
-            "projected": F.normalize(raw, dim=-1) @ torch.cat([old_text, F.normalize(projected, dim=-1)]).t(),
+            "projected": F.normalize(raw, dim=-1) @ projected_classifier.t(),
         }
+        if trained is not None:
+            with torch.no_grad():
+                trained_logits = trained(pixel_values=pixels).logits.float()
+            for name, classifier in embeddings.items():
+                scores[name] = routed_probs(scale * F.normalize(raw, dim=-1) @ classifier.t(), trained_logits, routed)
         for name, s in scores.items():
             result[f"{name}_{part}"] = s.argmax(-1).eq(labels).float().mean().item()
     return result

@@ -20,8 +20,8 @@ A checkpoint folder holds:
 
 Routed classes (`route_classes`: classes learned from their names only, `hf_pmi.names_only`): in
 eval mode a LoRA model scores them with its raw CLIP (adapters disabled, a second pass through the
-vision tower), each with a prototype (``routed_prototypes``, its projected image feature) for class
-embedding, and splits the rest of the probability among the other classes as the adapted model does
+vision tower), each with a prototype (``routed_prototypes``; for a names-only class, its projected
+features moved into the text embeddings' space) for class embedding, and splits the rest of the probability among the other classes as the adapted model does
 (`hf_pmi.names_only.routed_probs`); ``logits`` are then log-probabilities.
 
 Example:

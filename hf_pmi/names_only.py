@@ -21,8 +21,9 @@ much of its zero-shot knowledge of names it was never trained on, the raw CLIP k
 
 Routing (``route``, beyond the reference): the trained model learns little of that boundary from
 inverted maps (docs/names_only.md), so at inference a LoRA model scores its names-only classes with
-the raw CLIP, each with the mean of its projected features for class embedding, and splits the rest
-among the other classes as the adapted model does (`routed_probs`, `ContinualCLIP.route_classes`).
+the raw CLIP, each with the mean of its projected features (modality gap taken off,
+`text_space_prototypes`) for class embedding, and splits the rest among the other classes as the
+adapted model does (`routed_probs`, `ContinualCLIP.route_classes`).
 
 Use: a `ContinualTasks` whose task is a `NamesOnlyTask` (`names_only_tasks(names)`, or
 `make_names_only(tasks, task_ids)` to drop a split's training images), with ``method="pmi"``.
