@@ -19,7 +19,11 @@ trained model with routing off for the old classes' split, `routed_probs`) with 
 for the new classes in the raw CLIP: ``routed_text`` (their text prototypes), ``routed_projected``
 (the projected means above), ``routed_gap_corrected`` (those through `text_space_prototypes`, the
 default) and ``routed_image_means`` (every class by its mean raw image feature: old classes from
-the bank's raw Gaussians).
+the bank's raw Gaussians); ``seconds_routed`` / ``seconds_plain``: one forward of that model on a
+batch of 128 test images with its routing on / off (the mean of 3 after a warm-up).
+
+``modality_gap_cosine``: mean cosine between an old class's mean raw image feature and its text
+prototype (near 1: no gap between the raw CLIP's image and text features).
 
 A teacher that beats ``adapted`` bounds what distilling it could gain; the names-only training only
 sees inverted maps, so the gap between this and ``unrouted_names_only_new`` (names_only.py: the
@@ -79,14 +83,15 @@ def run_seed(seed, workdir):
 
     _, new_labels, new_raw = batch(tasks[4].train)
     real_means = torch.stack([F.normalize(new_raw[new_labels == c], dim=-1).mean(0) for c in range(n_old, 64)])
-    result = {"seed": seed, "projected_cosine": F.cosine_similarity(projected, real_means).mean().item()}
+    result = {"seed": seed, "projected_cosine": F.cosine_similarity(projected, real_means).mean().item(),
+              "modality_gap_cosine": F.cosine_similarity(bank.raw_means[:n_old], old_text).mean().item()}
     model.add_classes(tasks[4].class_names, processor.tokenizer)  # the zero-shot model over all names
     projected_classifier = torch.cat([old_text, F.normalize(projected, dim=-1)])
     routed_checkpoint = os.path.join(workdir, f"seed{seed}", "names_only", "task-4")
     trained, embeddings = None, {}
     if os.path.isdir(routed_checkpoint):
         trained = ContinualCLIP.from_pretrained(routed_checkpoint).eval()
-        trained.routed_classes = []  # the trained model alone; routing is recomputed below
+        routed_ids, trained.routed_classes = trained.routed_classes, []  # the model alone; routing recomputed below
         embeddings = {
             "routed_text": text,
             "routed_projected": projected_classifier,
@@ -116,7 +121,27 @@ def run_seed(seed, workdir):
                 scores[name] = routed_probs(scale * F.normalize(raw, dim=-1) @ classifier.t(), trained_logits, routed)
         for name, s in scores.items():
             result[f"{name}_{part}"] = s.argmax(-1).eq(labels).float().mean().item()
+    if trained is not None:
+        result.update(time_routing(trained, pixels[:128], routed_ids))
     return result
+
+
+def time_routing(model, pixels, routed, repeats=3):
+    """Seconds per forward of `pixels` with the classes `routed` routed, and with none (after one warm-up each)."""
+    import time
+
+    import torch
+
+    timings = {}
+    for name, classes in (("seconds_routed", routed), ("seconds_plain", [])):
+        model.routed_classes = classes
+        with torch.no_grad():
+            model(pixel_values=pixels)
+            start = time.perf_counter()
+            for _ in range(repeats):
+                model(pixel_values=pixels)
+        timings[name] = (time.perf_counter() - start) / repeats
+    return timings
 
 
 def main():

@@ -203,9 +203,10 @@ def _context(state: dict, heatmap: str | None) -> dict:
     tasks = []
     for t, ids in enumerate(_task_classes(state)):
         labels = [names[i] if i < len(names) else str(i) for i in ids]
-        routed_note = {n: "; scored by the pre-trained CLIP" if n in routed else "" for n in labels}
-        labels = [f"{n} (learned from its name only, no image{routed_note[n]})" if n in from_names else n
-                  for n in labels]
+        for i, n in enumerate(labels):
+            if n in from_names:
+                routed_note = "; scored by the pre-trained CLIP" if n in routed else ""
+                labels[i] = f"{n} (learned from its name only, no image{routed_note})"
         tasks.append({"index": t, "classes": _cell(", ".join(labels))})
     seen_classes = sum(len(ids) for ids in _task_classes(state)[: task_id + 1]) or "?"
 

@@ -72,6 +72,16 @@ class ContinualCLIPOutput(ModelOutput):
     logit_scale: torch.Tensor | None = None
 
 
+def class_text_embeddings(clip: nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> torch.Tensor:
+    """(C, P) class embeddings of tokenised prompts (C, T, L): per class, the L2-normalised mean over its
+    T templates of the normalised text features."""
+    c, t, length = prompt_ids.shape
+    out = unwrap_clip(clip).get_text_features(
+        input_ids=prompt_ids.view(c * t, length), attention_mask=prompt_mask.view(c * t, length)
+    )
+    return F.normalize(F.normalize(out.pooler_output, dim=-1).view(c, t, -1).mean(1), dim=-1)
+
+
 def _tokenize(tokenizer, texts: list[str], max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
     enc = tokenizer(texts, padding="max_length", truncation=True, max_length=max_length, return_tensors="pt")
     return enc["input_ids"], enc["attention_mask"]
@@ -227,17 +237,10 @@ class ContinualCLIP(nn.Module):
         if frozen and self._text_cache is not None and self._text_cache.device == self.prompt_ids.device:
             return self._text_cache
         with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):
-            emb = self._class_text_features()
+            emb = class_text_embeddings(self.clip, self.prompt_ids, self.prompt_mask)
         if frozen:
             self._text_cache = emb.detach()
         return emb
-
-    def _class_text_features(self) -> torch.Tensor:
-        c, t, length = self.prompt_ids.shape
-        out = unwrap_clip(self.clip).get_text_features(
-            input_ids=self.prompt_ids.view(c * t, length), attention_mask=self.prompt_mask.view(c * t, length)
-        )
-        return F.normalize(F.normalize(out.pooler_output, dim=-1).view(c, t, -1).mean(1), dim=-1)
 
     @torch.no_grad()
     def _routed_logits(self, maps: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
@@ -248,7 +251,7 @@ class ContinualCLIP(nn.Module):
         with self.clip.disable_adapter():  # the raw CLIP: its weights never change, so its classifier is cached
             raw = F.normalize(self.blocks.forward_from(1, maps), dim=-1)
             if self._raw_text_cache is None or self._raw_text_cache.device != raw.device:
-                classifier = self._class_text_features().float()
+                classifier = class_text_embeddings(self.clip, self.prompt_ids, self.prompt_mask).float()
                 classifier[self.routed_classes] = F.normalize(self.routed_prototypes.float(), dim=-1)
                 self._raw_text_cache = classifier
         raw_logits = self.logit_scale * raw.float() @ self._raw_text_cache.t()

@@ -49,6 +49,7 @@ import torch.nn.functional as F
 
 from .blocks import VisionBlocks, unwrap_clip
 from .data import ContinualTask, ContinualTasks
+from .modeling import class_text_embeddings
 
 BOUNDARY_KD = 1.0  # measured on the shapes world (docs/names_only.md)
 
@@ -214,13 +215,9 @@ def raw_clip(model, snapshot=None):
 
 @torch.no_grad()
 def raw_text_prototypes(clip, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> torch.Tensor:
-    """(C, P) L2-normalised mean over templates of the raw CLIP's normalised text features."""
-    c, t, length = prompt_ids.shape
-    base = unwrap_clip(clip)
-    device = base.logit_scale.device
-    out = base.get_text_features(input_ids=prompt_ids.view(c * t, length).to(device),
-                                 attention_mask=prompt_mask.view(c * t, length).to(device)).pooler_output
-    return F.normalize(F.normalize(out.float(), dim=-1).view(c, t, -1).mean(1), dim=-1)
+    """(C, P) class embeddings of the raw CLIP (`hf_pmi.modeling.class_text_embeddings`), float, on its device."""
+    device = unwrap_clip(clip).logit_scale.device
+    return class_text_embeddings(clip, prompt_ids.to(device), prompt_mask.to(device)).float()
 
 
 def prompts_for(model, names: list[str], tokenizer) -> tuple[torch.Tensor, torch.Tensor]:

@@ -13,6 +13,7 @@ from peft import LoraConfig
 from hf_pmi import ContinualCLIP, ContinualConfig, ContinualTrainer, split_class_incremental
 from hf_pmi.bank import FeatureBank
 from hf_pmi.integrity import weight_checksums
+from hf_pmi.modeling import class_text_embeddings
 from hf_pmi.inversion import InversionConfig
 from hf_pmi.names_only import (REFERENCE_PRESET, NamesOnlyConfig, boundary_target, make_names_only, names_only_tasks,
                                nearest_classes, project_name, rotate_toward, routed_probs)
@@ -99,7 +100,7 @@ def test_a_routed_model_scores_routed_classes_by_the_raw_clip_and_reloads_bit_ex
         routed = model(pixel_values=pixels).logits
         with model.clip.disable_adapter():
             raw = F.normalize(VisionBlocks(model.clip).features(pixels), dim=-1)
-            text = model._class_text_features()
+            text = class_text_embeddings(model.clip, model.prompt_ids, model.prompt_mask)
     text[1] = prototype[0]
     expected = routed_probs(model.logit_scale * raw @ text.t(), plain, torch.tensor([False, True, False]))
     assert torch.allclose(routed.exp(), expected, atol=1e-5)
@@ -162,29 +163,38 @@ def args_for(tmp_path, name, method="pmi", **kw):
 
 
 def test_run_with_a_names_only_last_task(tmp_path, digits, processor):
-    tasks = make_names_only(split_class_incremental(digits, num_tasks=3, seed=0), config=FAST_NAMES)
+    from safetensors.torch import load_file
+
+    def run(name, route):
+        tasks = make_names_only(split_class_incremental(digits, num_tasks=3, seed=0),
+                                config=dataclasses.replace(FAST_NAMES, route=route))
+        torch.manual_seed(0)  # the LoRA weights are drawn before the Trainer seeds anything
+        trainer = ContinualTrainer(model=lora_model(), args=args_for(tmp_path, name), tasks=tasks,
+                                   processing_class=processor, inversion_config=FAST_INVERSION)
+        return tasks, trainer, trainer.train()
+
+    tasks, trainer, result = run("run", route=True)
     assert tasks[2].train is None and tasks[2].test is not None
-    trainer = ContinualTrainer(model=lora_model(), args=args_for(tmp_path, "run"), tasks=tasks,
-                               processing_class=processor, inversion_config=FAST_INVERSION)
-    lr = trainer.args.learning_rate
-    result = trainer.train()
     bank = trainer.method.bank
     n = len(tasks.class_names)
     assert bank.num_classes == n and bank.num_raw_classes == n and bank.names_only_classes == tasks[2].class_ids
     assert result.accuracy_matrix[2][2] is not None  # evaluated on real test images of the names-only classes
-    assert trainer.args.learning_rate == lr  # the names-only task's own lr was restored
+    assert trainer.args.learning_rate == args_for(tmp_path, "x").learning_rate  # the task's own lr was restored
     assert result.method_logs[2]["names_only_feature_mse"] >= 0
-    # the new classes are routed to the raw CLIP; on this tiny CLIP (random text tower) its image and text
-    # features lie far apart, so only `text_space_prototypes` keeps routing from pulling old images to them
-    model = trainer.accelerator.unwrap_model(trainer.model)
-    assert model.routed_classes == tasks[2].class_ids
-    model.routed_classes = []
-    trainer._evaluate_seen_tasks(2)  # appends the unrouted row
-    routed_row, unrouted_row = result.accuracy_matrix[2], trainer.accuracy_matrix[-1]
-    assert all(abs(routed_row[j] - unrouted_row[j]) <= 0.05 for j in (0, 1)), (routed_row, unrouted_row)
+    assert trainer.accelerator.unwrap_model(trainer.model).routed_classes == tasks[2].class_ids
     card = (tmp_path / "run" / "task-2" / "README.md").read_text()
     assert f"{tasks[2].class_names[0]} (learned from its name only" in card
     assert "name only" not in (tmp_path / "run" / "task-1" / "README.md").read_text()
+    # routing acts at inference only: without it the same run trains bit-identical weights
+    _, unrouted, unrouted_result = run("unrouted", route=False)
+    assert unrouted.accelerator.unwrap_model(unrouted.model).routed_classes == []
+    a, b = (load_file(tmp_path / name / "task-2" / "adapter" / "adapter_model.safetensors")
+            for name in ("run", "unrouted"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # on this tiny CLIP (random text tower) image and text features lie far apart, so only
+    # `text_space_prototypes` keeps routing from pulling the old tasks' images to the new classes
+    routed_row, unrouted_row = result.accuracy_matrix[2], unrouted_result.accuracy_matrix[2]
+    assert all(abs(routed_row[j] - unrouted_row[j]) <= 0.05 for j in (0, 1)), (routed_row, unrouted_row)
 
 
 def test_errors_before_any_work(tmp_path, digits, processor):
