@@ -47,7 +47,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hf_pmi.bank import FeatureBank, class_features  # noqa: E402
 from hf_pmi.blocks import VisionBlocks  # noqa: E402
-from hf_pmi.inversion import CLIP_MEAN, CLIP_STD, InversionConfig, _coarse_to_fine, _Objective, _Tracker, _up, invert  # noqa: E402
+from hf_pmi.inversion import InversionConfig, Objective, invert  # noqa: E402
+from hf_pmi.inversion.objective import CLIP_MEAN, CLIP_STD, upsample  # noqa: E402
+from hf_pmi.inversion.optim import Tracker, coarse_to_fine  # noqa: E402
 from hf_pmi.statistics import collect_layer_statistics, eval_mode  # noqa: E402
 
 
@@ -75,7 +77,7 @@ def load_model(args):
         t = time.perf_counter()
         model = letters_clip(size, seed=args.backbone_seed)
         print(f"{args.model} backbone (seed {args.backbone_seed}) ready in {time.perf_counter() - t:.1f} s", flush=True)
-        return model.eval(), f"{size} letters CLIP (hf_pmi.testing.letters_clip, seed {args.backbone_seed})"
+        return model.eval(), f"{size} letters CLIP (hf_pmi.testing.backbones.letters_clip, seed {args.backbone_seed})"
     from transformers import CLIPModel
 
     return CLIPModel.from_pretrained(args.model).eval(), args.model
@@ -98,7 +100,7 @@ def random_twin(config: InversionConfig, budget_passes: float, cost: float) -> I
     """A random start with the refinement's settings of `config` and a budget in passes."""
     steps = max(1, math.ceil(budget_passes / cost))
     period = (config.refine_t_max or config.refine_steps) / max(1, config.refine_steps)  # schedule shape
-    return dataclasses.replace(config, preset="", mode="full", full_space="patch", full_steps=steps,
+    return dataclasses.replace(config, preset="", full_space="patch", full_steps=steps,
                                full_lr=config.refine_lr, full_t_max=max(1, round(period * steps)))
 
 
@@ -116,7 +118,7 @@ def compare(name, config, model, targets, stats, args) -> dict:
     twin = random_twin(config, args.random_budget * P, cost)
     print(f"[{name}] random start, same settings, {twin.full_steps} steps (lr {twin.full_lr}, cosine period "
           f"{twin.full_t_max})", flush=True)
-    rnd = invert(model, targets, stats, twin, progress=args.progress).report
+    rnd = invert(model, targets, stats, twin, mode="full", progress=args.progress).report
     passes, seconds = first_reach(rnd["curve"], L)
     lower = passes is None
     start_passes, _ = first_reach(rnd["curve"], run.get("start_loss", -math.inf))
@@ -160,7 +162,7 @@ def run_comparison(args) -> dict:
     targets, _ = bank.sample(range(10), args.targets // 10, torch.Generator().manual_seed(args.seed), selection="gaussian")
     print(f"{targets.shape[0]} targets (class Gaussians of digits features, seed {args.seed})", flush=True)
 
-    common = dict(batch_size=targets.shape[0], inversion_seed=args.seed)
+    common = dict(batch_size=targets.shape[0], seed=args.seed)
     runs = {"pmi": InversionConfig(**common), "reference": InversionConfig(preset="reference", **common)}
     results, curves = {}, {}
     for key in args.runs:
@@ -242,7 +244,7 @@ def run_timing(args) -> dict:
     blocks = VisionBlocks(model)
     stats = collect_layer_statistics(model, [torch.randn(4, 3, 224, 224)])
     cfg = InversionConfig(batch_size=args.batch)
-    obj = _Objective(blocks, stats, cfg, torch.device("cpu"), torch.float32)
+    obj = Objective(blocks, stats, cfg, torch.device("cpu"), torch.float32)
     gen = torch.Generator().manual_seed(0)
     b = args.batch
     macs = forward_macs(blocks)
@@ -258,10 +260,10 @@ def run_timing(args) -> dict:
         full_step = time_steps(lambda: torch.autograd.grad(obj.full_loss(1, x1, target), x1), args.reps)
         target2 = obj.sample_input(2, b, gen)
         steps = 8
-        tr = _Tracker(steps, False, "")
+        tr = Tracker(steps, False, "")
         g = blocks.grid
         t = time.perf_counter()
-        _coarse_to_fine(lambda v: obj.block_loss(1, _up(v, g), target2, coarse=v), obj.sample_input(1, b, gen, size=2),
+        coarse_to_fine(lambda v: obj.block_loss(1, upsample(v, g), target2, coarse=v), obj.sample_input(1, b, gen, size=2),
                         g, steps, (2, 4, 6), 0.1, tr, "block1", 0.0, True)
         first_block = (time.perf_counter() - t) / steps
     # fwd + input-gradient backward ~ 2 x forward FLOPs (frozen weights: no weight gradients)

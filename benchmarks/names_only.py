@@ -50,8 +50,9 @@ KEYS = ["raw_clip_new", "zero_shot_new", "names_only_new", "unrouted_names_only_
         "gain"]
 
 
-def accuracy(model, dataset, label_map, processor, batch_size=128):
-    """Accuracy of `model` (over all its classes) on `dataset`, labels mapped by `label_map`."""
+def accuracy(model, dataset, label_map, processor, batch_size=128, routed=True):
+    """Accuracy of `model` (over all its classes) on `dataset`, labels mapped by `label_map`; with
+    ``routed=False`` by the adapted model's own logits (a router, if any, left out)."""
     import torch
 
     from hf_pmi.data import ContinualCollator
@@ -62,7 +63,8 @@ def accuracy(model, dataset, label_map, processor, batch_size=128):
     with torch.no_grad():
         for start in range(0, len(dataset), batch_size):
             batch = collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
-            pred = model(pixel_values=batch["pixel_values"]).logits.argmax(-1)
+            out = model(pixel_values=batch["pixel_values"])
+            pred = (out.prediction_logits if routed else out.logits).argmax(-1)
             correct += int((pred == batch["labels"]).sum())
             total += len(pred)
     return correct / total
@@ -76,9 +78,12 @@ def run_seed(seed, workdir, a):
 
     from hf_pmi import ContinualCLIP, ContinualConfig, ContinualTrainer, split_class_incremental
     from hf_pmi.inversion import InversionConfig
+    from hf_pmi.methods.pmi import PMIConfig
     from hf_pmi.names_only import NamesOnlyConfig, names_only_tasks
+    from hf_pmi.replay import ReplayConfig
     from hf_pmi.testing import build_processor
-    from hf_pmi.testing.shapes import ALL_CLASSES, SHAPES_TEMPLATES, load_shapes_dataset, shapes_clip
+    from hf_pmi.testing.backbones import shapes_clip
+    from hf_pmi.testing.shapes import ALL_CLASSES, SHAPES_TEMPLATES, load_shapes_dataset
 
     t0 = time.time()
     processor = build_processor()
@@ -86,12 +91,14 @@ def run_seed(seed, workdir, a):
     data = load_shapes_dataset(classes=classes, per_class=a.per_class, test_per_class=a.test_per_class)
     tasks = split_class_incremental(data, num_tasks=5, seed=seed)
     # the recipe's budgets (recipes/clip_shapes.py): small tasks, a CPU-sized inversion
-    inversion = InversionConfig(layer_steps=50, first_block_steps=200, upsample_at=[50, 100, 150], refine_steps=100)
+    method_config = PMIConfig(
+        replay=ReplayConfig(batch_size=32, grid_samples=0),
+        inversion=InversionConfig(layer_steps=50, first_block_steps=200, upsample_at=[50, 100, 150], refine_steps=100))
 
     def args_for(name):
         return ContinualConfig(output_dir=os.path.join(workdir, f"seed{seed}", name), method="pmi", seed=seed,
                                num_train_epochs=a.epochs, per_device_train_batch_size=32, warmup_steps=10,
-                               replay_batch_size=32, disable_tqdm=True, logging_steps=10**9, keep_replay_samples=0)
+                               disable_tqdm=True, logging_steps=10**9)
 
     # tasks 0-3 from images, once per seed (a finished base run of an earlier call is reused)
     checkpoint = os.path.join(workdir, f"seed{seed}", "base", "task-3")
@@ -102,7 +109,7 @@ def run_seed(seed, workdir, a):
         set_seed(seed)  # LoRA weights are drawn in from_clip, before the Trainer seeds anything
         model = ContinualCLIP.from_clip(clip, templates=SHAPES_TEMPLATES, lora=lora)
         ContinualTrainer(model=model, args=args_for("base"), tasks=dataclasses.replace(tasks, tasks=tasks.tasks[:4]),
-                         processing_class=processor, inversion_config=inversion).train()
+                         processing_class=processor, method_config=method_config).train()
     old_test = concatenate_datasets([t.test for t in tasks.tasks[:4]])
     new_test, new_names = tasks[4].test, tasks[4].class_names
     before = ContinualCLIP.from_pretrained(checkpoint)
@@ -119,12 +126,13 @@ def run_seed(seed, workdir, a):
         if os.path.isdir(done):
             return ContinualCLIP.from_pretrained(done)
         trainer = ContinualTrainer.from_pretrained(checkpoint, tasks=tasks_4, args=args_for(name),
-                                                   inversion_config=inversion)
+                                                   method_config=method_config)
         trainer.train()
         return trainer.accelerator.unwrap_model(trainer.model)
 
-    def new_and_old(model):
-        return accuracy(model, new_test, tasks.label_map, processor), accuracy(model, old_test, tasks.label_map, processor)
+    def new_and_old(model, routed=True):
+        return (accuracy(model, new_test, tasks.label_map, processor, routed=routed),
+                accuracy(model, old_test, tasks.label_map, processor, routed=routed))
 
     # the raw (pre-trained, adapter-free) CLIP over all names: what names-only training can learn from
     raw = ContinualCLIP.from_clip(shapes_clip(a.backbone_dir), templates=SHAPES_TEMPLATES)
@@ -132,8 +140,8 @@ def run_seed(seed, workdir, a):
     result["raw_clip_new"], result["raw_clip_old"] = new_and_old(raw)
     names_only = after_task4("names_only", names_only_tasks(new_names, config=NamesOnlyConfig()))
     result["names_only_new"], result["old_after"] = new_and_old(names_only)
-    names_only.routed_classes = []  # the trained weights alone
-    result["unrouted_names_only_new"], result["unrouted_old_after"] = new_and_old(names_only)
+    # the trained weights alone
+    result["unrouted_names_only_new"], result["unrouted_old_after"] = new_and_old(names_only, routed=False)
     result["gain"] = result["names_only_new"] - result["zero_shot_new"]
     result["reference_names_only_new"], result["reference_old_after"] = new_and_old(
         after_task4("reference", names_only_tasks(new_names, config=NamesOnlyConfig(preset="reference"))))

@@ -47,8 +47,9 @@ def run_seed(seed, workdir):
     from hf_pmi.bank import FeatureBank
     from hf_pmi.blocks import VisionBlocks, unwrap_clip
     from hf_pmi.data import ContinualCollator
-    from hf_pmi.names_only import (boundary_target, project_name, prompts_for, raw_clip, raw_text_prototypes,
-                                   routed_probs, text_space_prototypes)
+    from hf_pmi.names_only import (boundary_target, project_name, raw_clip, raw_text_prototypes,
+                                   text_space_prototypes)
+    from hf_pmi.routing import routed_probs
     from hf_pmi.testing import build_processor
     from hf_pmi.testing.shapes import ALL_CLASSES, load_shapes_dataset
 
@@ -63,7 +64,7 @@ def run_seed(seed, workdir):
     model = ContinualCLIP.from_pretrained(checkpoint).eval()
     bank = FeatureBank.from_pretrained(os.path.join(checkpoint, "feature_bank"))
     n_old = len(model.class_names)
-    new_ids, new_mask = prompts_for(model, tasks[4].class_names, processor.tokenizer)
+    new_ids, new_mask = model.tokenize_classes(tasks[4].class_names, processor.tokenizer)
     with torch.no_grad(), raw_clip(model) as clip:
         old_text = raw_text_prototypes(clip, model.prompt_ids, model.prompt_mask)
         new_text = raw_text_prototypes(clip, new_ids, new_mask)
@@ -91,7 +92,6 @@ def run_seed(seed, workdir):
     trained, embeddings = None, {}
     if os.path.isdir(routed_checkpoint):
         trained = ContinualCLIP.from_pretrained(routed_checkpoint).eval()
-        routed_ids, trained.routed_classes = trained.routed_classes, []  # the model alone; routing recomputed below
         embeddings = {
             "routed_text": text,
             "routed_projected": projected_classifier,
@@ -116,30 +116,34 @@ def run_seed(seed, workdir):
         }
         if trained is not None:
             with torch.no_grad():
-                trained_logits = trained(pixel_values=pixels).logits.float()
+                trained_logits = trained(pixel_values=pixels).logits.float()  # the model alone, not routed
             for name, classifier in embeddings.items():
                 scores[name] = routed_probs(scale * F.normalize(raw, dim=-1) @ classifier.t(), trained_logits, routed)
         for name, s in scores.items():
             result[f"{name}_{part}"] = s.argmax(-1).eq(labels).float().mean().item()
     if trained is not None:
-        result.update(time_routing(trained, pixels[:128], routed_ids))
+        result.update(time_routing(trained, pixels[:128]))
     return result
 
 
-def time_routing(model, pixels, routed, repeats=3):
-    """Seconds per forward of `pixels` with the classes `routed` routed, and with none (after one warm-up each)."""
+def time_routing(model, pixels, repeats=3):
+    """Seconds per forward of `pixels` with the model's router, and without it (after one warm-up each)."""
+    import copy
     import time
 
     import torch
 
+    from hf_pmi.routing import ClassRouter
+
+    plain = copy.deepcopy(model)
+    plain.router = ClassRouter(model.router.prototypes.shape[1])  # no routed class: the adapted model alone
     timings = {}
-    for name, classes in (("seconds_routed", routed), ("seconds_plain", [])):
-        model.routed_classes = classes
+    for name, m in (("seconds_routed", model), ("seconds_plain", plain)):
         with torch.no_grad():
-            model(pixel_values=pixels)
+            m(pixel_values=pixels)
             start = time.perf_counter()
             for _ in range(repeats):
-                model(pixel_values=pixels)
+                m(pixel_values=pixels)
         timings[name] = (time.perf_counter() - start) / repeats
     return timings
 

@@ -4,14 +4,14 @@ Data -> task splits (`split_class_incremental`) -> `ContinualTrainer` (train, ev
 statistics, invert, replay) -> per-task checkpoint / feature bank / model card -> Hub.
 """
 
-__version__ = "0.1.0"
-
+from .version import __version__
 from .bank import FeatureBank
 from .config import ContinualConfig
 from .data import ContinualCollator, ContinualTask, ContinualTasks, split_class_incremental
 from .inversion import InversionConfig
 from .metrics import continual_metrics
 from .modeling import ContinualCLIP
+from .methods.pmi import PMIConfig
 from .trainer import ContinualResult, ContinualTrainer
 
 __all__ = [
@@ -24,6 +24,8 @@ __all__ = [
     "ContinualTrainer",
     "FeatureBank",
     "InversionConfig",
+    "PMIConfig",
+    "__version__",
     "continual_metrics",
     "split_class_incremental",
 ]

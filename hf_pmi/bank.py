@@ -30,20 +30,49 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
+from typing import ClassVar, Iterable
 
 import torch
 from torch import nn
 
 from .contrastive import ContrastiveModel, gaussian_sample, sample_class_features
 from .contrastive import train_contrastive as fit_contrastive
+from .resolve import is_pickle_name, resolve_pretrained_folder
 from .statistics import LayerStatistics, collect_statistics_and_features
+from .validation import ValidationError, require_count
 
+FOLDER_NAME = "feature_bank"  # the bank's subfolder in a task checkpoint
 WEIGHTS_NAME = "feature_bank.safetensors"
 CONFIG_NAME = "feature_bank.json"
 FORMAT_VERSION = 1
-PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".pkl", ".pickle")
+SELECTIONS = ("cfs", "gaussian")
+
+
+@dataclass
+class SamplingConfig:
+    """How replay targets are drawn from the bank (flags ``--sampling_<field>``): how many per class, and how.
+
+    Example:
+        >>> SamplingConfig().per_class, SamplingConfig(selection="gaussian").selection
+        (5, 'gaussian')
+    """
+
+    flag_prefix: ClassVar[str] = "sampling_"
+    argument_group: ClassVar[str] = "replay targets (SamplingConfig)"
+
+    per_class: int = field(default=5, metadata={"help": "Replay samples per seen class (reference 5)."})
+    selection: str = field(
+        default="cfs",
+        metadata={"help": "'cfs' (contrastive feature selection, reference; trains a contrastive model per class) "
+                  "or 'gaussian' (plain samples of the class Gaussian)."},
+    )
+
+    def __post_init__(self):
+        require_count(self.flag_prefix + "per_class", self.per_class)
+        if self.selection not in SELECTIONS:
+            raise ValidationError(f"{self.flag_prefix}selection must be one of {list(SELECTIONS)}, got {self.selection!r}.")
 
 
 class FeatureBank:
@@ -295,33 +324,24 @@ class FeatureBank:
     def from_pretrained(
         cls, path_or_repo_id: str | os.PathLike, revision: str | None = None, subfolder: str | None = None
     ) -> "FeatureBank":
-        """Load a bank from a local directory or a Hub repo (only its two files are downloaded).
+        """Load a bank from a local directory or a Hub repo (`hf_pmi.resolve`: safetensors and JSON only).
 
-        A directory or repo that holds a pickle-like file (``.pt``, ``.pth``, ``.bin``, ``.pkl``,
-        ``.pickle``) instead of ``feature_bank.safetensors`` is refused with a `ValueError`:
-        pickles can run code when loaded.
+        A directory or repo that holds a pickle-like file (`hf_pmi.resolve.PICKLE_PATTERNS`) instead
+        of ``feature_bank.safetensors`` is refused with a `ValueError`: pickles can run code when loaded.
         """
         from safetensors.torch import load_file
 
-        local = Path(path_or_repo_id)
-        if local.is_dir():
-            folder = local / subfolder if subfolder else local
-            if not (folder / WEIGHTS_NAME).is_file():
-                listing = [p.name for p in folder.iterdir()] if folder.is_dir() else []
-                _refuse_or_missing(listing, str(folder))
-        else:
-            from huggingface_hub import snapshot_download
+        folder = Path(resolve_pretrained_folder(path_or_repo_id, revision=revision, subfolder=subfolder,
+                                                allow_patterns=[CONFIG_NAME, WEIGHTS_NAME]))
+        if not (folder / WEIGHTS_NAME).is_file():
+            listing = [p.name for p in folder.iterdir()] if folder.is_dir() else []
+            if not Path(path_or_repo_id).is_dir():  # a Hub repo: what it offers, not what was downloaded
+                from .resolve import hub_api
 
-            repo_id = str(path_or_repo_id)
-            prefix = f"{subfolder.strip('/')}/" if subfolder else ""
-            snapshot = snapshot_download(repo_id, revision=revision, allow_patterns=[prefix + CONFIG_NAME, prefix + WEIGHTS_NAME])
-            folder = Path(snapshot) / prefix if prefix else Path(snapshot)
-            if not (folder / WEIGHTS_NAME).is_file():
-                from huggingface_hub import HfApi
-
-                files = HfApi().list_repo_files(repo_id, revision=revision)
-                listing = [f[len(prefix) :] for f in files if f.startswith(prefix) and "/" not in f[len(prefix) :]]
-                _refuse_or_missing(listing, f"{repo_id}{'/' + prefix if prefix else ''}")
+                prefix = f"{subfolder.strip('/')}/" if subfolder else ""
+                files = hub_api().list_repo_files(str(path_or_repo_id), revision=revision)
+                listing = [f[len(prefix):] for f in files if f.startswith(prefix) and "/" not in f[len(prefix):]]
+            _refuse_or_missing(listing, str(folder))
         config_path = folder / CONFIG_NAME
         if not config_path.is_file():
             raise FileNotFoundError(f"{config_path} is missing: a bank is saved with FeatureBank.save_pretrained.")
@@ -367,7 +387,7 @@ def _check_config_matches_tensors(config: dict, tensors: dict, config_path) -> N
 
 
 def _refuse_or_missing(listing: list[str], where: str) -> None:
-    pickles = sorted(f for f in listing if f.lower().endswith(PICKLE_SUFFIXES))
+    pickles = sorted(f for f in listing if is_pickle_name(f.lower()))
     if pickles:
         raise ValueError(
             f"{where} holds no {WEIGHTS_NAME} but pickle files {pickles}. Pickles are refused: loading one "

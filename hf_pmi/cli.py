@@ -4,11 +4,12 @@
         --label_column fine_label --num_tasks 10 --method pmi
     hf-pmi eval --checkpoint runs/cifar/task-9 --dataset_name uoft-cs/cifar100 --image_column img \\
         --label_column fine_label
-    hf-pmi train --help      # every flag: data and task split, model, ContinualConfig, InversionConfig
+    hf-pmi train --method pmi --help      # every flag: data and task split, model, ContinualConfig, pmi's config
 
-``train`` takes the flags of `hf_pmi.recipe.RecipeArguments`, `ContinualConfig` and
-`InversionConfig` (the recipes in ``recipes/`` are the same run with a benchmark's defaults). For
-several processes launch the module: ``accelerate launch -m hf_pmi.cli train ...``.
+``train`` takes the flags of `hf_pmi.recipe.RecipeArguments`, `ContinualConfig` and the config of the
+method ``--method`` names (`hf_pmi.recipe.parse_run_args`; the recipes in ``recipes/`` are the
+same run with a benchmark's defaults). For several processes launch the module:
+``accelerate launch -m hf_pmi.cli train ...``.
 
 ``eval`` scores a checkpoint (a folder or a Hub repo + ``--revision``) on the test split of a
 dataset: the classes the checkpoint knows are matched by name, and the accuracy over them and per
@@ -50,15 +51,10 @@ def _usage() -> str:
 
 
 def train(argv: list[str]) -> None:
-    from transformers import HfArgumentParser
+    from .recipe import parse_run_args, run_recipe
 
-    from .config import ContinualConfig
-    from .inversion import InversionConfig
-    from .recipe import RecipeArguments, run_recipe
-
-    parser = HfArgumentParser((RecipeArguments, ContinualConfig, InversionConfig), prog="hf-pmi train")
-    recipe, args, inversion = parser.parse_args_into_dataclasses(argv)
-    run_recipe(recipe, args, inversion)
+    recipe, args, method_config = parse_run_args(argv, prog="hf-pmi train")
+    run_recipe(recipe, args, method_config)
 
 
 def evaluate_checkpoint(opts: EvalArguments) -> dict:
@@ -69,10 +65,12 @@ def evaluate_checkpoint(opts: EvalArguments) -> dict:
     import torch
     from transformers import AutoProcessor
 
-    from .data import ContinualCollator, _class_names
-    from .hub import resolve_pretrained_folder
+    from .checkpoint import STATE_NAME, read_state
+    from .data import ContinualCollator, class_names_of
+    from .evaluation import task_accuracies
     from .modeling import ContinualCLIP
     from .recipe import RecipeArguments, load_data
+    from .resolve import resolve_pretrained_folder
 
     folder = resolve_pretrained_folder(opts.checkpoint, revision=opts.revision)
     model = ContinualCLIP.from_pretrained(folder).eval()
@@ -84,7 +82,7 @@ def evaluate_checkpoint(opts: EvalArguments) -> dict:
     if opts.test_split not in data:
         raise ValueError(f"No {opts.test_split!r} split in {list(data)}; pass --test_split.")
     test = data[opts.test_split]
-    names = _class_names(test, opts.label_column, None)
+    names = class_names_of(test, opts.label_column)
     known = {name: i for i, name in enumerate(model.class_names)}
     label_map = {label: known[name] for label, name in enumerate(names) if name in known}
     if not label_map:
@@ -97,20 +95,13 @@ def evaluate_checkpoint(opts: EvalArguments) -> dict:
     with torch.no_grad():
         for start in range(0, len(test), opts.batch_size):
             batch = collate([test[i] for i in range(start, min(start + opts.batch_size, len(test)))])
-            preds.append(model(pixel_values=batch["pixel_values"]).logits.argmax(-1))
+            preds.append(model(pixel_values=batch["pixel_values"]).prediction_logits.argmax(-1))
             targets.append(batch["labels"])
     pred, target = torch.cat(preds).numpy(), torch.cat(targets).numpy()
     scores = {"checkpoint": opts.checkpoint, "revision": opts.revision, "examples": int(len(target)),
               "classes": len(label_map), "accuracy": float((pred == target).mean())}
-    state_file = os.path.join(folder, "continual_state.json")
-    if os.path.isfile(state_file):
-        with open(state_file) as f:
-            task_classes = json.load(f)["task_classes"]
-        per_task = []
-        for ids in task_classes:
-            mask = np.isin(target, ids)
-            per_task.append(float((pred[mask] == target[mask]).mean()) if mask.any() else None)
-        scores["task_accuracy"] = per_task
+    if os.path.isfile(os.path.join(folder, STATE_NAME)):
+        scores["task_accuracy"] = task_accuracies(pred, target, read_state(folder)["task_classes"])[0]
     return scores
 
 

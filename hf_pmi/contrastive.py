@@ -20,14 +20,53 @@ from __future__ import annotations
 
 import copy
 import math
+from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 from torch import nn
+
+from .validation import require, require_count, require_positive
 
 # LeakyReLU slope: PyTorch's default (0.01), which the reference uses through nn.LeakyReLU().
 LEAKY_SLOPE = 0.01
 # Below this, a selected set's per-dimension std is treated as zero and left unscaled.
 STD_EPS = 1e-12
+
+
+@dataclass
+class SelectionConfig:
+    """Contrastive feature selection (CFS) settings (flags ``--cfs_<field>``); defaults are the reference's CLIP values.
+
+    Example:
+        >>> SelectionConfig().boost, SelectionConfig(rho=0.0)
+        Traceback (most recent call last):
+        ...
+        hf_pmi.validation.ValidationError: cfs_rho=0.0 is invalid: it must be in (0, 1] (an acceptance ratio).
+    """
+
+    flag_prefix: ClassVar[str] = "cfs_"
+    argument_group: ClassVar[str] = "contrastive feature selection (SelectionConfig)"
+
+    boost: int = field(default=20, metadata={"help": "CFS selects per_class * boost features, then keeps per_class at random (reference 20)."})
+    batch: int = field(default=20, metadata={"help": "CFS acceptance batch b (reference 20)."})
+    rho: float = field(default=0.5, metadata={"help": "CFS acceptance ratio: b / rho candidates per round (reference 0.5)."})
+    tau: float = field(default=1.0, metadata={"help": "Temperature of the contrastive similarity (reference 1)."})
+    exact_standardise: bool = field(
+        default=False, metadata={"help": "Exact moment standardisation after CFS instead of the reference formula."}
+    )
+
+    def __post_init__(self):
+        p = self.flag_prefix
+        require_count(p + "boost", self.boost)
+        require_count(p + "batch", self.batch)
+        require(isinstance(self.rho, (int, float)) and 0 < self.rho <= 1, p + "rho", self.rho, "in (0, 1] (an acceptance ratio)")
+        require_positive(p + "tau", self.tau, " (a temperature)")
+
+    def sample_kwargs(self) -> dict:
+        """Keyword arguments of `sample_class_features` (and `FeatureBank.sample_class`)."""
+        return dict(boost=self.boost, batch=self.batch, rho=self.rho, tau=self.tau,
+                    exact_standardise=self.exact_standardise)
 
 
 class ContrastiveModel(nn.Module):

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -100,6 +100,16 @@ class ContinualTasks:
         }
 
 
+@dataclass
+class TaskPlan:
+    """What the trainer trains on in one task: the dataset, a collator for it (None: the trainer's),
+    and `TrainingArguments` values that hold for this task only (restored afterwards, also on error)."""
+
+    train_dataset: Any
+    collator: Callable | None = None
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+
 def _task_sizes(num_classes, num_tasks, initial_classes, classes_per_task) -> list[int]:
     if num_tasks is not None and (initial_classes is not None or classes_per_task is not None):
         raise ValueError("Give either `num_tasks`, or `initial_classes` and/or `classes_per_task`, not both.")
@@ -127,7 +137,8 @@ def _task_sizes(num_classes, num_tasks, initial_classes, classes_per_task) -> li
     return sizes
 
 
-def _class_names(ds: AnyDataset, label_column: str, class_names: list[str] | None) -> list[str]:
+def class_names_of(ds: AnyDataset, label_column: str, class_names: list[str] | None = None) -> list[str]:
+    """`class_names` if given, else the names of the label column's `ClassLabel` (errors name the fix)."""
     features = ds.features
     if features is not None and label_column not in features:
         raise ValueError(
@@ -146,7 +157,7 @@ def _class_names(ds: AnyDataset, label_column: str, class_names: list[str] | Non
     )
 
 
-def _select_classes(ds: AnyDataset, label_column: str, labels: list[int]) -> AnyDataset:
+def select_classes(ds: AnyDataset, label_column: str, labels: list[int]) -> AnyDataset:
     """Rows whose label is in `labels`, reading the label column only (images are never decoded)."""
     if isinstance(ds, IterableDataset):
         wanted = set(labels)
@@ -194,7 +205,7 @@ def split_class_incremental(
         train, test = data[train_split], (data[test_split] if test_split else None)
     else:
         train, test = data, None
-    names = _class_names(train, label_column, class_names)
+    names = class_names_of(train, label_column, class_names)
     check_labels_match_names(train, label_column, names, class_names is not None)
     if test is not None:
         test = align_test_labels(test, train, label_column, names)  # by class name, not by id
@@ -220,8 +231,8 @@ def split_class_incremental(
             task_id=t,
             class_ids=list(range(start, start + size)),
             class_names=[names[c] for c in labels],
-            train=_select_classes(train, label_column, labels),
-            test=_select_classes(test, label_column, labels) if test is not None else None,
+            train=select_classes(train, label_column, labels),
+            test=select_classes(test, label_column, labels) if test is not None else None,
         )
         if isinstance(task.train, Dataset) and len(task.train) == 0:
             raise ValueError(

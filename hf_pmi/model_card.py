@@ -344,3 +344,20 @@ def write_model_card(folder: str | os.PathLike, state: dict, template_path: str 
     readme = folder / "README.md"
     readme.write_text(text, encoding="utf-8")
     return str(readme)
+
+
+def write_adapter_card(folder: str, base_model: str | None) -> None:
+    """Replace peft's empty README in ``adapter/`` by a short card that points to the checkpoint."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    data = ModelCardData(base_model=base_model if base_model and not os.path.isabs(base_model) else None,
+                         library_name="peft", tags=["lora", "hf_pmi", "continual-learning"])
+    text = (
+        f"---\n{data.to_yaml()}\n---\n\n# LoRA adapter of an hf_pmi continual CLIP checkpoint\n\n"
+        "The LoRA adapter of the checkpoint one folder up (see its README for the results). Load it on the base "
+        "model with `PeftModel.from_pretrained(base, path, subfolder=\"adapter\")`; the parent folder's `clip/` "
+        "holds the same model merged, and `ContinualCLIP.from_pretrained(path)` loads everything.\n"
+    )
+    ModelCard(text)  # the YAML parses
+    with open(os.path.join(folder, "README.md"), "w", encoding="utf-8") as f:
+        f.write(text)

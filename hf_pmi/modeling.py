@@ -5,24 +5,25 @@ text embedding is the normalised mean, over prompt templates, of the normalised 
 ``template.format(class_name)``. `add_classes` appends new classes as tasks arrive. The patch
 embedding is always frozen: replay samples live right after it (see `hf_pmi.blocks`).
 
+Outputs (`ContinualCLIPOutput`): ``logits`` are always those scaled cosines of the adapted model,
+in training and in eval mode. A model with a router (`route_classes`, `hf_pmi.routing`: classes
+learned from their names only, scored by the raw CLIP) also returns ``routed_logits`` in eval mode:
+the log-probabilities of the routed classifier, one more pass through the vision tower with the
+adapters disabled. Predict with ``routed_logits`` when it is set, else with ``logits``
+(`ContinualCLIPOutput.prediction_logits`).
+
 A checkpoint folder holds:
 
-- ``continual_clip.json``: class names, templates, LoRA settings, base model, routed classes;
+- ``continual_clip.json``: class names, templates, LoRA settings, base model, format version;
 - ``class_prompts.safetensors``: the tokenised prompts (so logits need no tokenizer to reload);
 - ``clip/``: a plain `CLIPModel` with the checkpoint's weights, LoRA merged and peft's
   ``modules_to_save`` copies unwrapped (`CLIPModel.from_pretrained(path, subfolder="clip")` loads it
-  with no missing or unexpected key and gives the checkpoint's logits, except that it does not route
-  names-only classes, below);
+  with no missing or unexpected key and gives the checkpoint's ``logits``; it does not route);
 - ``adapter/``: the peft LoRA adapter, when there is one
   (`PeftModel.from_pretrained(base, path, subfolder="adapter")` on the base model);
 - ``base/``: the frozen base under the adapter, a plain `CLIPModel`, only when that base has no Hub
-  id or path of its own (a CLIP built from a config).
-
-Routed classes (`route_classes`: classes learned from their names only, `hf_pmi.names_only`): in
-eval mode a LoRA model scores them with its raw CLIP (adapters disabled, a second pass through the
-vision tower), each with a prototype (``routed_prototypes``; for a names-only class, its projected
-features moved into the text embeddings' space) for class embedding, and splits the rest of the probability among the other classes as the adapted model does
-(`hf_pmi.names_only.routed_probs`); ``logits`` are then log-probabilities.
+  id or path of its own (a CLIP built from a config);
+- ``router/``: the `ClassRouter`, when classes are routed.
 
 Example:
     >>> from hf_pmi import ContinualCLIP
@@ -34,6 +35,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from dataclasses import dataclass
@@ -46,13 +48,18 @@ from transformers import CLIPConfig, CLIPModel
 from transformers.utils import ModelOutput
 
 from .blocks import VisionBlocks, unwrap_clip
-from .export import is_peft
+from .export import base_state_dict, is_peft, merged_clip, peft_deprecations_silenced
+from .model_card import write_adapter_card
+from .resolve import hub_api, resolve_pretrained_folder
+from .routing import ROUTER_FOLDER, ClassRouter
 from .validation import check_checkpoint_prompts, check_local_path, check_templates
 
 DEFAULT_TEMPLATES = ["a bad photo of a {}."]  # the reference's single prompt template
 DEFAULT_LORA_TARGETS = r".*vision_model.*\.(q_proj|v_proj)"  # vision tower only (peft has no CLIP default)
 CONFIG_NAME = "continual_clip.json"
 PROMPTS_NAME = "class_prompts.safetensors"
+# 1: routed classes in continual_clip.json / class_prompts.safetensors; 2: in router/.
+FORMAT_VERSION = 2
 
 
 @dataclass
@@ -60,16 +67,23 @@ class ContinualCLIPOutput(ModelOutput):
     """Output of `ContinualCLIP.forward`.
 
     ``logits`` / ``image_embeds`` are those of the real images (``pixel_values``), ``replay_*``
-    those of the replayed patch maps, ``text_embeds`` the normalised class embeddings (C, P).
+    those of the replayed patch maps, ``text_embeds`` the normalised class embeddings (C, P);
+    ``routed_logits`` the routed log-probabilities of the real images (eval mode with a router).
     """
 
     loss: torch.Tensor | None = None
     logits: torch.Tensor | None = None
+    routed_logits: torch.Tensor | None = None
     replay_logits: torch.Tensor | None = None
     image_embeds: torch.Tensor | None = None
     replay_image_embeds: torch.Tensor | None = None
     text_embeds: torch.Tensor | None = None
     logit_scale: torch.Tensor | None = None
+
+    @property
+    def prediction_logits(self) -> torch.Tensor | None:
+        """What to predict with: ``routed_logits`` when the model routed, else ``logits``."""
+        return self.routed_logits if self.routed_logits is not None else self.logits
 
 
 def class_text_embeddings(clip: nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> torch.Tensor:
@@ -80,11 +94,6 @@ def class_text_embeddings(clip: nn.Module, prompt_ids: torch.Tensor, prompt_mask
         input_ids=prompt_ids.view(c * t, length), attention_mask=prompt_mask.view(c * t, length)
     )
     return F.normalize(F.normalize(out.pooler_output, dim=-1).view(c, t, -1).mean(1), dim=-1)
-
-
-def _tokenize(tokenizer, texts: list[str], max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
-    enc = tokenizer(texts, padding="max_length", truncation=True, max_length=max_length, return_tensors="pt")
-    return enc["input_ids"], enc["attention_mask"]
 
 
 class ContinualCLIP(nn.Module):
@@ -102,14 +111,13 @@ class ContinualCLIP(nn.Module):
         self.templates = list(templates or DEFAULT_TEMPLATES)
         check_templates(self.templates)
         self.class_names: list[str] = []
-        self.routed_classes: list[int] = []  # scored by the raw CLIP at inference (module docstring)
         self.lora_config = lora_config
         length = self.clip_config.text_config.max_position_embeddings
         self.register_buffer("prompt_ids", torch.zeros(0, len(self.templates), length, dtype=torch.long))
         self.register_buffer("prompt_mask", torch.zeros(0, len(self.templates), length, dtype=torch.long))
-        self.register_buffer("routed_prototypes", torch.zeros(0, self.clip_config.projection_dim))
+        self.router = ClassRouter(self.clip_config.projection_dim)
         self._text_cache: torch.Tensor | None = None
-        self._raw_text_cache: torch.Tensor | None = None
+        self._raw_classifier: torch.Tensor | None = None
         base = unwrap_clip(self.clip)
         base.vision_model.embeddings.patch_embedding.requires_grad_(False)  # replay lives after it
         base.logit_scale.requires_grad_(False)  # the pre-trained temperature; KD terms are scaled by it
@@ -145,8 +153,6 @@ class ContinualCLIP(nn.Module):
 
             if lora.target_modules is None:
                 lora.target_modules = DEFAULT_LORA_TARGETS
-            from .export import peft_deprecations_silenced
-
             with peft_deprecations_silenced():
                 clip = get_peft_model(clip, lora)
             lora_dict = lora.to_dict()
@@ -170,6 +176,36 @@ class ContinualCLIP(nn.Module):
         """The vision tower as blocks (patch embedding, pre, layers, post); shares the weights."""
         return VisionBlocks(self.clip)
 
+    @property
+    def has_adapters(self) -> bool:
+        """True for a LoRA (peft) model: its adapters disabled give the raw, pre-trained CLIP."""
+        return is_peft(self.clip)
+
+    @property
+    def routed_classes(self) -> list[int]:
+        """Class ids scored by the raw CLIP at inference (`route_classes`)."""
+        return list(self.router.class_ids)
+
+    @contextlib.contextmanager
+    def raw_clip(self):
+        """The raw (pre-trained) CLIP: this model's CLIP with its peft adapters disabled. A model without
+        adapters is refused: its pre-trained weights are gone."""
+        if not self.has_adapters:
+            raise ValueError(
+                "This needs the raw pre-trained CLIP, but the model was trained without adapters, so its "
+                "pre-trained weights are gone. Train with LoRA (`ContinualCLIP.from_clip(clip, lora=LoraConfig(...))`)."
+            )
+        with self.clip.disable_adapter():
+            yield self.clip
+
+    def tokenize_classes(self, names: list[str], tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tokenised prompts ``(C, T, L)`` (ids, attention mask) of `names` with this model's templates."""
+        length = self.prompt_ids.shape[-1]
+        texts = [t.format(name) for name in names for t in self.templates]
+        enc = tokenizer(texts, padding="max_length", truncation=True, max_length=length, return_tensors="pt")
+        shape = (len(names), len(self.templates), length)
+        return enc["input_ids"].view(shape), enc["attention_mask"].view(shape)
+
     def add_classes(self, names: list[str], tokenizer) -> list[int]:
         """Append classes (by name) to the classifier; returns their class ids."""
         clash = sorted(set(names) & set(self.class_names)) or sorted({n for n in names if names.count(n) > 1})
@@ -178,23 +214,19 @@ class ContinualCLIP(nn.Module):
                 f"Class name(s) {clash} already exist in this model (it knows {self.num_classes} classes). Class "
                 f"names must be unique because they are the classifier: rename the new classes, e.g. with a suffix."
             )
-        length = self.prompt_ids.shape[-1]
-        texts = [t.format(name) for name in names for t in self.templates]
-        ids, mask = _tokenize(tokenizer, texts, length)
-        shape = (len(names), len(self.templates), length)
+        ids, mask = self.tokenize_classes(names, tokenizer)
         device = self.prompt_ids.device
-        self.prompt_ids = torch.cat([self.prompt_ids, ids.view(shape).to(device)])
-        self.prompt_mask = torch.cat([self.prompt_mask, mask.view(shape).to(device)])
+        self.prompt_ids = torch.cat([self.prompt_ids, ids.to(device)])
+        self.prompt_mask = torch.cat([self.prompt_mask, mask.to(device)])
         first = self.num_classes
         self.class_names.extend(names)
-        self._text_cache = self._raw_text_cache = None
+        self._text_cache = self._raw_classifier = None
         return list(range(first, self.num_classes))
 
     def route_classes(self, class_ids: list[int], prototypes: torch.Tensor) -> None:
         """Score `class_ids` at inference by the raw CLIP with `prototypes` (one row per class, in the
         space of the class text embeddings, e.g. `hf_pmi.names_only.text_space_prototypes`) as their
-        class embeddings (see the module docstring). Needs LoRA: the raw CLIP is the model with its
-        adapters disabled.
+        class embeddings (`hf_pmi.routing`). Needs LoRA: the raw CLIP is the model with its adapters disabled.
 
         Example:
             >>> import torch
@@ -202,26 +234,17 @@ class ContinualCLIP(nn.Module):
             >>> from hf_pmi.testing import build_clip, build_tokenizer
             >>> model = ContinualCLIP.from_clip(build_clip("tiny"), lora=LoraConfig(r=4), class_names=["a", "b"],
             ...                                 tokenizer=build_tokenizer())
-            >>> model.route_classes([1], torch.randn(1, model.routed_prototypes.shape[1]))
+            >>> model.route_classes([1], torch.randn(1, model.clip_config.projection_dim))
             >>> model.routed_classes
             [1]
         """
-        if not is_peft(self.clip):
+        if not self.has_adapters:
             raise ValueError(
                 "Routing classes to the raw CLIP needs a LoRA model (its adapters disabled give the raw CLIP): "
                 "build it with `ContinualCLIP.from_clip(clip, lora=LoraConfig(...))`."
             )
-        class_ids = [int(c) for c in class_ids]
-        if prototypes.shape != (len(class_ids), self.routed_prototypes.shape[1]):
-            raise ValueError(f"Expected prototypes of shape ({len(class_ids)}, {self.routed_prototypes.shape[1]}), "
-                             f"got {tuple(prototypes.shape)}.")
-        if any(not 0 <= c < self.num_classes for c in class_ids) or set(class_ids) & set(self.routed_classes):
-            raise ValueError(f"Cannot route classes {class_ids}: the model has {self.num_classes} classes and routes "
-                             f"{self.routed_classes} already.")
-        self.routed_classes = self.routed_classes + class_ids
-        new = prototypes.detach().to(self.routed_prototypes)
-        self.routed_prototypes = torch.cat([self.routed_prototypes, new])
-        self._raw_text_cache = None
+        self.router.add(class_ids, prototypes, self.num_classes)
+        self._raw_classifier = None
 
     # ----- forward -----------------------------------------------------------------------------
     def _text_tower_trainable(self) -> bool:
@@ -243,22 +266,14 @@ class ContinualCLIP(nn.Module):
         return emb
 
     @torch.no_grad()
-    def _routed_logits(self, maps: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-        """Log-probabilities of images (patch maps ``maps``, adapted ``logits``) with the routed classes
-        scored by the raw CLIP (module docstring)."""
-        from .names_only import routed_probs
-
-        with self.clip.disable_adapter():  # the raw CLIP: its weights never change, so its classifier is cached
-            raw = F.normalize(self.blocks.forward_from(1, maps), dim=-1)
-            if self._raw_text_cache is None or self._raw_text_cache.device != raw.device:
-                classifier = class_text_embeddings(self.clip, self.prompt_ids, self.prompt_mask).float()
-                classifier[self.routed_classes] = F.normalize(self.routed_prototypes.float(), dim=-1)
-                self._raw_text_cache = classifier
-        raw_logits = self.logit_scale * raw.float() @ self._raw_text_cache.t()
-        routed = torch.zeros(self.num_classes, dtype=torch.bool, device=raw.device)
-        routed[self.routed_classes] = True
-        # 1e-30: a class with zero probability keeps a finite log (argmax and CE stay defined)
-        return routed_probs(raw_logits, logits.float(), routed).clamp_min(1e-30).log().to(logits.dtype)
+    def _route(self, maps: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """The router's log-probabilities for patch maps ``maps`` whose adapted logits are ``logits``."""
+        with self.raw_clip() as clip:  # the raw CLIP: its weights never change, so its classifier is cached
+            raw = F.normalize(VisionBlocks(clip).forward_from(1, maps), dim=-1)
+            if self._raw_classifier is None or self._raw_classifier.device != raw.device:
+                raw_text = class_text_embeddings(clip, self.prompt_ids, self.prompt_mask)
+                self._raw_classifier = self.router.classifier(raw_text)
+        return self.router(self.logit_scale * raw.float() @ self._raw_classifier.t(), logits)
 
     @property
     def logit_scale(self) -> torch.Tensor:
@@ -271,11 +286,11 @@ class ContinualCLIP(nn.Module):
         replay_patch_maps: torch.Tensor | None = None,
         **kwargs,
     ) -> ContinualCLIPOutput:
-        """Classify images over all seen classes; replayed patch maps join the same pass. In eval mode
-        the routed classes of images are scored by the raw CLIP (module docstring).
+        """Classify images over all seen classes; replayed patch maps join the same pass.
 
         Real images go through the (frozen) patch embedding; ``replay_patch_maps`` (B, D, g, g)
-        enter right after it. Both share one pass through the tower (one DDP forward).
+        enter right after it. Both share one pass through the tower (one DDP forward). In eval
+        mode a model with routed classes also returns ``routed_logits`` (module docstring).
         """
         blocks = self.blocks
         maps = []
@@ -291,10 +306,12 @@ class ContinualCLIP(nn.Module):
         logits = scale * feats @ text.t()
         n = maps[0].shape[0] if pixel_values is not None else 0
         image_logits = logits[:n] if pixel_values is not None else None
-        if image_logits is not None and self.routed_classes and not self.training and is_peft(self.clip):
-            image_logits = self._routed_logits(maps[0], image_logits)
+        routed = None
+        if image_logits is not None and len(self.router) and not self.training and self.has_adapters:
+            routed = self._route(maps[0], image_logits)
         out = ContinualCLIPOutput(
             logits=image_logits,
+            routed_logits=routed,
             replay_logits=logits[n:] if replay_patch_maps is not None else None,
             image_embeds=feats[:n] if pixel_values is not None else None,
             replay_image_embeds=feats[n:] if replay_patch_maps is not None else None,
@@ -308,8 +325,6 @@ class ContinualCLIP(nn.Module):
     # ----- save / load -------------------------------------------------------------------------
     def save_pretrained(self, save_directory: str | os.PathLike, **kwargs) -> None:
         """Write the checkpoint folder described in the module docstring (safetensors + JSON)."""
-        from .export import base_state_dict, merged_clip
-
         os.makedirs(save_directory, exist_ok=True)
         base = unwrap_clip(self.clip)
         base_name = base.config._name_or_path or None
@@ -319,22 +334,19 @@ class ContinualCLIP(nn.Module):
             # save_embedding_layers=False: no embedding is adapted or resized, and peft's "auto" would look the
             # base model's config up on the Hub at every save
             self.clip.save_pretrained(os.path.join(save_directory, "adapter"), save_embedding_layers=False)
-            from .trainer_hub import write_adapter_card
-
             write_adapter_card(os.path.join(save_directory, "adapter"), base_name)  # not peft's empty template
             if save_base:  # a base built from a config has no other home: keep its (frozen) weights
                 os.makedirs(os.path.join(save_directory, "base"), exist_ok=True)
                 base.config.save_pretrained(os.path.join(save_directory, "base"))
                 save_file(base_state_dict(self.clip), os.path.join(save_directory, "base", "model.safetensors"),
                           metadata={"format": "pt"})
-        save_file(
-            {"prompt_ids": self.prompt_ids.contiguous().cpu(), "prompt_mask": self.prompt_mask.contiguous().cpu(),
-             "routed_prototypes": self.routed_prototypes.contiguous().cpu()},
-            os.path.join(save_directory, PROMPTS_NAME),
-        )
+        save_file({"prompt_ids": self.prompt_ids.contiguous().cpu(), "prompt_mask": self.prompt_mask.contiguous().cpu()},
+                  os.path.join(save_directory, PROMPTS_NAME))
+        if len(self.router):
+            self.router.save_pretrained(os.path.join(save_directory, ROUTER_FOLDER))
         meta = {
+            "format_version": FORMAT_VERSION,
             "class_names": self.class_names,
-            "routed_classes": self.routed_classes,
             "templates": self.templates,
             "lora": self.lora_config,
             "base_model_name_or_path": base_name,
@@ -365,14 +377,14 @@ class ContinualCLIP(nn.Module):
         """
         import tempfile
 
-        from .hub import upload_folder_to_revision
-
+        api = hub_api(token, endpoint)
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        if revision and revision != "main":
+            api.create_branch(repo_id, branch=revision, exist_ok=True)  # the Hub does not create it on upload
         with tempfile.TemporaryDirectory(prefix="hf_pmi_push_") as folder:
             self.save_pretrained(folder)
-            return upload_folder_to_revision(
-                folder, repo_id, revision=revision, token=token, endpoint=endpoint, private=private,
-                commit_message=commit_message, create_pr=create_pr,
-            )
+            return api.upload_folder(repo_id=repo_id, folder_path=folder, revision=revision, create_pr=create_pr,
+                                     commit_message=commit_message or "hf_pmi: upload ContinualCLIP")
 
     @classmethod
     def from_pretrained(
@@ -390,15 +402,11 @@ class ContinualCLIP(nn.Module):
         `token` and `cache_dir` serve the download of the checkpoint and of a base model it names;
         other keyword arguments go to `CLIPModel.from_pretrained`.
         """
-        folder = str(path_or_repo_id)
         if token is not None:
             kwargs["token"] = token
         if cache_dir is not None:
             kwargs["cache_dir"] = cache_dir
-        if not os.path.isdir(folder):
-            from .hub import resolve_pretrained_folder
-
-            folder = resolve_pretrained_folder(folder, revision=revision, token=token, cache_dir=cache_dir)
+        folder = resolve_pretrained_folder(path_or_repo_id, revision=revision, token=token, cache_dir=cache_dir)
         config_file = os.path.join(folder, CONFIG_NAME)
         if not os.path.isfile(config_file):
             raise ValueError(
@@ -407,6 +415,12 @@ class ContinualCLIP(nn.Module):
             )
         with open(config_file) as f:
             meta = json.load(f)
+        version = meta.get("format_version", 1)
+        if version > FORMAT_VERSION:
+            raise ValueError(
+                f"{config_file} has format version {version}, newer than this hf_pmi reads ({FORMAT_VERSION}): "
+                "upgrade hf_pmi (`pip install -U hf_pmi`)."
+            )
         if meta["lora"] is None:
             clip = CLIPModel.from_pretrained(os.path.join(folder, "clip"), **kwargs)
         elif meta["base_saved"]:  # older checkpoints kept the base in clip/
@@ -416,8 +430,6 @@ class ContinualCLIP(nn.Module):
         if meta["lora"] is not None:
             from peft import PeftModel
 
-            from .export import peft_deprecations_silenced
-
             with peft_deprecations_silenced():
                 clip = PeftModel.from_pretrained(clip, os.path.join(folder, "adapter"), is_trainable=is_trainable)
         model = cls(clip, templates=meta["templates"], lora_config=meta["lora"])
@@ -425,14 +437,21 @@ class ContinualCLIP(nn.Module):
         check_checkpoint_prompts(meta["class_names"], meta["templates"], prompts["prompt_ids"], folder)
         model.prompt_ids, model.prompt_mask = prompts["prompt_ids"], prompts["prompt_mask"]
         model.class_names = list(meta["class_names"])
-        routed = [int(c) for c in meta.get("routed_classes", [])]  # absent before hf_pmi routed classes
-        if routed:
-            prototypes = prompts.get("routed_prototypes")
-            if prototypes is None or len(prototypes) != len(routed):
-                raise ValueError(
-                    f"{folder} routes classes {routed} but its {PROMPTS_NAME} holds "
-                    f"{0 if prototypes is None else len(prototypes)} routed prototypes: the files come from different "
-                    "checkpoints or were edited. Reload an intact copy."
-                )
-            model.route_classes(routed, prototypes)
+        if os.path.isdir(os.path.join(folder, ROUTER_FOLDER)):
+            router = ClassRouter.from_pretrained(os.path.join(folder, ROUTER_FOLDER))
+            model.route_classes(router.class_ids, router.prototypes)
+        elif meta.get("routed_classes"):  # format 1: the routed classes beside the prompts
+            _route_format_1(model, meta["routed_classes"], prompts.get("routed_prototypes"), folder)
         return model
+
+
+def _route_format_1(model: ContinualCLIP, routed: list[int], prototypes: torch.Tensor | None, folder: str) -> None:
+    """Routing as checkpoints of format 1 stored it (``routed_classes`` in the JSON, ``routed_prototypes``
+    in the prompts file)."""
+    if prototypes is None or len(prototypes) != len(routed):
+        raise ValueError(
+            f"{folder} routes classes {routed} but its {PROMPTS_NAME} holds "
+            f"{0 if prototypes is None else len(prototypes)} routed prototypes: the files come from different "
+            "checkpoints or were edited. Reload an intact copy."
+        )
+    model.route_classes([int(c) for c in routed], prototypes)

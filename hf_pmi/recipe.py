@@ -2,9 +2,11 @@
 
 `RecipeArguments` names the data (a Hub dataset or a local image folder), how its classes are cut
 into tasks (class order from a seed or a file, first-task size and increment, or a number of
-equal tasks) and the model (a CLIP by Hub id or folder, LoRA settings). `run_recipe` turns them,
-with a `ContinualConfig` and an `InversionConfig`, into a finished `ContinualTrainer.train()`.
-A recipe script is then a few lines: its reference defaults and a call (see ``recipes/``).
+equal tasks) and the model (a CLIP by Hub id or folder, LoRA settings). `parse_run_args` reads
+them, the `ContinualConfig` and the chosen method's config (``--method`` decides which method
+flags exist, `hf_pmi.arguments`) from the command line; `run_recipe` turns them into a finished
+`ContinualTrainer.train()`. A recipe script is then a few lines: its reference defaults and a call
+(see ``recipes/``).
 
 Example:
     >>> from transformers import HfArgumentParser
@@ -17,11 +19,20 @@ Example:
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import json
 import os
 from dataclasses import dataclass, field
+from typing import Any
 
+from .arguments import flag_dataclasses, from_flags
+from .config import ContinualConfig
+from .methods import method_class
 from .modeling import DEFAULT_LORA_TARGETS
+from .validation import check_local_path
+
+DEFAULT_METHOD = "finetune"  # the method of a run that names none (ContinualConfig's default)
 
 
 @dataclass
@@ -93,6 +104,7 @@ def load_data(recipe: RecipeArguments, seed: int = 0):
     from datasets import DatasetDict, load_dataset
 
     if recipe.data_dir:
+        check_local_path(recipe.data_dir, "image folder")
         data = load_dataset("imagefolder", data_dir=recipe.data_dir, streaming=recipe.streaming)
     elif recipe.dataset_name:
         data = load_dataset(recipe.dataset_name, recipe.dataset_config, streaming=recipe.streaming)
@@ -134,12 +146,58 @@ def build_model(recipe: RecipeArguments):
 
         lora = LoraConfig(r=recipe.lora_r, lora_alpha=recipe.lora_alpha, target_modules=recipe.lora_target_modules,
                           modules_to_save=recipe.lora_modules_to_save)
+    check_local_path(recipe.model_name_or_path, "CLIP model folder")  # a missing folder is not a bad Hub id
     processor = AutoProcessor.from_pretrained(recipe.model_name_or_path)
     model = ContinualCLIP.from_clip(recipe.model_name_or_path, templates=[recipe.template], lora=lora)
     return model, processor
 
 
-def run_recipe(recipe: RecipeArguments, args, inversion=None):
+def _parser_classes(part: type) -> tuple[type, ...]:
+    """The dataclasses `HfArgumentParser` parses for `part`: a config with a ``flag_prefix`` (a method
+    config, `NamesOnlyConfig`, ...) by its prefixed flags, any other dataclass as it is."""
+    return flag_dataclasses(part) if hasattr(part, "flag_prefix") else (part,)
+
+
+def _built(part: type, parsed: list) -> Any:
+    return from_flags(part, parsed) if hasattr(part, "flag_prefix") else parsed[0]
+
+
+def parse_run_args(argv: list[str] | None = None, parts: tuple[type, ...] = (RecipeArguments,),
+                   defaults: dict[str, Any] | None = None, prog: str | None = None) -> tuple:
+    """Parse the command line of a run: the dataclasses `parts`, a `ContinualConfig` and the config of
+    the method ``--method`` names (each config an argument group of prefixed flags). `defaults` maps
+    flags to a recipe's defaults; those of flags the chosen method does not have are ignored.
+
+    Returns ``(*parts, args, method_config)``.
+
+    Example:
+        >>> recipe, args, method_config = parse_run_args(
+        ...     ["--output_dir", "out", "--method", "pmi", "--inversion_layer_steps", "7"],
+        ...     defaults={"inversion_refine_steps": 5, "lwf_temperature": 3.0})
+        >>> args.method, method_config.inversion.layer_steps, method_config.inversion.refine_steps
+        ('pmi', 7, 5)
+    """
+    from transformers import HfArgumentParser
+
+    defaults = dict(defaults or {})
+    probe = argparse.ArgumentParser(add_help=False)
+    probe.add_argument("--method", default=defaults.get("method"))
+    method = probe.parse_known_args(argv)[0].method or DEFAULT_METHOD
+    config_cls = method_class(method).config_class
+    groups = [_parser_classes(part) for part in (*parts, ContinualConfig, config_cls)]
+    classes = [cls for group in groups for cls in group]
+    parser = HfArgumentParser(classes, prog=prog)
+    dests = {f.name for cls in classes for f in dataclasses.fields(cls)}
+    parser.set_defaults(**{k: v for k, v in defaults.items() if k in dests})
+    parsed = list(parser.parse_args_into_dataclasses(argv))
+    out = []
+    for part, group in zip((*parts, ContinualConfig, config_cls), groups):
+        out.append(_built(part, parsed[: len(group)]))
+        parsed = parsed[len(group):]
+    return tuple(out)
+
+
+def run_recipe(recipe: RecipeArguments, args, method_config=None):
     """Train the whole task sequence; prints the accuracy matrix and returns the `ContinualResult`."""
     from transformers import set_seed
 
@@ -149,7 +207,7 @@ def run_recipe(recipe: RecipeArguments, args, inversion=None):
     set_seed(args.seed)  # LoRA weights are drawn in build_model, before the Trainer seeds anything
     model, processor = build_model(recipe)
     trainer = ContinualTrainer(model=model, args=args, tasks=tasks, processing_class=processor,
-                               inversion_config=inversion)
+                               method_config=method_config)
     result = trainer.train()
     if trainer.is_world_process_zero():
         print(f"\n{args.method} (seed {args.seed}), accuracy (%) after task i on task j:\n{result.table()}")

@@ -1,4 +1,5 @@
-"""Replay losses for training task t+1 on real new-class data plus replayed old-class samples.
+"""Replay training: its settings (`ReplayConfig`) and losses for task t+1 on real new-class data plus
+replayed old-class samples.
 
 Follows method.md ("Training task t+1"), with the R-DFCIL task weights:
 ``alpha = log2(n_new / 2 + 1)``, ``beta = sqrt(n_old / n_new)``,
@@ -13,9 +14,47 @@ Example:
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
+
+from .validation import require_count, require_weight
+
+
+@dataclass
+class ReplayConfig:
+    """Replay training settings (flags ``--replay_<field>``); reference values for CLIP (method.md)."""
+
+    flag_prefix: ClassVar[str] = "replay_"
+    argument_group: ClassVar[str] = "replay training (ReplayConfig)"
+
+    batch_size: int = field(
+        default=64, metadata={"help": "Replayed samples added to every real batch, drawn with replacement (reference 64)."}
+    )
+    l_ce: float = field(default=1.0, metadata={"help": "Weight of the local CE on new classes (before task weighting)."})
+    l_hkd: float = field(default=0.1, metadata={"help": "Weight of the L1 logit distillation on replayed samples."})
+    l_tkd: float = field(default=0.2, metadata={"help": "Weight of the L1 distillation of old text features (0.1 CUB)."})
+    l_ft: float = field(default=0.001, metadata={"help": "Weight of the balancing CE on detached image features (0.1 CUB)."})
+    ft_detach: bool = field(
+        default=True,
+        metadata={"help": "Detach image features in the balancing CE (reference: True, it then trains the text side "
+                  "only). False lets it also train the vision tower to tell new from old classes, which a model "
+                  "without pre-trained image-text alignment (or with a frozen text tower) needs."},
+    )
+    grid_samples: int = field(
+        default=64, metadata={"help": "Replayed samples rendered to `task-{t}/replay_samples.png` (0: no grid)."}
+    )
+
+    def __post_init__(self):
+        p = self.flag_prefix
+        require_count(p + "batch_size", self.batch_size,
+                      meaning=": every real batch is joined by this many replayed samples (a method without replay, "
+                              "e.g. --method finetune, trains without them)")
+        for name in ("l_ce", "l_hkd", "l_tkd", "l_ft"):
+            require_weight(p + name, getattr(self, name))
+        require_count(p + "grid_samples", self.grid_samples, minimum=0, meaning=" (0: no grid)")
 
 
 def task_weights(n_old: int, n_new: int, l_ce: float, l_hkd: float, l_tkd: float) -> dict[str, float]:

@@ -14,15 +14,16 @@ Example:
 from __future__ import annotations
 
 import hashlib
-import logging
 import os
 import shutil
 
 import numpy as np
 
+from .checkpoint import RESULTS_NAME, finished_tasks
+from .log import get_logger
 from .validation import ValidationError
 
-logger = logging.getLogger("hf_pmi")
+logger = get_logger()
 
 _TRUE = {"true", "yes", "1"}
 _FALSE = {"false", "no", "0", "none", ""}
@@ -42,19 +43,9 @@ def resume_request(value) -> bool | str | None:
     return os.fspath(value)
 
 
-def finished_tasks(output_dir: str, state_name: str) -> list[str]:
-    """Names of the finished task folders (those holding a state file) in `output_dir`."""
-    if not os.path.isdir(output_dir):
-        return []
-    return sorted(
-        name for name in os.listdir(output_dir)
-        if name.startswith("task-") and name[5:].isdigit() and os.path.isfile(os.path.join(output_dir, name, state_name))
-    )
-
-
-def prepare_output_dir(output_dir: str, resume, overwrite: bool, state_name: str, results_name: str) -> None:
+def prepare_output_dir(output_dir: str, resume, overwrite: bool) -> None:
     """Refuse to write over finished tasks unless asked to resume or to overwrite (then clear them)."""
-    done = finished_tasks(output_dir, state_name)
+    done = finished_tasks(output_dir)
     if not done or resume:
         return
     if not overwrite:
@@ -64,7 +55,7 @@ def prepare_output_dir(output_dir: str, resume, overwrite: bool, state_name: str
             f"overwrite_output_dir=True (--overwrite_output_dir true); or choose another --output_dir."
         )
     for name in os.listdir(output_dir):
-        if name.startswith("task-") or name == results_name:
+        if name.startswith("task-") or name == RESULTS_NAME:
             path = os.path.join(output_dir, name)
             shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
     logger.warning("overwrite_output_dir: removed the earlier tasks %s from %s.", done, output_dir)
@@ -138,8 +129,8 @@ def dataset_fingerprint(tasks) -> str:
 def check_resume_consistency(state: dict, trainer, folder: str) -> None:
     """A checkpoint resumes only the run it came from: same method, task count, classes and data."""
     args, tasks = trainer.args, trainer.tasks
-    fix = (f"Resume with the settings of the interrupted run, or start a new run with --overwrite_output_dir true "
-           f"or another --output_dir.")
+    fix = ("Resume with the settings of the interrupted run, or start a new run with --overwrite_output_dir true "
+           "or another --output_dir.")
     if state.get("method") != args.method:
         raise ValidationError(f"{folder} was trained with method {state.get('method')!r}, this run uses "
                               f"{args.method!r}. {fix}")
@@ -159,8 +150,3 @@ def check_resume_consistency(state: dict, trainer, folder: str) -> None:
     if recorded is not None and recorded != trainer.dataset_fingerprint:
         raise ValidationError(f"{folder} was trained on another data set (fingerprint {recorded}, this run's "
                               f"{trainer.dataset_fingerprint}): its images, labels or split differ. {fix}")
-
-
-def task_seed(seed: int, task: int) -> int:
-    """The seed every task starts from; 1000 keeps the seeds of different runs' tasks apart."""
-    return seed * 1000 + task

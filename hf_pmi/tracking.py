@@ -20,7 +20,7 @@ forgetting, BWT, old/new-class accuracy and the method's numbers (e.g. the inver
 
 Example:
     >>> from hf_pmi.tracking import task_metrics
-    >>> from hf_pmi.trainer import ContinualResult
+    >>> from hf_pmi.checkpoint import ContinualResult
     >>> r = ContinualResult(method="pmi", seed=0, class_order=[0, 1], class_names=["a", "b"],
     ...                     accuracy_matrix=[[0.9, None], [0.7, 0.8]], counts=[10, 10], a_last=0.75, a_avg=0.825,
     ...                     forgetting=0.2, bwt=-0.2, all_seen_accuracy=[0.9, 0.75], old_class_accuracy=[None, 0.7],

@@ -24,87 +24,41 @@ Example:
 
 from __future__ import annotations
 
-import json
+import contextlib
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
 from transformers import Trainer, set_seed
 
 from . import faults
+from .checkpoint import RESULTS_NAME, STATE_NAME, ContinualResult, latest_task_checkpoint, read_state, write_json
 from .config import ContinualConfig
-from .data import ContinualCollator, ContinualTasks
-from .methods import METHODS
+from .data import ContinualCollator, ContinualTasks, TaskPlan
+from .evaluation import task_accuracies
 from .guard import DivergenceGuard, check_loss, check_weights
-from .hub import check_hub_access, push_task_checkpoint, resolve_pretrained_folder
+from .hub import check_hub_access, push_task_checkpoint
 from .integrity import verify_checksums, weight_checksums
 from .log import get_logger, set_verbosity
-from .metrics import continual_metrics, format_matrix
+from .methods import MethodConfig, method_class
+from .metrics import continual_metrics
 from .model_card import write_model_card
 from .modeling import ContinualCLIP
-from .names_only import validate_names_only
+from .names_only import is_names_only, names_only_tasks
+from .resolve import resolve_pretrained_folder
 from .resume import (
-    check_resume_consistency, dataset_fingerprint, prepare_output_dir, restore_trainable, resume_request, task_seed,
+    check_resume_consistency, dataset_fingerprint, prepare_output_dir, restore_trainable, resume_request,
     trainable_parameter_names,
 )
+from .seeding import task_seed
 from .tracking import ContinualCallbackHandler, summary_line, task_metrics
 from .trainer_hub import ContinualHubMixin, card_state, continued_args
-from .validation import check_output_dir_writable, validate_trainer
+from .validation import check_checkpoint_prompts, check_output_dir_writable, check_templates, check_training_settings
 
 logger = get_logger()
-STATE_NAME = "continual_state.json"
-RESULTS_NAME = "results.json"
-
-
-@dataclass
-class ContinualResult:
-    """What `ContinualTrainer.train` returns (and writes to ``results.json``)."""
-
-    method: str
-    seed: int
-    class_order: list[int]
-    class_names: list[str]
-    accuracy_matrix: list[list[float | None]]
-    counts: list[int]
-    a_last: float
-    a_avg: float
-    forgetting: float
-    bwt: float
-    all_seen_accuracy: list[float]
-    old_class_accuracy: list[float | None]
-    new_class_accuracy: list[float]
-    wall_seconds: float
-    task_seconds: list[float] = field(default_factory=list)
-    method_logs: list[dict] = field(default_factory=list)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    def table(self) -> str:
-        return format_matrix(self.accuracy_matrix)
-
-
-def _write_json(path: str, obj) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)  # atomic: a crash never leaves a half-written file
-
-
-def latest_task_checkpoint(output_dir: str) -> str | None:
-    """The folder of the last finished task under `output_dir` (None if there is none)."""
-    if not os.path.isdir(output_dir):
-        return None
-    done = [
-        int(name.split("-")[1])
-        for name in os.listdir(output_dir)
-        if name.startswith("task-") and name.split("-")[1].isdigit()
-        and os.path.isfile(os.path.join(output_dir, name, STATE_NAME))
-    ]
-    return os.path.join(output_dir, f"task-{max(done)}") if done else None
+__all__ = ["ContinualResult", "ContinualTrainer", "latest_task_checkpoint"]
 
 
 class ContinualTrainer(ContinualHubMixin, Trainer):
@@ -115,7 +69,9 @@ class ContinualTrainer(ContinualHubMixin, Trainer):
         args: a `ContinualConfig`; ``args.method`` picks the method from `hf_pmi.methods.METHODS`.
         tasks: from `split_class_incremental`.
         processing_class: a `CLIPProcessor` (image processor + tokenizer).
-        inversion_config: settings of the replay synthesis (methods that invert the model).
+        method_config: the settings of ``args.method``, an instance of its config class
+            (``hf_pmi.methods.METHODS[args.method].config_class``, e.g. `hf_pmi.methods.pmi.PMIConfig`);
+            default: that class's defaults.
     """
 
     def __init__(
@@ -124,7 +80,7 @@ class ContinualTrainer(ContinualHubMixin, Trainer):
         args: ContinualConfig,
         tasks: ContinualTasks,
         processing_class,
-        inversion_config=None,
+        method_config: MethodConfig | None = None,
         **kwargs,
     ):
         if not isinstance(args, ContinualConfig):
@@ -136,21 +92,18 @@ class ContinualTrainer(ContinualHubMixin, Trainer):
             )
         if not isinstance(tasks, ContinualTasks):
             raise TypeError("tasks must come from `split_class_incremental(...)`.")
+        method_cls = method_class(args.method)  # an unknown name fails before any work
         check_output_dir_writable(args.output_dir)  # before the Trainer creates it (it would fail unclearly)
         image_processor = getattr(processing_class, "image_processor", None)
-        self._tokenizer = getattr(processing_class, "tokenizer", None)
-        if image_processor is None or self._tokenizer is None:
+        if image_processor is None or getattr(processing_class, "tokenizer", None) is None:
             raise ValueError("processing_class must be a CLIPProcessor (with an image processor and a tokenizer).")
         collator = ContinualCollator(image_processor, tasks.label_map, tasks.image_column, tasks.label_column)
         super().__init__(model=model, args=args, data_collator=collator, processing_class=processing_class, **kwargs)
         set_verbosity(args.get_process_log_level())  # the hf_pmi logger follows log_level, as transformers' does
         self.callback_handler = ContinualCallbackHandler.from_handler(self.callback_handler)  # one tracker run
         self.tasks = tasks
-        self.inversion_config = inversion_config
-        self.method = METHODS[args.method](self)
-        self.method.validate()
-        validate_names_only(self)  # tasks given by class names only
-        validate_trainer(self)  # every setting and input, before any work (hf_pmi.validation)
+        self.method = method_cls(self, method_config)
+        self._validate()  # every setting and input, before any work
         self.dataset_fingerprint = dataset_fingerprint(tasks)
         self.current_task = None  # global index of the task being learnt (divergence errors name it)
         self.add_callback(DivergenceGuard(self))
@@ -168,6 +121,19 @@ class ContinualTrainer(ContinualHubMixin, Trainer):
         self.task_seconds: list[float] = []
         self.method_logs: list[dict] = []
 
+    def _validate(self) -> None:
+        """Everything that can be checked before the first step (settings, model, tasks, the method's own)."""
+        check_training_settings(self.args, trains=self.method.trains)
+        model = self.accelerator.unwrap_model(self.model)
+        check_templates(model.templates)
+        check_checkpoint_prompts(model.class_names, model.templates, model.prompt_ids, "The model")
+        if any(is_names_only(t) for t in self.tasks) and not self.method.learns_from_names:
+            raise ValueError(
+                f"Names-only tasks are learned by inverting projected features: use method='pmi' (got "
+                f"{self.args.method!r})."
+            )
+        self.method.validate()
+
     # ----- the task loop -----------------------------------------------------------------------
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs) -> ContinualResult:
         """Learn every task in turn; `resume_from_checkpoint=True` continues after the last finished one.
@@ -180,8 +146,7 @@ class ContinualTrainer(ContinualHubMixin, Trainer):
             resume_from_checkpoint = self.args.resume_from_checkpoint
         resume_from_checkpoint = resume_request(resume_from_checkpoint)
         if self.is_world_process_zero():
-            prepare_output_dir(self.args.output_dir, resume_from_checkpoint, self.args.overwrite_output_dir,
-                               STATE_NAME, RESULTS_NAME)
+            prepare_output_dir(self.args.output_dir, resume_from_checkpoint, self.args.overwrite_output_dir)
         self.accelerator.wait_for_everyone()
         start, elapsed = 0, 0.0
         if resume_from_checkpoint:
@@ -205,9 +170,9 @@ class ContinualTrainer(ContinualHubMixin, Trainer):
                 self._task_event("on_task_begin", t)
                 self.method.before_task(t)
                 if self.method.trains:
-                    self.train_dataset = self.method.train_dataset(t)
-                    self.optimizer, self.lr_scheduler = None, None  # a fresh optimizer and schedule per task
-                    super().train(**kwargs)
+                    with self._task_scope(self.method.plan_task(t)):
+                        self.optimizer, self.lr_scheduler = None, None  # a fresh optimizer and schedule per task
+                        super().train(**kwargs)
                     check_weights(self.accelerator.unwrap_model(self.model), self.current_task, "after training")
                 self._evaluate_seen_tasks(t)
                 self.method_logs.append(self.method.after_task(t) or {})
@@ -220,6 +185,27 @@ class ContinualTrainer(ContinualHubMixin, Trainer):
             self.callback_handler.finish(self.args, self.state, self.control)
         self._wait_for_pushes()
         return self.result(time.time() - wall)
+
+    @contextlib.contextmanager
+    def _task_scope(self, plan: TaskPlan):
+        """Train on `plan` (its dataset, collator and per-task `TrainingArguments` values); everything it
+        changes is restored on exit, also when the task fails."""
+        saved_args = {name: getattr(self.args, name) for name in plan.overrides}
+        unknown = [name for name in plan.overrides if not hasattr(self.args, name)]
+        if unknown:
+            raise ValueError(f"The task plan sets unknown training arguments {unknown}.")
+        saved = (self.train_dataset, self.data_collator)
+        try:
+            for name, value in plan.overrides.items():
+                setattr(self.args, name, value)
+            self.train_dataset = plan.train_dataset
+            if plan.collator is not None:
+                self.data_collator = plan.collator
+            yield
+        finally:
+            for name, value in saved_args.items():
+                setattr(self.args, name, value)
+            self.train_dataset, self.data_collator = saved
 
     def _log_task(self, t: int, result: ContinualResult) -> None:
         """Per-task metrics to every tracker (one run, a growing step), `save_metrics` and the console."""
@@ -242,7 +228,7 @@ class ContinualTrainer(ContinualHubMixin, Trainer):
                 f"Task {t} brings classes {task.class_ids} but the model knows {model.num_classes} classes; "
                 f"the model's classes must be exactly those of the earlier tasks ({first})."
             )
-        model.add_classes(task.class_names, self._tokenizer)
+        model.add_classes(task.class_names, self.processing_class.tokenizer)
 
     def _task_event(self, event: str, task_id: int, **kw) -> None:
         for callback in self.callback_handler.callbacks:
@@ -273,12 +259,9 @@ class ContinualTrainer(ContinualHubMixin, Trainer):
             ...                                            revision="task-9")  # doctest: +SKIP
         """
         if not isinstance(tasks, ContinualTasks):  # class names only: learned data-free (hf_pmi.names_only)
-            from .names_only import names_only_tasks
-
             tasks = names_only_tasks(tasks)
         folder = resolve_pretrained_folder(path_or_repo_id, revision=revision)
-        with open(os.path.join(folder, STATE_NAME)) as f:
-            state = json.load(f)
+        state = read_state(folder)
         verify_checksums(folder, state.get("checksums"))
         model = ContinualCLIP.from_pretrained(folder)
         restore_trainable(model, state.get("trainable_parameters"), folder)
@@ -314,7 +297,7 @@ class ContinualTrainer(ContinualHubMixin, Trainer):
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         inputs = self._prepare_inputs(inputs)
         with torch.no_grad():
-            logits = model(pixel_values=inputs["pixel_values"]).logits
+            logits = model(pixel_values=inputs["pixel_values"]).prediction_logits  # routed where the model routes
         return None, logits, inputs["labels"]
 
     @property
@@ -329,15 +312,7 @@ class ContinualTrainer(ContinualHubMixin, Trainer):
             return
         out = self.predict(test, metric_key_prefix=f"task{t}")
         pred, labels = np.asarray(out.predictions).argmax(-1), np.asarray(out.label_ids)
-        task_of = np.zeros(self.model.num_classes, dtype=np.int64) - 1
-        for task in self.tasks.tasks[: t + 1]:
-            task_of[task.class_ids] = task.task_id
-        owner = task_of[labels]
-        row, counts = [], []
-        for j in range(t + 1):
-            mask = owner == j
-            counts.append(int(mask.sum()))
-            row.append(float((pred[mask] == labels[mask]).mean()) if mask.any() else None)
+        row, counts = task_accuracies(pred, labels, [task.class_ids for task in self.tasks.tasks[: t + 1]])
         # earlier tasks of a continued checkpoint have no data here; tasks not seen yet are None
         before, after = [None] * self.tasks.task_offset, [None] * (len(self.tasks) - t - 1)
         self.accuracy_matrix.append(before + row + after)
@@ -387,11 +362,11 @@ class ContinualTrainer(ContinualHubMixin, Trainer):
                 "global_step": self.callback_handler.step_offset,  # trackers' step after this task
                 **result.to_dict(),
             }
-            _write_json(os.path.join(tmp, STATE_NAME), state)
+            write_json(os.path.join(tmp, STATE_NAME), state)
             write_model_card(tmp, card_state(self, g, result, tmp))  # after save_pretrained: peft writes a README
             shutil.rmtree(folder, ignore_errors=True)
             os.replace(tmp, folder)  # the finished folder appears whole or not at all
-            _write_json(os.path.join(self.args.output_dir, RESULTS_NAME), result.to_dict())
+            write_json(os.path.join(self.args.output_dir, RESULTS_NAME), result.to_dict())
             if self.args.push_to_hub:
                 self._pushes.append(
                     push_task_checkpoint(folder, self.hub_model_id, g, token=self.args.hub_token, run_as_future=True)
@@ -425,8 +400,7 @@ class ContinualTrainer(ContinualHubMixin, Trainer):
                 f"No finished task checkpoint at {folder} (no {STATE_NAME}). Pass the task-N folder of a finished "
                 f"task, or resume_from_checkpoint=True for the latest one in output_dir."
             )
-        with open(os.path.join(folder, STATE_NAME)) as f:
-            state = json.load(f)
+        state = read_state(folder)
         check_resume_consistency(state, self, folder)
         verify_checksums(folder, state.get("checksums"))
         model = ContinualCLIP.from_pretrained(folder).to(self.args.device)

@@ -22,20 +22,21 @@ relation (LoRA adapter or fine-tune), hyper-parameters and framework versions.
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import os
 import shutil
 
+from .checkpoint import ContinualResult, latest_task_checkpoint, read_state
+from .hub import check_hub_access, push_task_checkpoint
+from .blocks import unwrap_clip
 from .log import get_logger
+from .model_card import write_model_card
 
 logger = get_logger()
 
 #: Training arguments shown in the card's hyper-parameter table (when they apply).
 CARD_HYPERPARAMETERS = (
     "method", "learning_rate", "weight_decay", "lr_scheduler_type", "warmup_steps", "num_train_epochs", "max_steps",
-    "per_device_train_batch_size", "gradient_accumulation_steps", "replay_batch_size", "l_ce", "l_hkd", "l_tkd",
-    "l_ft", "ft_detach", "seed",
+    "per_device_train_batch_size", "gradient_accumulation_steps", "seed",
 )
 _FRAMEWORKS = ("hf_pmi", "torch", "transformers", "peft", "datasets", "accelerate", "huggingface_hub")
 
@@ -70,28 +71,22 @@ def framework_versions() -> dict[str, str]:
     return out
 
 
-def _hyperparameters(args, task=None) -> dict:
-    """The card's hyper-parameter table; a names-only `task` adds its `NamesOnlyConfig` (``names_only.*``)."""
+def _hyperparameters(args, method_settings: dict | None) -> dict:
+    """The card's hyper-parameter table: the training arguments, then the method's own settings."""
     values = {k: getattr(args, k) for k in CARD_HYPERPARAMETERS if hasattr(args, k)}
     if values.get("max_steps", -1) > 0:
         values.pop("num_train_epochs", None)  # max_steps wins in the Trainer
     else:
         values.pop("max_steps", None)
-    if args.method not in ("pmi", "full_inversion"):
-        for key in ("replay_batch_size", "l_hkd", "l_tkd", "l_ft", "ft_detach"):
-            values.pop(key, None)
     values["num_processes"] = args.world_size
-    config = getattr(task, "config", None)  # a NamesOnlyTask's own settings (its lr and epochs win over args')
-    if config is not None:
-        values.update({f"names_only.{k}": v for k, v in dataclasses.asdict(config).items() if k != "preset" or v})
+    values.update(method_settings or {})
     return values
 
 
 def card_state(trainer, g: int, result, folder: str) -> dict:
     """The `hf_pmi.model_card` state of global task `g` (see the table in that module)."""
-    from .blocks import unwrap_clip
-
     model = trainer.accelerator.unwrap_model(trainer.model)
+    info = trainer.method.card_info()
     base_model = unwrap_clip(model.clip).config._name_or_path or None
     lora = model.lora_config
     tasks = trainer.tasks
@@ -117,17 +112,16 @@ def card_state(trainer, g: int, result, folder: str) -> dict:
         "seen_accuracy": result.all_seen_accuracy,
         "old_accuracy": result.old_class_accuracy[-1],
         "new_accuracy": result.new_class_accuracy[-1],
-        "inversion": trainer.method.card_info(),
+        "inversion": info.get("inversion"),
         "repo_id": trainer.hub_model_id,
         "replay_grid": "replay_samples.png" if os.path.exists(grid) else None,
         "replay_grid_caption": (
             "Synthetic samples used to rehearse the old classes (the first ones of the replay buffer, row by row), "
             "each titled with its class."
         ),
-        "names_only_classes": [model.class_names[c] for c in getattr(getattr(trainer.method, "bank", None),
-                                                                         "names_only_classes", [])],
-        "routed_classes": [model.class_names[c] for c in getattr(model, "routed_classes", [])],
-        "hyperparameters": _hyperparameters(trainer.args, tasks.tasks[g - tasks.task_offset]),
+        "names_only_classes": [model.class_names[c] for c in info.get("names_only_classes", [])],
+        "routed_classes": [model.class_names[c] for c in model.routed_classes],
+        "hyperparameters": _hyperparameters(trainer.args, info.get("settings")),
         "framework_versions": framework_versions(),
         "tags": ["continual-learning", "class-incremental", "clip", "hf_pmi", trainer.args.method]
         + (["lora", "peft"] if lora else []),
@@ -159,29 +153,10 @@ def continued_args(args, state: dict, source: str):
     return args
 
 
-def write_adapter_card(folder: str, base_model: str | None) -> None:
-    """Replace peft's empty README in ``adapter/`` by a short card that points to the checkpoint."""
-    from huggingface_hub import ModelCard, ModelCardData
-
-    data = ModelCardData(base_model=base_model if base_model and not os.path.isabs(base_model) else None,
-                         library_name="peft", tags=["lora", "hf_pmi", "continual-learning"])
-    text = (
-        f"---\n{data.to_yaml()}\n---\n\n# LoRA adapter of an hf_pmi continual CLIP checkpoint\n\n"
-        "The LoRA adapter of the checkpoint one folder up (see its README for the results). Load it on the base "
-        "model with `PeftModel.from_pretrained(base, path, subfolder=\"adapter\")`; the parent folder's `clip/` "
-        "holds the same model merged, and `ContinualCLIP.from_pretrained(path)` loads everything.\n"
-    )
-    ModelCard(text)  # the YAML parses
-    with open(os.path.join(folder, "README.md"), "w", encoding="utf-8") as f:
-        f.write(text)
-
-
 class ContinualHubMixin:
     """The `Trainer` entry points that save, push and describe a model, for continual runs (module docstring)."""
 
     def _latest_task_folder(self, what: str) -> str:
-        from .trainer import latest_task_checkpoint
-
         folder = latest_task_checkpoint(self.args.output_dir)
         if folder is None:
             raise ValueError(
@@ -198,8 +173,6 @@ class ContinualHubMixin:
         """
         if _internal_call:  # the Trainer's own mid-task checkpoints
             return super().save_model(output_dir, _internal_call=True)
-        from .trainer import latest_task_checkpoint
-
         output_dir = output_dir or self.args.output_dir
         if self.is_world_process_zero():
             latest = latest_task_checkpoint(self.args.output_dir)
@@ -219,8 +192,6 @@ class ContinualHubMixin:
         Returns the `hf_pmi.hub.PushResult` (a `Future` of it with ``blocking=False``); a failed blocking
         push raises `RuntimeError` with the command that retries it.
         """
-        from .hub import check_hub_access, push_task_checkpoint
-
         if revision is not None:
             raise ValueError(
                 "A continual checkpoint goes to branch task-<i> (and main): pass no revision. To upload a model "
@@ -234,8 +205,7 @@ class ContinualHubMixin:
             return None
         token = token or self.args.hub_token
         check_hub_access(repo_id, token=token, private=private if private is not None else self.args.hub_private_repo)
-        with open(os.path.join(folder, "continual_state.json")) as f:
-            task_id = json.load(f)["task_id"]
+        task_id = read_state(folder)["task_id"]
         result = push_task_checkpoint(folder, repo_id, task_id, token=token, run_as_future=not blocking)
         if blocking and not result:
             raise RuntimeError(f"Push of {folder} failed: {result.error}. Retry with: {result.retry_command}")
@@ -248,16 +218,9 @@ class ContinualHubMixin:
         `license`, `tags` (added), `model_name`, `finetuned_from` (the base model) and `dataset` (a Hub id)
         override what the run recorded; `language`, `tasks`, `dataset_tags` and `dataset_args` do not apply.
         """
-        from .model_card import write_model_card
-
-        from dataclasses import fields
-
-        from .trainer import ContinualResult
-
         folder = self._latest_task_folder("create_model_card")
-        with open(os.path.join(folder, "continual_state.json")) as f:
-            saved = json.load(f)
-        result = ContinualResult(**{f.name: saved[f.name] for f in fields(ContinualResult) if f.name in saved})
+        saved = read_state(folder)
+        result = ContinualResult.from_state(saved)
         state = card_state(self, saved["task_id"], result, folder)
         if license:
             state["license"] = license

@@ -94,71 +94,52 @@ def check_output_dir_writable(output_dir: str) -> None:
 
 
 # ----- settings --------------------------------------------------------------------------------
-def _require(ok: bool, name: str, value, rule: str, fix: str = "") -> None:
+def require(ok: bool, name: str, value, rule: str, fix: str = "") -> None:
+    """Raise `ValidationError` naming the setting `name`, its `value`, the `rule` it breaks and the `fix`.
+
+    Example:
+        >>> require(True, "learning_rate", 1e-3, "> 0")
+        >>> require(False, "learning_rate", 0.0, "> 0", "Try 1e-3.")
+        Traceback (most recent call last):
+        ...
+        hf_pmi.validation.ValidationError: learning_rate=0.0 is invalid: it must be > 0. Try 1e-3.
+    """
     if not ok:
         raise ValidationError(f"{name}={value!r} is invalid: it must be {rule}.{(' ' + fix) if fix else ''}")
 
 
-def _finite(x) -> bool:
-    return isinstance(x, (int, float)) and math.isfinite(x)
+def finite(x) -> bool:
+    """True for a finite int or float (not a bool, NaN or inf)."""
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
-def check_training_settings(args, trains: bool = True, replays: bool = False) -> None:
+def require_weight(name: str, value) -> None:
+    """A loss weight: finite and >= 0."""
+    require(finite(value) and value >= 0, name, value, ">= 0 (a loss weight)")
+
+
+def require_count(name: str, value, minimum: int = 1, meaning: str = "") -> None:
+    """An integer >= `minimum`."""
+    require(isinstance(value, int) and not isinstance(value, bool) and value >= minimum, name, value,
+            f"an integer >= {minimum}{meaning}")
+
+
+def require_positive(name: str, value, meaning: str = "") -> None:
+    """A finite number > 0."""
+    require(finite(value) and value > 0, name, value, f"> 0{meaning}")
+
+
+def check_training_settings(args, trains: bool = True) -> None:
     """Numbers of a `ContinualConfig` that would fail late or silently."""
     if trains:
-        _require(_finite(args.learning_rate) and args.learning_rate > 0, "learning_rate", args.learning_rate, "> 0")
-        _require(args.per_device_train_batch_size >= 1, "per_device_train_batch_size",
-                 args.per_device_train_batch_size, ">= 1")
+        require_positive("learning_rate", args.learning_rate)
+        require(args.per_device_train_batch_size >= 1, "per_device_train_batch_size",
+                args.per_device_train_batch_size, ">= 1")
         if args.max_steps <= 0:
-            _require(_finite(args.num_train_epochs) and args.num_train_epochs > 0, "num_train_epochs",
-                     args.num_train_epochs, "> 0", "Or set max_steps (steps per task) > 0.")
-        for name in ("l_ce", "l_hkd", "l_tkd", "l_ft", "lwf_alpha"):
-            value = getattr(args, name)
-            _require(_finite(value) and value >= 0, name, value, ">= 0 (a loss weight)")
-        _require(_finite(args.lwf_temperature) and args.lwf_temperature > 0, "lwf_temperature",
-                 args.lwf_temperature, "> 0")
-    _require(args.per_device_eval_batch_size >= 1, "per_device_eval_batch_size", args.per_device_eval_batch_size,
-             ">= 1")
-    _require(args.keep_replay_samples >= 0, "keep_replay_samples", args.keep_replay_samples, ">= 0 (0: no grid)")
-    if replays:
-        _require(args.replay_batch_size >= 1, "replay_batch_size", args.replay_batch_size,
-                 ">= 1: every real batch is joined by this many replayed samples",
-                 "Use a method without replay (e.g. --method finetune) to train without them.")
-
-
-def check_inversion_settings(config) -> None:
-    """Settings of `hf_pmi.inversion.InversionConfig` that would be silently 0 or fail after task 0."""
-    positive_int = ["per_class", "boost", "cfs_batch", "coarse_size"]
-    if config.mode == "pmi":
-        positive_int += ["layer_steps", "first_block_steps"]
-        for name in ("layer_lr",):
-            value = getattr(config, name)
-            _require(_finite(value) and value > 0, name, value, "> 0")
-    else:
-        positive_int += ["full_steps"]
-        _require(_finite(config.full_lr) and config.full_lr > 0, "full_lr", config.full_lr, "> 0")
-    for name in positive_int:
-        value = getattr(config, name)
-        _require(isinstance(value, int) and value >= 1, name, value, "an integer >= 1")
-    _require(isinstance(config.refine_steps, int) and config.refine_steps >= 0, "refine_steps", config.refine_steps,
-             ">= 0 (0: no refinement)")
-    if config.refine_steps > 0 or config.mode == "full":
-        _require(_finite(config.refine_lr) and config.refine_lr > 0, "refine_lr", config.refine_lr, "> 0")
-    for name in ("a_layer", "alpha_rf", "alpha_tv"):
-        value = getattr(config, name)
-        if name == "a_layer" and value is None:  # None: the reference's alpha_rf x number of blocks
-            continue
-        _require(_finite(value) and value >= 0, name, value, ">= 0 (a loss weight)")
-    for name in ("refine_t_max", "full_t_max"):
-        value = getattr(config, name)
-        _require(isinstance(value, int) and value >= 0, name, value, "an integer >= 0 (0: the stage's own steps)")
-    _require(_finite(config.rho) and 0 < config.rho <= 1, "rho", config.rho, "in (0, 1] (an acceptance ratio)")
-    _require(_finite(config.tau) and config.tau > 0, "tau", config.tau, "> 0 (a temperature)")
-    if config.mode == "pmi":
-        bad = [s for s in config.upsample_at if not 0 < s < config.first_block_steps]
-        _require(not bad, "upsample_at", list(config.upsample_at),
-                 f"steps strictly between 0 and first_block_steps={config.first_block_steps}",
-                 "Lower them, or raise first_block_steps.")
+            require(finite(args.num_train_epochs) and args.num_train_epochs > 0, "num_train_epochs",
+                    args.num_train_epochs, "> 0", "Or set max_steps (steps per task) > 0.")
+    require(args.per_device_eval_batch_size >= 1, "per_device_eval_batch_size", args.per_device_eval_batch_size,
+            ">= 1")
 
 
 # ----- data ------------------------------------------------------------------------------------
@@ -250,20 +231,3 @@ def check_test_split(data, test_split) -> None:
             f"No {test_split!r} split in {list(data)}: without test data every accuracy would be None. Name the "
             f"test split with test_split= (--test_split), or pass test_split=None to train without evaluation."
         )
-
-
-# ----- the whole run ---------------------------------------------------------------------------
-def validate_trainer(trainer) -> None:
-    """Everything a `ContinualTrainer` can check before its first step (called by its constructor)."""
-    from .methods.pmi import PMI
-
-    method = trainer.method
-    replays = hasattr(method, "buffer") or hasattr(method, "bank")  # draws replay_batch_size samples per step
-    check_training_settings(trainer.args, trains=method.trains, replays=replays)
-    if isinstance(method, PMI) and type(method).after_task is PMI.after_task:  # it inverts the model
-        check_inversion_settings(method.inversion)
-    elif isinstance(method, PMI):  # keeps per_class real samples (exemplar replay)
-        _require(method.inversion.per_class >= 1, "per_class", method.inversion.per_class, "an integer >= 1")
-    model = trainer.accelerator.unwrap_model(trainer.model)
-    check_templates(model.templates)
-    check_checkpoint_prompts(model.class_names, model.templates, model.prompt_ids, "The model")

@@ -5,27 +5,21 @@
 
 Reference values (method.md): class order shuffled with seed 1993, AdamW lr 1e-3, weight decay 0,
 cosine schedule with 30 warm-up steps, batch 64 real + 64 replayed, 3 epochs per task, l_ce 1,
-l_hkd 0.1, l_tkd 0.2, l_ft 0.001 (all `ContinualConfig` defaults), inversion as `InversionConfig`'s
-defaults. Other splits: ``--initial_classes 50 --classes_per_task 10`` (B50-inc10) or
+l_hkd 0.1, l_tkd 0.2, l_ft 0.001, inversion as the defaults of `PMIConfig`. Other splits: ``--initial_classes 50 --classes_per_task 10`` (B50-inc10) or
 ``--num_tasks 20``; another class order: ``--class_order_seed 0`` or ``--class_order_file order.json``.
 Offline, any local model folder and image folder work:
 ``--model_name_or_path path/to/clip --data_dir path/to/images``.
 """
 
-from transformers import HfArgumentParser
+from hf_pmi.recipe import parse_run_args, run_recipe
 
-from hf_pmi import ContinualConfig
-from hf_pmi.inversion import InversionConfig
-from hf_pmi.recipe import RecipeArguments, run_recipe
+# uoft-cs/cifar100 names its columns img / fine_label; 100 classes in 10 equal tasks
+DEFAULTS = dict(method="pmi", dataset_name="uoft-cs/cifar100", image_column="img", label_column="fine_label", num_tasks=10)
 
 
 def main(argv=None):
-    parser = HfArgumentParser((RecipeArguments, ContinualConfig, InversionConfig))
-    # uoft-cs/cifar100 names its columns img / fine_label; 100 classes in 10 equal tasks
-    parser.set_defaults(method="pmi", dataset_name="uoft-cs/cifar100", image_column="img", label_column="fine_label",
-                        num_tasks=10)
-    recipe, args, inversion = parser.parse_args_into_dataclasses(argv)
-    return run_recipe(recipe, args, inversion)
+    recipe, args, method_config = parse_run_args(argv, defaults=DEFAULTS)
+    return run_recipe(recipe, args, method_config)
 
 
 if __name__ == "__main__":

@@ -14,11 +14,23 @@ and one checkpoint per task (``runs/digits/task-{t}``).
 from dataclasses import dataclass, field
 
 from peft import LoraConfig
-from transformers import HfArgumentParser, set_seed
+from transformers import set_seed
 
-from hf_pmi import ContinualCLIP, ContinualConfig, ContinualTrainer, split_class_incremental
-from hf_pmi.inversion import InversionConfig
+from hf_pmi import ContinualCLIP, ContinualTrainer, split_class_incremental
+from hf_pmi.recipe import parse_run_args
 from hf_pmi.testing import build_clip, build_processor, letters_clip, load_digits_dataset
+
+# Digits tasks are small (~250 images): more epochs with a short warm-up than the reference's 3 epochs /
+# 30 warm-up steps, and an inversion budget about 1/6 of the reference's (50 steps per block, 200
+# coarse-to-fine, 100 refinement) so that a 5-task run takes minutes on a CPU. The text tower is random
+# (only its projection trains), so digit names have no image-text alignment to fall back on: the
+# balancing CE (text side only, as in the reference) and the logit distillation are weighted up to 1
+# (the reference's CIFAR values are l_ft 0.001 and l_hkd 0.1).
+DEFAULTS = dict(
+    num_train_epochs=6, per_device_train_batch_size=32, warmup_steps=10, replay_batch_size=32,
+    inversion_layer_steps=50, inversion_first_block_steps=200, inversion_upsample_at=[50, 100, 150],
+    inversion_refine_steps=100, replay_l_ft=1.0, replay_l_hkd=1.0,
+)
 
 
 @dataclass
@@ -57,20 +69,8 @@ class DigitsArguments:
     )
 
 
-def main():
-    parser = HfArgumentParser((DigitsArguments, ContinualConfig, InversionConfig))
-    # Digits tasks are small (~250 images): more epochs with a short warm-up than the reference's
-    # 3 epochs / 30 warm-up steps, and an inversion budget about 1/6 of the reference's (50 steps
-    # per block, 200 coarse-to-fine, 100 refinement) so that a 5-task run takes minutes on a CPU.
-    # The text tower is random (only its projection trains), so digit names have no image-text
-    # alignment to fall back on: the balancing CE (text side only, as in the reference) and the logit
-    # distillation are weighted up to 1 (the reference's CIFAR values are l_ft 0.001 and l_hkd 0.1).
-    parser.set_defaults(
-        num_train_epochs=6, per_device_train_batch_size=32, warmup_steps=10, replay_batch_size=32,
-        layer_steps=50, first_block_steps=200, upsample_at=[50, 100, 150], refine_steps=100,
-        l_ft=1.0, l_hkd=1.0,
-    )
-    script, args, inversion = parser.parse_args_into_dataclasses()
+def main(argv=None):
+    script, args, method_config = parse_run_args(argv, parts=(DigitsArguments,), defaults=DEFAULTS)
     if script.text_training not in ("all", "projection", "none"):
         raise ValueError(f"--text_training must be all, projection or none, got {script.text_training!r}.")
     if script.backbone not in ("letters", "scratch"):
@@ -98,7 +98,7 @@ def main():
         args=args,
         tasks=tasks,
         processing_class=build_processor(script.image_size),
-        inversion_config=inversion,
+        method_config=method_config,
     )
     result = trainer.train()  # --resume_from_checkpoint true (or a task folder) continues an interrupted run
     if trainer.is_world_process_zero():

@@ -1,11 +1,12 @@
 """The shapes world, offline: continual learning on a CLIP whose text tower means something, and
 learning classes from their names only.
 
-Needs no network. The backbone is `shapes_clip` (a small CLIP pre-trained with the CLIP objective
+Needs no network. The backbone is `hf_pmi.testing.backbones.shapes_clip` (a small CLIP pre-trained with the CLIP objective
 on rendered shapes and captions, text tower included: ~20 min on one CPU thread on first use, then
 cached), adapted with LoRA. The data are the 16 shape-colour pairs it never saw, cut into 5 tasks;
 the last ``--names_only_last`` tasks (default 1) are learned from their class names alone
-(`hf_pmi.names_only`), with no image; their test images are still used to evaluate them.
+(`hf_pmi.names_only`, settings ``--names_only_<field>`` of `NamesOnlyConfig`), with no image; their test
+images are still used to evaluate them.
 ``--names_only_last 0`` learns every task from images (any method, e.g. the continual benchmark).
 
     accelerate launch recipes/clip_shapes.py --output_dir runs/names_only --seed 0
@@ -22,13 +23,21 @@ a checkpoint marks the classes learned from their names only.
 from dataclasses import dataclass, field
 
 from peft import LoraConfig
-from transformers import HfArgumentParser, set_seed
+from transformers import set_seed
 
-from hf_pmi import ContinualCLIP, ContinualConfig, ContinualTrainer, split_class_incremental
-from hf_pmi.inversion import InversionConfig
-from hf_pmi.names_only import BOUNDARY_KD, NamesOnlyConfig, make_names_only, names_only_tasks
+from hf_pmi import ContinualCLIP, ContinualTrainer, split_class_incremental
+from hf_pmi.names_only import NamesOnlyConfig, make_names_only, names_only_tasks
+from hf_pmi.recipe import parse_run_args
 from hf_pmi.testing import build_processor
-from hf_pmi.testing.shapes import PRETRAIN_STEPS, SHAPES_TEMPLATES, load_shapes_dataset, shapes_clip
+from hf_pmi.testing.backbones import PRETRAIN_STEPS, shapes_clip
+from hf_pmi.testing.shapes import SHAPES_TEMPLATES, load_shapes_dataset
+
+# Small tasks (~200 images) and a CPU-sized inversion budget, as recipes/clip_digits.py.
+DEFAULTS = dict(
+    method="pmi", num_train_epochs=6, per_device_train_batch_size=32, warmup_steps=10, replay_batch_size=32,
+    inversion_layer_steps=50, inversion_first_block_steps=200, inversion_upsample_at=[50, 100, 150],
+    inversion_refine_steps=100,
+)
 
 
 @dataclass
@@ -47,33 +56,11 @@ class ShapesArguments:
     )
     revision: str | None = field(default=None, metadata={"help": "Hub revision of --from_checkpoint (e.g. task-4)."})
     add_names: list[str] = field(default_factory=list, metadata={"help": "Class names to add to --from_checkpoint."})
-    # names-only settings (hf_pmi.names_only.NamesOnlyConfig), prefixed to keep them apart from the trainer's
-    names_only_preset: str = field(default="", metadata={"help": "'reference': the reference's names-only training."})
-    names_only_neighbours: int = field(default=5, metadata={"help": "K text-nearest old classes (reference 5)."})
-    names_only_per_class: int = field(default=20, metadata={"help": "Projected targets per new class (reference 20)."})
-    names_only_gamma: float = field(default=0.1, metadata={"help": "Shift toward the text prototype (reference 0.1)."})
-    names_only_lr: float = field(default=5e-4, metadata={"help": "Learning rate of a names-only task (reference 5e-4)."})
-    names_only_epochs: float = field(default=10, metadata={"help": "Epochs of a names-only task (reference 1-5)."})
-    names_only_boundary_kd: float = field(
-        default=BOUNDARY_KD, metadata={"help": "Weight of the raw-CLIP boundary distillation (0: off, as the reference)."}
-    )
-    names_only_route: bool = field(
-        default=True, metadata={"help": "Score names-only classes by the pre-trained CLIP at inference (false: the "
-                                "trained model alone, as the reference)."}
-    )
 
 
-def main():
-    parser = HfArgumentParser((ShapesArguments, ContinualConfig, InversionConfig))
-    # Small tasks (~200 images) and a CPU-sized inversion budget, as recipes/clip_digits.py.
-    parser.set_defaults(method="pmi", num_train_epochs=6, per_device_train_batch_size=32, warmup_steps=10,
-                        replay_batch_size=32, layer_steps=50, first_block_steps=200, upsample_at=[50, 100, 150],
-                        refine_steps=100)
-    script, args, inversion = parser.parse_args_into_dataclasses()
-    names_config = NamesOnlyConfig(preset=script.names_only_preset, neighbours=script.names_only_neighbours,
-                                   per_class=script.names_only_per_class, gamma=script.names_only_gamma,
-                                   learning_rate=script.names_only_lr, num_train_epochs=script.names_only_epochs,
-                                   boundary_kd=script.names_only_boundary_kd, route=script.names_only_route)
+def main(argv=None):
+    script, names_config, args, method_config = parse_run_args(argv, parts=(ShapesArguments, NamesOnlyConfig),
+                                                              defaults=DEFAULTS)
     if not 0 <= script.names_only_last < script.num_tasks:
         raise ValueError(f"--names_only_last must be between 0 and --num_tasks - 1 ({script.num_tasks - 1}): the first "
                          f"task needs images to project names from; got {script.names_only_last}.")
@@ -83,7 +70,7 @@ def main():
             raise ValueError("--from_checkpoint continues a checkpoint with new class names: give --add_names.")
         trainer = ContinualTrainer.from_pretrained(
             script.from_checkpoint, tasks=names_only_tasks(script.add_names, config=names_config), args=args,
-            revision=script.revision, inversion_config=inversion)
+            revision=script.revision, method_config=method_config)
     else:
         data = load_shapes_dataset(per_class=script.images_per_class, test_per_class=script.test_images_per_class)
         tasks = split_class_incremental(data, num_tasks=script.num_tasks, seed=args.seed)
@@ -95,7 +82,7 @@ def main():
         set_seed(args.seed)  # LoRA weights are drawn in from_clip, before the Trainer seeds anything
         model = ContinualCLIP.from_clip(clip, templates=SHAPES_TEMPLATES, lora=lora)
         trainer = ContinualTrainer(model=model, args=args, tasks=tasks, processing_class=processor,
-                                   inversion_config=inversion)
+                                   method_config=method_config)
     result = trainer.train()
     if trainer.is_world_process_zero():
         print(f"\n{args.method} (seed {args.seed}), accuracy (%) after task i on task j:\n{result.table()}")

@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from hub_server import hub_client, hub_server  # noqa: F401  (fixtures)
 
 from hf_pmi.bank import CONFIG_NAME, WEIGHTS_NAME, FeatureBank, class_features
 from hf_pmi.statistics import collect_layer_statistics
@@ -81,28 +82,25 @@ def test_pickle_refused_in_a_directory(tmp_path):
         FeatureBank.from_pretrained(tmp_path / "empty")
 
 
-def test_pickle_refused_in_a_hub_repo(tmp_path, monkeypatch):
-    import huggingface_hub
+def test_bank_on_the_hub_loads_by_revision_and_a_pickle_is_refused(tmp_path, hub_client):
+    """Over real HTTP (the local Hub server): a bank subfolder that offers only a pickle is refused, naming
+    it; a safetensors bank on a branch loads bit-exactly from that branch."""
+    from huggingface_hub import HfApi
 
-    empty = tmp_path / "snapshot"
-    empty.mkdir()
-    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda repo_id, **kw: str(empty))
-    monkeypatch.setattr(huggingface_hub.HfApi, "list_repo_files", lambda self, repo_id, **kw: ["README.md", "bank/feature_bank.pkl"])
-    with pytest.raises(ValueError, match="pickle files \\['feature_bank.pkl'\\]"):
+    api = HfApi()
+    api.create_repo("user/some-bank")
+    (tmp_path / "pkl").mkdir()
+    (tmp_path / "pkl" / "feature_bank.pkl").write_bytes(b"not really a pickle")
+    api.upload_folder(folder_path=tmp_path / "pkl", path_in_repo="bank", repo_id="user/some-bank")
+    with pytest.raises(ValueError, match="feature_bank.pkl"):
         FeatureBank.from_pretrained("user/some-bank", subfolder="bank")
-    # and a repo that has the safetensors file loads through the same path
     bank, _ = _bank()
-    bank.save_pretrained(empty / "bank")
-    calls = {}
-
-    def fake_download(repo_id, **kw):
-        calls.update(kw)
-        return str(empty)
-
-    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_download)
+    bank.save_pretrained(tmp_path / "good")
+    api.create_branch("user/some-bank", branch="v1")
+    api.upload_folder(folder_path=tmp_path / "good", path_in_repo="bank", repo_id="user/some-bank", revision="v1",
+                      delete_patterns="*.pkl")
     loaded = FeatureBank.from_pretrained("user/some-bank", revision="v1", subfolder="bank")
-    assert torch.equal(loaded.means, bank.means)
-    assert calls["revision"] == "v1" and sorted(calls["allow_patterns"]) == [f"bank/{CONFIG_NAME}", f"bank/{WEIGHTS_NAME}"]
+    assert torch.equal(loaded.means, bank.means) and torch.equal(loaded.stds, bank.stds)
 
 
 def test_class_features_group_by_label():

@@ -21,13 +21,8 @@ from pathlib import Path
 import pytest
 from hub_server import hub_client, hub_server  # noqa: F401  (fixtures)
 
-from hf_pmi.hub import (
-    HubAccessError,
-    UnsafeCheckpointError,
-    check_hub_access,
-    push_task_checkpoint,
-    resolve_pretrained_folder,
-)
+from hf_pmi.hub import HubAccessError, check_hub_access, push_task_checkpoint
+from hf_pmi.resolve import UnsafeCheckpointError, resolve_pretrained_folder
 from hf_pmi.model_card import render_model_card, write_model_card
 
 REPO = "tester/continual-clip"

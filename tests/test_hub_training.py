@@ -10,23 +10,22 @@ import textwrap
 
 import pytest
 import torch
+from configs import fast_pmi
 from hub_server import hub_client, hub_server  # noqa: F401  (fixtures)
 
 from hf_pmi import ContinualCLIP, ContinualConfig, ContinualTrainer, split_class_incremental
 from hf_pmi.bank import FeatureBank
 from hf_pmi.hub import HubAccessError
-from hf_pmi.inversion import InversionConfig
 from hf_pmi.testing import build_clip
 
 REPO = "tester/clip-digits-pmi"
-FAST_INVERSION = InversionConfig(layer_steps=3, first_block_steps=4, upsample_at=(1, 2, 3), refine_steps=3,
-                                 per_class=2, selection="gaussian")
+FAST_PMI = fast_pmi(grid_samples=8)
 
 
 def args_for(tmp_path, name, **kw):
     return ContinualConfig(output_dir=str(tmp_path / name), method="pmi", max_steps=2, per_device_train_batch_size=16,
-                           replay_batch_size=8, warmup_steps=0, disable_tqdm=True, logging_steps=100,
-                           push_to_hub=True, hub_model_id=REPO, keep_replay_samples=8, **kw)
+                           warmup_steps=0, disable_tqdm=True, logging_steps=100,
+                           push_to_hub=True, hub_model_id=REPO, **kw)
 
 
 def first_tasks(digits):
@@ -60,7 +59,7 @@ def hub_logits(server, revision, x_path):
 def test_push_per_task_reload_each_revision_and_continue(tmp_path, hub_client, digits, processor):
     old, new = first_tasks(digits)
     trainer = ContinualTrainer(model=ContinualCLIP.from_clip(build_clip("tiny")), args=args_for(tmp_path, "run"),
-                               tasks=old, processing_class=processor, inversion_config=FAST_INVERSION)
+                               tasks=old, processing_class=processor, method_config=FAST_PMI)
     trainer.train()
     repo = hub_client.repos[REPO]
     main, task0, task1 = repo.files("main"), repo.files("task-0"), repo.files("task-1")
@@ -85,7 +84,7 @@ def test_push_per_task_reload_each_revision_and_continue(tmp_path, hub_client, d
     # someone else continues from task-1, data-free, and pushes task-2
     args = args_for(tmp_path, "continued")
     cont = ContinualTrainer.from_pretrained(REPO, tasks=new, args=args, revision="task-1",
-                                            inversion_config=FAST_INVERSION)
+                                            method_config=FAST_PMI)
     assert cont.method.buffer is not None and cont.method.buffer[1].unique().tolist() == [0, 1, 2, 3]
     result = cont.train()
     assert len(result.accuracy_matrix) == 3 and result.accuracy_matrix[2][2] is not None
@@ -96,14 +95,14 @@ def test_push_per_task_reload_each_revision_and_continue(tmp_path, hub_client, d
 
     with pytest.raises(ValueError, match="already exist"):
         ContinualTrainer.from_pretrained(REPO, tasks=old, args=args_for(tmp_path, "dup"), revision="task-1",
-                                         inversion_config=FAST_INVERSION)
+                                         method_config=FAST_PMI)
 
 
 def test_refused_upload_keeps_training_and_logs_how_to_retry(tmp_path, hub_client, digits, processor, caplog):
     old, _ = first_tasks(digits)
     hub_client.fail_next_commits(1)  # the push of task-0 is refused
     trainer = ContinualTrainer(model=ContinualCLIP.from_clip(build_clip("tiny")), args=args_for(tmp_path, "run"),
-                               tasks=old, processing_class=processor, inversion_config=FAST_INVERSION)
+                               tasks=old, processing_class=processor, method_config=FAST_PMI)
     with caplog.at_level(logging.ERROR, logger="hf_pmi"):
         result = trainer.train()
     assert len(result.accuracy_matrix) == 2  # training went on

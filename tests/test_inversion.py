@@ -6,10 +6,13 @@ import math
 import pytest
 import torch
 
-from hf_pmi.bank import FeatureBank
+from hf_pmi.bank import FeatureBank, SamplingConfig
 from hf_pmi.blocks import VisionBlocks
-from hf_pmi.inversion import InversionConfig, _adam_loop, _Objective, _Tracker, invert, synthesize_replay, total_variation
+from hf_pmi.contrastive import SelectionConfig
+from hf_pmi.inversion import InversionConfig, Objective, invert, total_variation
+from hf_pmi.inversion.optim import Tracker, adam_loop
 from hf_pmi.statistics import collect_layer_statistics
+from hf_pmi.synthesis import synthesize_replay
 from hf_pmi.testing import build_clip
 
 # Small budgets: the schedule's structure is the reference's, its lengths are cut for speed.
@@ -28,7 +31,7 @@ def test_single_encoder_block_inversion_lowers_its_loss_tenfold(setup):
     model, stats = setup
     blocks = VisionBlocks(model)
     config = InversionConfig()
-    obj = _Objective(blocks, stats, config, torch.device("cpu"), torch.float32)
+    obj = Objective(blocks, stats, config, torch.device("cpu"), torch.float32)
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():  # a reachable target: the layer applied to a realistic input
         target = blocks.block(3, obj.sample_input(3, 8, g))
@@ -37,7 +40,7 @@ def test_single_encoder_block_inversion_lowers_its_loss_tenfold(setup):
     try:
         z0 = obj.sample_input(3, 8, g)
         initial = obj.block_loss(3, z0, target).item()
-        _, best = _adam_loop(lambda v: obj.block_loss(3, v, target), z0, 150, 0.1, _Tracker(150, False, ""), "b", 0.0, True)
+        _, best = adam_loop(lambda v: obj.block_loss(3, v, target), z0, 150, 0.1, Tracker(150, False, ""), "b", 0.0, True)
     finally:
         for p in model.parameters():
             p.requires_grad_(True)
@@ -60,15 +63,15 @@ def test_invert_report_shapes_and_cost_accounting(setup):
     passes = [c[0] for c in rep["curve"]]
     assert passes == sorted(passes) and passes[-1] == pytest.approx(rep["full_model_passes"])
     assert rep["final_feature_mse"] >= 0 and rep["seconds"] > 0
-    full = invert(model, torch.randn(5, 16), stats, dataclasses.replace(config, mode="full"), progress=False).report
+    full = invert(model, torch.randn(5, 16), stats, config, mode="full", progress=False).report
     assert full["steps"] == {"full": 7} and len(full["curve"]) == 7
     assert full["full_model_passes"] == pytest.approx(2 * 7 * sum(costs[1:]))
 
 
 def test_refinement_lowers_the_full_model_loss(setup):
     model, stats = setup
-    config = InversionConfig(batch_size=8, mode="full", full_steps=60, full_lr=0.1)
-    rep = invert(model, torch.randn(8, 16), stats, config, progress=False).report
+    config = InversionConfig(batch_size=8, full_steps=60, full_lr=0.1)
+    rep = invert(model, torch.randn(8, 16), stats, config, mode="full", progress=False).report
     assert rep["final_loss"] < 0.5 * rep["curve"][0][2]
 
 
@@ -77,10 +80,11 @@ def test_deterministic_for_a_seed_and_model_untouched(setup):
     model.train()
     params = {k: v.clone() for k, v in model.state_dict().items()}
     targets = torch.randn(4, 16, generator=torch.Generator().manual_seed(0))
-    config = InversionConfig(batch_size=4, inversion_seed=3, **FAST)
+    config = InversionConfig(batch_size=4, seed=3, **FAST)
     a = invert(model, targets, stats, config, progress=False).samples
     b = invert(model, targets, stats, config, progress=False).samples
-    c = invert(model, targets, stats, dataclasses.replace(config, inversion_seed=4), progress=False).samples
+    c = invert(model, targets, stats, dataclasses.replace(config, seed=4), progress=False).samples
+    assert torch.equal(invert(model, targets, stats, config, seed=4, progress=False).samples, c)  # the argument wins
     assert torch.equal(a, b) and not torch.equal(a, c)
     assert model.training and all(p.grad is None for p in model.parameters())
     assert all(p.requires_grad for p in model.parameters())
@@ -109,11 +113,12 @@ def test_synthesize_replay_shapes_labels_and_determinism(setup):
     with pytest.raises(ValueError, match="update_statistics"):
         synthesize_replay(model, bank, [0, 1], InversionConfig(**FAST), progress=False)
     bank.update_statistics(stats)
-    config = InversionConfig(per_class=2, batch_size=4, boost=2, **FAST)
-    x, y, rep = synthesize_replay(model, bank, [2, 0, 1], config, progress=False)
+    config = InversionConfig(batch_size=4, **FAST)
+    sampling, selection = SamplingConfig(per_class=2), SelectionConfig(boost=2)
+    x, y, rep = synthesize_replay(model, bank, [2, 0, 1], config, sampling, selection, progress=False)
     assert x.shape == (6, 32, 8, 8) and y.tolist() == [2, 2, 0, 0, 1, 1]
     assert rep["classes"] == [2, 0, 1] and rep["num_processes"] == 1
-    x2, _, _ = synthesize_replay(model, bank, [2, 0, 1], config, progress=False)
+    x2, _, _ = synthesize_replay(model, bank, [2, 0, 1], config, sampling, selection, progress=False)
     assert torch.equal(x, x2)
 
 
@@ -137,14 +142,15 @@ def test_synthesize_replay_shards_pads_and_gathers(setup):
     g = torch.Generator().manual_seed(0)
     bank.add_classes(range(3), {c: torch.randn(10, 16, generator=g) + c for c in range(3)}, train_contrastive=False)
     bank.update_statistics(stats)
-    config = InversionConfig(per_class=2, batch_size=4, selection="gaussian", **FAST)
+    config = InversionConfig(batch_size=4, **FAST)
+    sampling = SamplingConfig(per_class=2, selection="gaussian")
     rank1 = _TwoProcessAccelerator(1, peer=[torch.zeros(4, 32, 8, 8), torch.zeros(4, dtype=torch.long)])
-    _, _, rep1 = synthesize_replay(model, bank, [0, 1, 2], config, accelerator=rank1, progress=False)
+    _, _, rep1 = synthesize_replay(model, bank, [0, 1, 2], config, sampling, accelerator=rank1, progress=False)
     assert rep1["classes"] == [1]
     sent_x, sent_y = rank1.sent
     assert sent_x.shape == (4, 32, 8, 8) and sent_y.tolist() == [1, 1, -1, -1]  # padded to 2 classes
     rank0 = _TwoProcessAccelerator(0, peer=[sent_x, sent_y])
-    x, y, rep0 = synthesize_replay(model, bank, [0, 1, 2], config, accelerator=rank0, progress=False)
+    x, y, rep0 = synthesize_replay(model, bank, [0, 1, 2], config, sampling, accelerator=rank0, progress=False)
     assert rep0["classes"] == [0, 2]
     assert y.tolist() == [0, 0, 1, 1, 2, 2] and x.shape == (6, 32, 8, 8)
     assert torch.equal(x[2:4], sent_x[:2])
@@ -174,8 +180,20 @@ def test_reference_preset_sets_every_reference_behaviour_and_keeps_explicit_valu
     ours = InversionConfig()
     assert all(getattr(ours, k) != v for k, v in REFERENCE_PRESET.items())  # each one is a real difference
     assert InversionConfig(preset="reference", refine_batch_size=40).refine_batch_size == 40
-    with pytest.raises(ValueError, match="preset"):
+    with pytest.raises(ValueError, match="inversion_preset"):
         InversionConfig(preset="paper")
+
+
+def test_an_unset_random_start_budget_is_one_per_layer_chunk(setup):
+    model, stats = setup
+    from hf_pmi.inversion import full_steps, passes_per_chunk
+
+    config = InversionConfig(batch_size=4, **{**FAST, "full_steps": None})
+    blocks = VisionBlocks(model)
+    assert full_steps(blocks, config) == round(passes_per_chunk(blocks, config))
+    rep = invert(model, torch.randn(4, 16), stats, config, mode="full", progress=False).report
+    assert rep["steps"] == {"full": full_steps(blocks, config)}
+    assert full_steps(blocks, InversionConfig(full_steps=9)) == 9  # an explicit value is kept
 
 
 def test_layer_weight_is_alpha_rf_times_blocks_unless_given():
@@ -204,7 +222,7 @@ def test_patch_channel_statistics_are_per_channel_moments(setup):
 def test_channel_statistics_start_and_kl_on_the_coarse_variable(setup):
     model, stats = setup
     blocks = VisionBlocks(model)
-    obj = _Objective(blocks, stats, InversionConfig(patch_stats="channel"), torch.device("cpu"), torch.float32)
+    obj = Objective(blocks, stats, InversionConfig(patch_stats="channel"), torch.device("cpu"), torch.float32)
     x = obj.sample_input(1, 400, torch.Generator().manual_seed(0), size=2)
     m, v = obj.moments("patch_channel")
     assert x.shape == (400, 32, 2, 2)
@@ -220,7 +238,7 @@ def test_channel_statistics_start_and_kl_on_the_coarse_variable(setup):
         pre_in = torch.cat([cls, tokens], 1) + blocks.embeddings.position_embedding.weight[None]
     expected = F.mse_loss(blocks.block(1, up), target) + obj.a_layer * (obj.kl("pre_ln_input", pre_in) + obj.kl("patch_channel", x))
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
-    no_pre = _Objective(blocks, stats, InversionConfig(patch_stats="channel", pre_block_kl=False), torch.device("cpu"), torch.float32)
+    no_pre = Objective(blocks, stats, InversionConfig(patch_stats="channel", pre_block_kl=False), torch.device("cpu"), torch.float32)
     assert no_pre.hooked(1) == []
     assert no_pre.block_loss(1, up, target, coarse=x).item() == pytest.approx(
         (F.mse_loss(blocks.block(1, up), target) + obj.a_layer * obj.kl("patch_channel", x)).item(), rel=1e-5)
@@ -232,7 +250,7 @@ def test_last_layer_matches_all_tokens_or_cls_only(setup):
     z, target = torch.randn(3, 65, 32), torch.randn(3, 65, 32)
     out = blocks.block(3, z)
     for cls_only, mse in ((True, F_mse(out[:, 0], target[:, 0])), (False, F_mse(out, target))):
-        obj = _Objective(blocks, stats, InversionConfig(cls_target_last_layer=cls_only, a_layer=0.0), torch.device("cpu"), torch.float32)
+        obj = Objective(blocks, stats, InversionConfig(cls_target_last_layer=cls_only, a_layer=0.0), torch.device("cpu"), torch.float32)
         assert obj.block_loss(3, z, target).item() == pytest.approx(mse.item(), rel=1e-5)
 
 
@@ -251,8 +269,8 @@ def test_keep_best_returns_the_best_or_the_last_iterate():
         opt.zero_grad()
         objective(manual).backward()
         opt.step()
-    best, best_loss = _adam_loop(objective, z0, 5, 2.0, _Tracker(5, False, ""), "s", 0.0, True)
-    last, last_loss = _adam_loop(objective, z0, 5, 2.0, _Tracker(5, False, ""), "s", 0.0, False)
+    best, best_loss = adam_loop(objective, z0, 5, 2.0, Tracker(5, False, ""), "s", 0.0, True)
+    last, last_loss = adam_loop(objective, z0, 5, 2.0, Tracker(5, False, ""), "s", 0.0, False)
     expected_loss, expected = min(visited, key=lambda lv: lv[0])
     assert best_loss == pytest.approx(expected_loss) and torch.equal(best, expected)
     assert torch.allclose(last, manual.detach()) and last_loss == pytest.approx(objective(manual).item())
@@ -281,8 +299,8 @@ def test_reference_pixel_path_gives_patch_maps_of_valid_pixels(setup):
 
     model = build_clip("mini")  # an injective patch embedding, so patch maps map back to pixels
     stats = collect_layer_statistics(model, [torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(0))])
-    config = InversionConfig(preset="reference", mode="full", batch_size=4, full_steps=40, upsample_at=(10, 20))
-    rep = invert(model, 10 * torch.randn(4, 64), stats, config, progress=False)  # far targets: large steps
+    config = InversionConfig(preset="reference", batch_size=4, full_steps=40, first_block_steps=40, upsample_at=(10, 20))
+    rep = invert(model, 10 * torch.randn(4, 64), stats, config, mode="full", progress=False)  # far targets: large steps
     assert rep.samples.shape == (4, 128, 8, 8) and rep.report["steps"] == {"full": 40}
     pixels = patch_maps_to_pixels(model, rep.samples)
     mean = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)

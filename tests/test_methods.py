@@ -3,16 +3,15 @@ import math
 import pytest
 import torch
 
+from configs import FAST_INVERSION, fast_exemplars, fast_pmi
+
 from hf_pmi import ContinualCLIP, ContinualConfig, ContinualTrainer, split_class_incremental
-from hf_pmi.inversion import InversionConfig
+from hf_pmi.inversion import passes_per_chunk
 from hf_pmi.methods import METHODS, ContinualMethod, register_method
-from hf_pmi.methods.pmi import FullInversion, pmi_passes_per_chunk
+from hf_pmi.methods.pmi import FullInversion
 from hf_pmi.modeling import ContinualCLIPOutput
 from hf_pmi.replay import replay_losses, task_weights
 from hf_pmi.testing import build_clip
-
-FAST_INVERSION = InversionConfig(layer_steps=3, first_block_steps=4, upsample_at=(1, 2, 3), refine_steps=3,
-                                 per_class=2, selection="cfs")
 
 
 def test_task_weights_follow_r_dfcil():
@@ -47,7 +46,7 @@ def test_replay_losses_definitions_and_gradient_paths():
 
 def _args(tmp_path, method, **kw):
     base = dict(output_dir=str(tmp_path / method), method=method, max_steps=3, per_device_train_batch_size=16,
-                replay_batch_size=8, warmup_steps=0, disable_tqdm=True, logging_steps=100, keep_replay_samples=8)
+                warmup_steps=0, disable_tqdm=True, logging_steps=100)
     return ContinualConfig(**{**base, **kw})
 
 
@@ -55,7 +54,7 @@ def test_pmi_between_tasks_fills_bank_buffer_and_grid_and_leaves_no_hooks(tmp_pa
     tasks = split_class_incremental(digits, num_tasks=2, seed=0)
     model = ContinualCLIP.from_clip(build_clip("tiny"))
     trainer = ContinualTrainer(model=model, args=_args(tmp_path, "pmi"), tasks=tasks, processing_class=processor,
-                               inversion_config=FAST_INVERSION)
+                               method_config=fast_pmi(selection="cfs", grid_samples=8))
     result = trainer.train()
     method = trainer.method
     assert method.bank.num_classes == 10 and len(method.bank.contrastive) == 10
@@ -72,9 +71,20 @@ def test_full_inversion_gets_the_pmi_budget(tmp_path, digits, processor):
     tasks = split_class_incremental(digits, num_tasks=2, seed=0)
     model = ContinualCLIP.from_clip(build_clip("tiny"))
     trainer = ContinualTrainer(model=model, args=_args(tmp_path, "full_inversion"), tasks=tasks,
-                               processing_class=processor, inversion_config=FAST_INVERSION)
-    assert isinstance(trainer.method, FullInversion) and trainer.method.inversion.mode == "full"
-    assert trainer.method.inversion.full_steps == round(pmi_passes_per_chunk(model.blocks, FAST_INVERSION))
+                               processing_class=processor, method_config=fast_pmi())
+    assert isinstance(trainer.method, FullInversion) and trainer.method.mode == "full"
+    assert trainer.method.inversion.full_steps == round(passes_per_chunk(model.blocks, FAST_INVERSION))
+    assert trainer.method.inversion.seed == trainer.args.seed  # an unset seed is the run's
+    explicit = ContinualTrainer(model=ContinualCLIP.from_clip(build_clip("tiny")), args=_args(tmp_path, "full_inversion"),
+                                tasks=tasks, processing_class=processor, method_config=fast_pmi(full_steps=5, seed=9))
+    assert (explicit.method.inversion.full_steps, explicit.method.inversion.seed) == (5, 9)  # explicit values are kept
+
+
+def test_a_method_refuses_another_methods_config(tmp_path, digits, processor):
+    tasks = split_class_incremental(digits, num_tasks=2, seed=0)
+    with pytest.raises(TypeError, match="takes a LwFConfig, got PMIConfig"):
+        ContinualTrainer(model=ContinualCLIP.from_clip(build_clip("tiny")), args=_args(tmp_path, "lwf"), tasks=tasks,
+                         processing_class=processor, method_config=fast_pmi())
 
 
 @pytest.mark.parametrize("method", ["lwf", "feature_replay", "joint", "zero_shot"])
@@ -111,7 +121,7 @@ def test_exemplar_replay_keeps_real_patch_maps_and_reloads_them_exactly(tmp_path
     tasks = split_class_incremental(digits, num_tasks=2, seed=0)
     model = ContinualCLIP.from_clip(build_clip("tiny"))
     trainer = ContinualTrainer(model=model, args=_args(tmp_path, "exemplar_replay"), tasks=tasks,
-                               processing_class=processor, inversion_config=InversionConfig(per_class=3))
+                               processing_class=processor, method_config=fast_exemplars(per_class=3))
     trainer.train()
     method = trainer.method
     samples, labels = method.buffer

@@ -126,3 +126,31 @@ def test_not_a_checkpoint_says_what_to_do(tmp_path):
     build_clip("tiny").save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="from_clip"):
         ContinualCLIP.from_pretrained(tmp_path)
+
+
+def test_a_format_1_checkpoint_loads_and_routes_as_it_did():
+    """A checkpoint written before routing became a component of its own (format 1, hf_pmi 5e0f113;
+    tests/fixtures/README.md) loads, routes the same classes and gives the same routed scores."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    fixtures = Path(__file__).parent / "fixtures"
+    model = ContinualCLIP.from_pretrained(fixtures / "format1_routed_checkpoint").eval()
+    expected = load_file(fixtures / "format1_routed_expected.safetensors")
+    assert model.routed_classes == [7, 8, 9]
+    with torch.no_grad():
+        out = model(pixel_values=expected["pixel_values"])
+    torch.testing.assert_close(out.routed_logits, expected["routed_log_probs"], rtol=0, atol=1e-6)
+
+
+def test_a_checkpoint_of_a_newer_format_names_the_version_and_the_fix(tmp_path, tokenizer):
+    import json
+
+    ContinualCLIP.from_clip(build_clip("tiny"), class_names=["a"], tokenizer=tokenizer).save_pretrained(tmp_path)
+    meta = json.loads((tmp_path / "continual_clip.json").read_text())
+    assert meta["format_version"] == 2
+    meta["format_version"] = 99
+    (tmp_path / "continual_clip.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="format version 99.*upgrade hf_pmi"):
+        ContinualCLIP.from_pretrained(tmp_path)

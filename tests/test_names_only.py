@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+from configs import fast_pmi
 from hub_server import hub_client, hub_server  # noqa: F401  (fixtures)
 from peft import LoraConfig
 
@@ -14,13 +15,12 @@ from hf_pmi import ContinualCLIP, ContinualConfig, ContinualTrainer, split_class
 from hf_pmi.bank import FeatureBank
 from hf_pmi.integrity import weight_checksums
 from hf_pmi.modeling import class_text_embeddings
-from hf_pmi.inversion import InversionConfig
 from hf_pmi.names_only import (REFERENCE_PRESET, NamesOnlyConfig, boundary_target, make_names_only, names_only_tasks,
-                               nearest_classes, project_name, rotate_toward, routed_probs)
+                               nearest_classes, project_name, rotate_toward)
+from hf_pmi.routing import routed_probs
 from hf_pmi.testing import build_clip, build_tokenizer
 
-FAST_INVERSION = InversionConfig(layer_steps=3, first_block_steps=4, upsample_at=(1, 2, 3), refine_steps=3,
-                                 per_class=2, selection="gaussian")
+FAST_PMI = fast_pmi()
 FAST_NAMES = NamesOnlyConfig(per_class=4, neighbours=2)
 
 
@@ -95,9 +95,13 @@ def test_a_routed_model_scores_routed_classes_by_the_raw_clip_and_reloads_bit_ex
     pixels = torch.randn(4, 3, 32, 32)
     with torch.no_grad():
         plain = model(pixel_values=pixels).logits
-        prototype = unit(1, model.routed_prototypes.shape[1], seed=5)
+        assert model(pixel_values=pixels).routed_logits is None  # nothing routed yet
+        prototype = unit(1, model.clip_config.projection_dim, seed=5)
         model.route_classes([1], prototype)
-        routed = model(pixel_values=pixels).logits
+        out = model(pixel_values=pixels)
+        routed = out.routed_logits
+    assert torch.equal(out.logits, plain) and torch.equal(out.prediction_logits, routed)  # logits keep one meaning
+    with torch.no_grad():
         with model.clip.disable_adapter():
             raw = F.normalize(VisionBlocks(model.clip).features(pixels), dim=-1)
             text = class_text_embeddings(model.clip, model.prompt_ids, model.prompt_mask)
@@ -106,12 +110,14 @@ def test_a_routed_model_scores_routed_classes_by_the_raw_clip_and_reloads_bit_ex
     assert torch.allclose(routed.exp(), expected, atol=1e-5)
     assert not torch.allclose(routed.exp(), F.softmax(plain, -1), atol=1e-3)  # routing changed the scores
     with torch.no_grad():
-        assert torch.equal(model.train()(pixel_values=pixels).logits, plain)  # training sees the model alone
+        train_out = model.train()(pixel_values=pixels)  # training sees the model alone
+        assert torch.equal(train_out.logits, plain) and train_out.routed_logits is None
     model.eval().save_pretrained(tmp_path / "ckpt")
+    assert (tmp_path / "ckpt" / "router" / "router.safetensors").exists()
     loaded = ContinualCLIP.from_pretrained(tmp_path / "ckpt").eval()
-    assert loaded.routed_classes == [1] and torch.equal(loaded.routed_prototypes, model.routed_prototypes)
+    assert loaded.routed_classes == [1] and torch.equal(loaded.router.prototypes, model.router.prototypes)
     with torch.no_grad():
-        assert torch.equal(loaded(pixel_values=pixels).logits, routed)
+        assert torch.equal(loaded(pixel_values=pixels).routed_logits, routed)
     with pytest.raises(ValueError, match=r"routes \[1\] already"):
         model.route_classes([1], prototype)
     with pytest.raises(ValueError, match="prototypes of shape"):
@@ -119,10 +125,11 @@ def test_a_routed_model_scores_routed_classes_by_the_raw_clip_and_reloads_bit_ex
     with pytest.raises(ValueError, match="needs a LoRA model"):
         ContinualCLIP.from_clip(build_clip("tiny"), class_names=["a"], tokenizer=build_tokenizer()).route_classes(
             [0], prototype)
-    meta = json.loads((tmp_path / "ckpt" / "continual_clip.json").read_text())
-    meta["routed_classes"] = [1, 2]  # a config that does not match its prototypes is refused, naming both files
-    (tmp_path / "ckpt" / "continual_clip.json").write_text(json.dumps(meta))
-    with pytest.raises(ValueError, match="1 routed prototypes"):
+    router_json = tmp_path / "ckpt" / "router" / "router.json"
+    meta = json.loads(router_json.read_text())
+    meta["class_ids"] = [1, 2]  # a config that does not match its prototypes is refused, naming both files
+    router_json.write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="holds 1 prototypes"):
         ContinualCLIP.from_pretrained(tmp_path / "ckpt")
 
 
@@ -157,9 +164,9 @@ def lora_model():
 
 
 def args_for(tmp_path, name, method="pmi", **kw):
-    return ContinualConfig(output_dir=str(tmp_path / name), method=method, max_steps=2, per_device_train_batch_size=16,
-                           replay_batch_size=8, warmup_steps=0, disable_tqdm=True, logging_steps=100,
-                           keep_replay_samples=0, **kw)
+    base = dict(output_dir=str(tmp_path / name), method=method, max_steps=2, per_device_train_batch_size=16,
+                warmup_steps=0, disable_tqdm=True, logging_steps=100)
+    return ContinualConfig(**{**base, **kw})
 
 
 def test_run_with_a_names_only_last_task(tmp_path, digits, processor):
@@ -170,7 +177,7 @@ def test_run_with_a_names_only_last_task(tmp_path, digits, processor):
                                 config=dataclasses.replace(FAST_NAMES, route=route))
         torch.manual_seed(0)  # the LoRA weights are drawn before the Trainer seeds anything
         trainer = ContinualTrainer(model=lora_model(), args=args_for(tmp_path, name), tasks=tasks,
-                                   processing_class=processor, inversion_config=FAST_INVERSION)
+                                   processing_class=processor, method_config=FAST_PMI)
         return tasks, trainer, trainer.train()
 
     tasks, trainer, result = run("run", route=True)
@@ -197,6 +204,29 @@ def test_run_with_a_names_only_last_task(tmp_path, digits, processor):
     assert all(abs(routed_row[j] - unrouted_row[j]) <= 0.05 for j in (0, 1)), (routed_row, unrouted_row)
 
 
+def test_a_failing_names_only_task_leaves_the_trainer_as_it_was(tmp_path, digits, processor, monkeypatch):
+    """The names-only task trains with its own lr, epochs and collator; they are restored on failure too."""
+    from hf_pmi.names_only import NamesOnlyLearner
+
+    tasks = make_names_only(split_class_incremental(digits, num_tasks=2, seed=0), config=FAST_NAMES)
+    args = args_for(tmp_path, "fail")
+    trainer = ContinualTrainer(model=lora_model(), args=args, tasks=tasks, processing_class=processor,
+                               method_config=FAST_PMI)
+    before = (trainer.args.learning_rate, trainer.args.num_train_epochs, trainer.args.warmup_steps, trainer.data_collator)
+    seen = {}
+
+    def failing_loss(self, model, inputs, config, *rest):
+        seen["lr"], seen["collator"] = trainer.args.learning_rate, trainer.data_collator
+        raise RuntimeError("boom inside the names-only task")
+
+    monkeypatch.setattr(NamesOnlyLearner, "compute_loss", failing_loss)
+    with pytest.raises(RuntimeError, match="boom"):
+        trainer.train()
+    assert seen["lr"] == FAST_NAMES.learning_rate and seen["collator"] is not before[3]  # the task's own settings ran
+    after = (trainer.args.learning_rate, trainer.args.num_train_epochs, trainer.args.warmup_steps, trainer.data_collator)
+    assert after == before
+
+
 def test_errors_before_any_work(tmp_path, digits, processor):
     tasks = split_class_incremental(digits, num_tasks=2, seed=0)
     with pytest.raises(ValueError, match="no class is known before it"):
@@ -218,7 +248,7 @@ def checkpoint(tmp_path, digits, processor):
     old = dataclasses.replace(tasks, tasks=tasks.tasks[:2], class_order=tasks.class_order[:4],
                               class_names=tasks.class_names[:4])
     ContinualTrainer(model=lora_model(), args=args_for(tmp_path, "base"), tasks=old, processing_class=processor,
-                     inversion_config=FAST_INVERSION).train()
+                     method_config=FAST_PMI).train()
     return tmp_path / "base" / "task-1", old.class_names
 
 
@@ -226,7 +256,7 @@ def test_continued_checkpoint_errors(tmp_path, checkpoint):
     folder, names = checkpoint
     # continuing a run's middle task (its rows are as long as the whole run) keeps a square matrix
     mid = ContinualTrainer.from_pretrained(str(folder.parent / "task-0"), tasks=["a new digit"],
-                                           args=args_for(tmp_path, "mid"), inversion_config=FAST_INVERSION)
+                                           args=args_for(tmp_path, "mid"), method_config=FAST_PMI)
     assert [len(row) for row in mid.accuracy_matrix] == [2] and len(mid.counts) == 2
     with pytest.raises(ValueError, match="already exist"):
         ContinualTrainer.from_pretrained(str(folder), tasks=[names[0]], args=args_for(tmp_path, "c"))
@@ -239,7 +269,7 @@ def test_continued_checkpoint_errors(tmp_path, checkpoint):
     (folder / "continual_state.json").write_text(json.dumps(state))
     with pytest.raises(ValueError, match="record_raw_gaussians"):
         ContinualTrainer.from_pretrained(str(folder), tasks=["a new digit"], args=args_for(tmp_path, "d"),
-                                         inversion_config=FAST_INVERSION)
+                                         method_config=FAST_PMI)
 
 
 def test_add_a_class_by_name_to_a_hub_checkpoint_and_evaluate_it(tmp_path, hub_client, checkpoint, digits):
@@ -254,7 +284,7 @@ def test_add_a_class_by_name_to_a_hub_checkpoint_and_evaluate_it(tmp_path, hub_c
     new_name = next(n for n in digits["test"].features["label"].names if n not in names)
     tasks = names_only_tasks([new_name], test=digits["test"], config=FAST_NAMES)
     trainer = ContinualTrainer.from_pretrained(repo, tasks=tasks, args=args_for(tmp_path, "cont"), revision="task-1",
-                                               inversion_config=FAST_INVERSION)
+                                               method_config=FAST_PMI)
     result = trainer.train()
     assert trainer.model.class_names == names + [new_name]
     accuracy = result.accuracy_matrix[2][2]
@@ -273,7 +303,8 @@ def test_add_a_class_by_name_to_a_hub_checkpoint_and_evaluate_it(tmp_path, hub_c
     assert model.routed_classes == loaded.routed_classes == [4]
     pixels = torch.randn(3, 3, 32, 32)
     with torch.no_grad():
-        assert torch.allclose(loaded(pixel_values=pixels).logits, model(pixel_values=pixels).logits, atol=1e-5)
+        assert torch.allclose(loaded(pixel_values=pixels).routed_logits, model(pixel_values=pixels).routed_logits,
+                              atol=1e-5)
 
 
 def test_recipe_runs_and_adds_classes_by_name_to_its_checkpoint(tmp_path):
@@ -283,8 +314,8 @@ def test_recipe_runs_and_adds_classes_by_name_to_its_checkpoint(tmp_path):
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     fast = ["--max_steps", "2", "--per_device_train_batch_size", "16", "--replay_batch_size", "8", "--disable_tqdm",
-            "true", "--layer_steps", "2", "--first_block_steps", "4", "--upsample_at", "1", "2", "3",
-            "--refine_steps", "2", "--per_class", "2", "--names_only_per_class", "3", "--keep_replay_samples", "0"]
+            "true", "--inversion_layer_steps", "2", "--inversion_first_block_steps", "4", "--inversion_upsample_at", "1", "2", "3",
+            "--inversion_refine_steps", "2", "--sampling_per_class", "2", "--names_only_per_class", "3", "--replay_grid_samples", "0"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": root}
 
     def run(*args):
@@ -320,8 +351,8 @@ def test_shapes_recipe_is_reproducible_with_lora(tmp_path):
                "--names_only_last", "0", "--pretrain_steps", "3", "--backbone_dir", str(tmp_path / "cache"),
                "--images_per_class", "8", "--test_images_per_class", "2", "--max_steps", "2",
                "--per_device_train_batch_size", "16", "--replay_batch_size", "8", "--disable_tqdm", "true",
-               "--layer_steps", "2", "--first_block_steps", "4", "--upsample_at", "1", "2", "3", "--refine_steps", "2",
-               "--per_class", "2", "--keep_replay_samples", "0", "--report_to", "none"]
+               "--inversion_layer_steps", "2", "--inversion_first_block_steps", "4", "--inversion_upsample_at", "1", "2", "3", "--inversion_refine_steps", "2",
+               "--sampling_per_class", "2", "--replay_grid_samples", "0", "--report_to", "none"]
         proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     a, b = (load_file(tmp_path / n / "task-1" / "adapter" / "adapter_model.safetensors") for n in ("a", "b"))

@@ -94,13 +94,13 @@ def test_pmi_two_processes_shards_synthesis(tmp_path):
     out, cache = tmp_path / "pmi2", tmp_path / "cache"
     run(accelerate("--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
                    "--dynamo_backend", "no", "recipes/clip_digits.py", "--output_dir", str(out), "--model_size", "tiny",
-                   "--num_tasks", "2", "--method", "pmi", "--layer_steps", "3", "--first_block_steps", "4",
-                   "--upsample_at", "1", "2", "3", "--refine_steps", "3", *FAST),
+                   "--num_tasks", "2", "--method", "pmi", "--inversion_layer_steps", "3", "--inversion_first_block_steps", "4",
+                   "--inversion_upsample_at", "1", "2", "3", "--inversion_refine_steps", "3", *FAST),
         env_extra={"ACCELERATE_USE_CPU": "true", "HF_PMI_CACHE": str(cache)})
     assert len([p for p in cache.iterdir() if p.is_dir()]) == 1  # trained once
     check_results(out / "results.json", "pmi", 2)
     state = json.loads((out / "task-1" / "continual_state.json").read_text())
-    assert state["method_info"]["full_model_passes"] > 0
+    assert state["method_info"]["inversion"]["full_model_passes"] > 0
     assert (out / "task-1" / "replay_samples.png").exists()
     from hf_pmi import ContinualCLIP, FeatureBank
 
@@ -118,9 +118,9 @@ def test_names_only_task_over_two_processes(tmp_path):
     run(accelerate("--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
                    "--dynamo_backend", "no", "recipes/clip_shapes.py", "--output_dir", str(out), "--num_tasks", "2",
                    "--pretrain_steps", "3", "--backbone_dir", str(tmp_path / "cache"), "--images_per_class", "8",
-                   "--test_images_per_class", "2", "--replay_batch_size", "8", "--layer_steps", "2",
-                   "--first_block_steps", "4", "--upsample_at", "1", "2", "3", "--refine_steps", "2", "--per_class", "2",
-                   "--names_only_per_class", "4", "--names_only_epochs", "2", "--keep_replay_samples", "0", *FAST),
+                   "--test_images_per_class", "2", "--replay_batch_size", "8", "--inversion_layer_steps", "2",
+                   "--inversion_first_block_steps", "4", "--inversion_upsample_at", "1", "2", "3", "--inversion_refine_steps", "2", "--sampling_per_class", "2",
+                   "--names_only_per_class", "4", "--names_only_num_train_epochs", "2", "--replay_grid_samples", "0", *FAST),
         env_extra={"ACCELERATE_USE_CPU": "true"}, timeout=600)
     results = check_results(out / "results.json", "pmi", 2)
     assert results["accuracy_matrix"][1][1] is not None

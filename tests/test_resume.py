@@ -19,8 +19,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # the default recipe at small settings: 5 tasks, tiny model, 2 steps per task, a minimal inversion
 SMALL = ["--model_size", "tiny", "--max_steps", "2", "--per_device_train_batch_size", "16", "--disable_tqdm", "true",
          "--per_device_eval_batch_size", "512", "--seed", "3"]
-PMI = ["--method", "pmi", "--layer_steps", "3", "--first_block_steps", "4", "--upsample_at", "1", "2", "3",
-       "--refine_steps", "3", "--selection", "gaussian", "--per_class", "2", "--keep_replay_samples", "4"]
+PMI = ["--method", "pmi", "--inversion_layer_steps", "3", "--inversion_first_block_steps", "4", "--inversion_upsample_at", "1", "2", "3",
+       "--inversion_refine_steps", "3", "--sampling_selection", "gaussian", "--sampling_per_class", "2", "--replay_grid_samples", "4"]
 
 
 def start(out, extra=(), kill_at=None):

@@ -2,8 +2,8 @@
 
 import numpy as np
 
-from hf_pmi.testing.shapes import (ALL_CLASSES, COLOUR_NAMES, HELD_OUT, SEEN, SHAPES, load_shapes_dataset,
-                                   shapes_clip, shapes_images, zero_shot_accuracy)
+from hf_pmi.testing.backbones import shapes_clip, zero_shot_accuracy
+from hf_pmi.testing.shapes import ALL_CLASSES, COLOUR_NAMES, HELD_OUT, SEEN, SHAPES, load_shapes_dataset, shapes_images
 
 
 def test_held_out_pairs_cover_every_shape_and_colour_twice():

@@ -89,9 +89,12 @@ def test_resume_continues_after_the_last_finished_task(tmp_path, digits, process
     assert (tmp_path / "out" / "task-0" / "clip" / "model.safetensors").read_bytes() == first
 
 
-def test_unknown_method_is_refused_before_training(tmp_path):
+def test_unknown_method_is_refused_before_training(tmp_path, digits, processor):
+    tasks = split_class_incremental(digits, num_tasks=2)
     with pytest.raises(ValueError, match="Unknown method 'nope'.*finetune"):
-        make_args(tmp_path, method="nope")
+        ContinualTrainer(model=ContinualCLIP.from_clip(build_clip("tiny")), args=make_args(tmp_path, method="nope"),
+                         tasks=tasks, processing_class=processor)
+    assert not (tmp_path / "task-0").exists()
 
 
 def test_streaming_tasks_need_max_steps(tmp_path, digits, processor):

@@ -16,16 +16,28 @@ from datasets import ClassLabel, Dataset, DatasetDict, load_dataset
 from PIL import Image
 
 from hf_pmi import ContinualCLIP, ContinualConfig, ContinualTrainer, FeatureBank, split_class_incremental
+from hf_pmi.arguments import flag_dataclasses, from_flags
 from hf_pmi.data import ContinualCollator
-from hf_pmi.inversion import InversionConfig
+from hf_pmi.methods import METHODS
 from hf_pmi.testing import build_clip, load_digits_dataset
+from transformers import HfArgumentParser
 
 @functools.cache
 def _digits():
     return load_digits_dataset()
 
 
-TINY_INVERSION = dict(layer_steps=2, first_block_steps=4, upsample_at=[1, 2, 3], refine_steps=2, per_class=2)
+TINY_FLAGS = dict(inversion_layer_steps=2, inversion_first_block_steps=4, inversion_upsample_at=[1, 2, 3],
+                  inversion_refine_steps=2, sampling_per_class=2, exemplar_per_class=2)
+
+
+def method_config(method: str, flags: dict | None = None):
+    """The config of `method` from command-line flags, as a recipe builds it (unknown flags are dropped)."""
+    config_cls = METHODS[method].config_class
+    classes = flag_dataclasses(config_cls)
+    known = {f for c in classes for f in c.__dataclass_fields__}
+    values = {k: v for k, v in {**TINY_FLAGS, **(flags or {})}.items() if k in known}
+    return from_flags(config_cls, HfArgumentParser(classes).parse_dict(values))
 
 
 def task_folders(out) -> list[str]:
@@ -39,12 +51,13 @@ def make_args(out, **kw):
     return ContinualConfig(**defaults)
 
 
-def run(out, processor, data=None, split=None, args=None, inversion=None, templates=None, resume=None, **kw):
-    """Build everything from user inputs and train; returns the result (if nothing is refused)."""
+def run(out, processor, data=None, split=None, args=None, flags=None, templates=None, resume=None, **kw):
+    """Build everything from user inputs (method settings as `flags`) and train; returns the result."""
     tasks = split_class_incremental(data if data is not None else _digits(), **(split or {"num_tasks": 2}))
     model = ContinualCLIP.from_clip(build_clip("tiny"), templates=templates)
-    trainer = ContinualTrainer(model=model, args=make_args(out, **(args or {})), tasks=tasks, processing_class=processor,
-                               inversion_config=InversionConfig(**{**TINY_INVERSION, **(inversion or {})}), **kw)
+    args = make_args(out, **(args or {}))
+    trainer = ContinualTrainer(model=model, args=args, tasks=tasks, processing_class=processor,
+                               method_config=method_config(args.method, flags), **kw)
     return trainer.train(resume_from_checkpoint=resume)
 
 
@@ -149,49 +162,35 @@ def test_bad_prompt_templates(tmp_path, processor, template, match):
     ({"learning_rate": 0.0}, r"learning_rate=0.0 is invalid: it must be > 0"),
     ({"learning_rate": -1e-3}, r"learning_rate=-0.001 is invalid"),
     ({"max_steps": -1, "num_train_epochs": 0}, r"num_train_epochs=0.* Or set max_steps"),
-    ({"l_hkd": -0.1}, r"l_hkd=-0.1 is invalid: it must be >= 0"),
-    ({"keep_replay_samples": -1}, r"keep_replay_samples=-1"),
     ({"per_device_eval_batch_size": 0}, r"per_device_eval_batch_size=0"),
 ])
 def test_bad_training_settings(tmp_path, processor, setting, match):
     refused(tmp_path, match, lambda out: run(out, processor, args=setting))
 
 
-def test_lwf_temperature_zero(tmp_path, processor):
-    refused(tmp_path, r"lwf_temperature=0.0 is invalid",
-            lambda out: run(out, processor, args={"method": "lwf", "lwf_temperature": 0.0}))
-
-
-@pytest.mark.parametrize("method", ["pmi", "feature_replay", "exemplar_replay"])
-def test_replay_batch_size_zero(tmp_path, processor, method):
-    refused(tmp_path, r"replay_batch_size=0 is invalid: it must be >= 1",
-            lambda out: run(out, processor, args={"method": method, "replay_batch_size": 0}))
-
-
-def test_exemplar_replay_keeping_no_samples(tmp_path, processor):
-    refused(tmp_path, r"per_class=0 is invalid",
-            lambda out: run(out, processor, args={"method": "exemplar_replay"}, inversion={"per_class": 0}))
-
-
-@pytest.mark.parametrize("setting, match", [
-    ({"layer_steps": 0}, r"layer_steps=0 is invalid: it must be an integer >= 1"),
-    ({"first_block_steps": -5}, r"first_block_steps=-5"),
-    ({"per_class": 0}, r"per_class=0"),
-    ({"refine_steps": -1}, r"refine_steps=-1 is invalid: it must be >= 0"),
-    ({"layer_lr": 0.0}, r"layer_lr=0.0"),
-    ({"rho": 0.0}, r"rho=0.0 is invalid: it must be in \(0, 1\]"),
-    ({"tau": 0.0}, r"tau=0.0"),
-    ({"boost": 0}, r"boost=0"),
-    ({"alpha_tv": -1.0}, r"alpha_tv=-1.0"),
-    ({"upsample_at": [1, 2, 40]}, r"upsample_at=\[1, 2, 40\].*first_block_steps=4"),
+@pytest.mark.parametrize("method, flags, match", [
+    ("pmi", {"replay_l_hkd": -0.1}, r"replay_l_hkd=-0.1 is invalid: it must be >= 0"),
+    ("pmi", {"replay_grid_samples": -1}, r"replay_grid_samples=-1"),
+    ("lwf", {"lwf_temperature": 0.0}, r"lwf_temperature=0.0 is invalid"),
+    ("pmi", {"replay_batch_size": 0}, r"replay_batch_size=0 is invalid: it must be an integer >= 1"),
+    ("feature_replay", {"replay_batch_size": 0}, r"replay_batch_size=0 is invalid: it must be an integer >= 1"),
+    ("exemplar_replay", {"replay_batch_size": 0}, r"replay_batch_size=0 is invalid: it must be an integer >= 1"),
+    ("exemplar_replay", {"exemplar_per_class": 0}, r"exemplar_per_class=0 is invalid"),
+    ("pmi", {"inversion_layer_steps": 0}, r"inversion_layer_steps=0 is invalid: it must be an integer >= 1"),
+    ("pmi", {"inversion_first_block_steps": -5}, r"inversion_first_block_steps=-5"),
+    ("pmi", {"sampling_per_class": 0}, r"sampling_per_class=0"),
+    ("pmi", {"inversion_refine_steps": -1}, r"inversion_refine_steps=-1 is invalid: it must be an integer >= 0"),
+    ("pmi", {"inversion_layer_lr": 0.0}, r"inversion_layer_lr=0.0"),
+    ("pmi", {"cfs_rho": 0.0}, r"cfs_rho=0.0 is invalid: it must be in \(0, 1\]"),
+    ("pmi", {"cfs_tau": 0.0}, r"cfs_tau=0.0"),
+    ("pmi", {"cfs_boost": 0}, r"cfs_boost=0"),
+    ("pmi", {"inversion_alpha_tv": -1.0}, r"inversion_alpha_tv=-1.0"),
+    ("pmi", {"inversion_upsample_at": [1, 2, 40]}, r"inversion_upsample_at=\[1, 2, 40\].*first_block_steps=4"),
+    ("full_inversion", {"inversion_full_steps": 0}, r"inversion_full_steps=0"),
+    ("pmi", {"inversion_start_block": 0}, r"inversion_start_block=1"),  # replay enters after the patch embedding
 ])
-def test_bad_inversion_settings_fail_before_task_0(tmp_path, processor, setting, match):
-    refused(tmp_path, match, lambda out: run(out, processor, args={"method": "pmi"}, inversion=setting))
-
-
-def test_full_inversion_steps_zero(tmp_path, processor):
-    refused(tmp_path, r"full_steps=0",
-            lambda out: run(out, processor, args={"method": "full_inversion"}, inversion={"full_steps": 0}))
+def test_bad_method_settings_fail_before_task_0(tmp_path, processor, method, flags, match):
+    refused(tmp_path, match, lambda out: run(out, processor, args={"method": method}, flags=flags))
 
 
 # ----- output folder -----------------------------------------------------------------------------

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from . import ContinualMethod, register_method
+from .base import ContinualMethod, TaskPlan, register_method
 
 
 @register_method("finetune")
@@ -16,8 +16,8 @@ class Joint(ContinualMethod):
 
     data_free = False
 
-    def train_dataset(self, task_id: int):
-        return self.tasks.seen_train(task_id)
+    def plan_task(self, task_id: int) -> TaskPlan:
+        return TaskPlan(self.tasks.seen_train(task_id))
 
 
 @register_method("zero_shot")

@@ -10,34 +10,55 @@ the gap between `pmi` and `exemplar_replay` is what the inversion loses, the gap
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from ..blocks import VisionBlocks
-from . import register_method
-from .pmi import PMI, _real_batches
+from ..replay import ReplayConfig
+from ..validation import require_count
+from .base import MethodConfig, register_method
+from .rehearsal import ReplayMethod
 
 EXEMPLARS_NAME = "exemplars.safetensors"
 
 
-@register_method("exemplar_replay")
-class ExemplarReplay(PMI):
-    """Replay ``per_class`` stored real images per class with the `pmi` losses (an upper bound)."""
+@dataclass
+class ExemplarConfig:
+    """How many real images per class `exemplar_replay` keeps (flags ``--exemplar_<field>``)."""
+
+    flag_prefix: ClassVar[str] = "exemplar_"
+    argument_group: ClassVar[str] = "exemplars (ExemplarConfig)"
+
+    per_class: int = field(default=5, metadata={"help": "Real training images kept per class (as pmi's 5 replay samples)."})
+
+    def __post_init__(self):
+        require_count(self.flag_prefix + "per_class", self.per_class)
+
+
+@dataclass
+class ExemplarReplayConfig(MethodConfig):
+    """Settings of `exemplar_replay`: `pmi`'s replay training, real images instead of inverted ones."""
+
+    replay: ReplayConfig = field(default_factory=ReplayConfig)
+    exemplars: ExemplarConfig = field(default_factory=ExemplarConfig)
+
+
+@register_method("exemplar_replay", config=ExemplarReplayConfig)
+class ExemplarReplay(ReplayMethod):
+    """Replay ``exemplars.per_class`` stored real images per class with the `pmi` losses (an upper bound)."""
 
     data_free = False
 
-    def validate(self) -> None:  # no inversion: any start block is fine
-        pass
-
     def after_task(self, task_id: int) -> dict:
         """Keep the first ``per_class`` images of each new class, in the task's data order."""
-        model = self.trainer.accelerator.unwrap_model(self.model)
-        blocks = VisionBlocks(model)
-        per_class = self.inversion.per_class
+        blocks = VisionBlocks(self.unwrapped_model)
+        per_class = self.config.exemplars.per_class
         kept: dict[int, list[torch.Tensor]] = {c: [] for c in self.tasks[task_id].class_ids}
         with torch.no_grad():
-            for pixels, labels in _real_batches(self.trainer, self.tasks[task_id].train):
+            for pixels, labels in self.real_batches(self.tasks[task_id].train):
                 maps = blocks.patch_embed(pixels)
                 for x, y in zip(maps, labels.tolist()):
                     if len(kept[y]) < per_class:
@@ -62,6 +83,3 @@ class ExemplarReplay(PMI):
             raise FileNotFoundError(f"{folder} has no {EXEMPLARS_NAME}: it was not written by method='exemplar_replay'.")
         tensors = load_file(path, device=str(self.trainer.args.device))
         self.buffer = (tensors["patch_maps"], tensors["labels"])
-
-    def card_info(self) -> dict | None:
-        return None  # no inversion to report

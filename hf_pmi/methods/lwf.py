@@ -3,18 +3,37 @@ logits on the new task's real images. Data-free, no synthetic samples."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from typing import ClassVar
+
 import torch
 import torch.nn.functional as F
 
-from . import ContinualMethod, old_class_count, register_method
+from ..validation import require_positive, require_weight
+from .base import ContinualMethod, MethodConfig, register_method
 
 
-@register_method("lwf")
+@dataclass
+class LwFConfig(MethodConfig):
+    """Settings of `lwf` (flags ``--lwf_<field>``)."""
+
+    flag_prefix: ClassVar[str] = "lwf_"
+    argument_group: ClassVar[str] = "lwf (LwFConfig)"
+
+    temperature: float = field(default=2.0, metadata={"help": "Distillation temperature (Li & Hoiem use 2)."})
+    alpha: float = field(default=1.0, metadata={"help": "Weight of the distillation term."})
+
+    def __post_init__(self):
+        require_positive(self.flag_prefix + "temperature", self.temperature)
+        require_weight(self.flag_prefix + "alpha", self.alpha)
+
+
+@register_method("lwf", config=LwFConfig)
 class LwF(ContinualMethod):
     teacher = None
 
     def before_task(self, task_id: int) -> None:
-        self.num_old = old_class_count(self.trainer, task_id)
+        self.num_old = self.old_class_count(task_id)
         self.teacher = self.snapshot_teacher() if self.num_old else None
 
     def compute_loss(self, model, inputs, num_items_in_batch=None):
@@ -23,8 +42,8 @@ class LwF(ContinualMethod):
             return out.loss
         with torch.no_grad():
             old = self.teacher(pixel_values=inputs["pixel_values"]).logits[:, : self.num_old]
-        T = self.args.lwf_temperature
+        T = self.config.temperature
         kd = F.kl_div(
             F.log_softmax(out.logits[:, : self.num_old] / T, dim=-1), F.softmax(old / T, dim=-1), reduction="batchmean"
         )
-        return out.loss + self.args.lwf_alpha * T * T * kd  # T^2 keeps the gradient scale of Hinton et al.
+        return out.loss + self.config.alpha * T * T * kd  # T^2 keeps the gradient scale of Hinton et al.

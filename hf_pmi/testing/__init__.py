@@ -1,9 +1,10 @@
 """Offline worlds for the demo recipes, the tests and the benchmarks; not part of the library's data flow.
 
 Everything here is built locally: small CLIP models from configs with a byte-level tokenizer
-(`clip`), scikit-learn's digits (`digits`), rendered letters and a CLIP pre-trained on them
-(`letters`), a procedural shapes world with captions and a CLIP pre-trained on it with the CLIP
-objective, text tower included (`shapes`), and the cache that pre-trains such backbones once (`cache`).
+(`clip`); one module per data world: scikit-learn's digits (`digits`), rendered letters
+(`letters`), a procedural shapes world with captions (`shapes`), with their shared dataset helper
+(`datasets`); the CLIPs pre-trained on those worlds (`backbones`) and the cache that trains each
+once (`cache`).
 
 Example:
     >>> from hf_pmi.testing import build_clip, build_processor, load_digits_dataset
@@ -14,14 +15,17 @@ Example:
     ['zero', 'one', 'two']
 """
 
+from .backbones import letters_clip, shapes_clip
 from .cache import cached_pretrained
 from .clip import CLIP_SIZES, build_clip, build_clip_config, build_processor, build_tokenizer, byte_vocab
+from .datasets import images_to_dataset
 from .digits import DIGIT_NAMES, digits_images, load_digits_dataset
-from .letters import LETTERS, letters_clip, letters_images, load_letters_dataset
-from .shapes import HELD_OUT, SHAPES_TEMPLATES, load_shapes_dataset, shapes_clip
+from .letters import LETTERS, letters_images, load_letters_dataset
+from .shapes import HELD_OUT, SHAPES_TEMPLATES, load_shapes_dataset
 
 __all__ = [
-    "CLIP_SIZES", "DIGIT_NAMES", "HELD_OUT", "LETTERS", "SHAPES_TEMPLATES", "build_clip", "build_clip_config", "build_processor", "build_tokenizer",
-    "byte_vocab", "cached_pretrained", "digits_images", "letters_clip", "letters_images", "load_digits_dataset",
-    "load_letters_dataset", "load_shapes_dataset", "shapes_clip",
+    "CLIP_SIZES", "DIGIT_NAMES", "HELD_OUT", "LETTERS", "SHAPES_TEMPLATES", "build_clip", "build_clip_config",
+    "build_processor", "build_tokenizer", "byte_vocab", "cached_pretrained", "digits_images", "images_to_dataset",
+    "letters_clip", "letters_images", "load_digits_dataset", "load_letters_dataset", "load_shapes_dataset",
+    "shapes_clip",
 ]

@@ -1,0 +1,89 @@
+"""Command-line flags of the method configs: one argument group per config, every flag prefixed.
+
+A method's config (`hf_pmi.methods.MethodConfig`) is either flat (its fields are settings) or
+composed of flat parts (every field is itself a config dataclass, e.g. `PMIConfig` holds a
+`ReplayConfig`, an `InversionConfig`, a `SamplingConfig` and a `SelectionConfig`). Each flat part
+declares a ``flag_prefix`` and becomes one argument group whose flags are ``--<prefix><field>``,
+so that no flag is ambiguous next to `TrainingArguments` (``--inversion_batch_size`` is the
+inversion's batch, ``--per_device_train_batch_size`` the Trainer's). The Python names stay short:
+``PMIConfig().inversion.batch_size``.
+
+Example:
+    >>> from dataclasses import dataclass, field
+    >>> from transformers import HfArgumentParser
+    >>> @dataclass
+    ... class Knobs:
+    ...     flag_prefix = "knob_"
+    ...     steps: int = field(default=3, metadata={"help": "How many."})
+    >>> flags = flag_dataclasses(Knobs)
+    >>> parsed = HfArgumentParser(flags).parse_args_into_dataclasses(["--knob_steps", "5"])
+    >>> from_flags(Knobs, parsed)
+    Knobs(steps=5)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from typing import Any, Sequence
+
+_FLAG_CLASSES: dict[type, type] = {}
+
+
+def config_parts(config_cls: type) -> list[tuple[str | None, type]]:
+    """``[(field name, flat config class)]`` of a composed config, or ``[(None, config_cls)]`` for a flat one."""
+    fields = [f for f in dataclasses.fields(config_cls) if f.init]
+    hints = typing.get_type_hints(config_cls)
+    parts = [(f.name, hints[f.name]) for f in fields]
+    if parts and all(dataclasses.is_dataclass(t) for _, t in parts):
+        return parts
+    return [(None, config_cls)]
+
+
+def _flag_class(cls: type) -> type:
+    """A dataclass of `cls`'s fields renamed ``<prefix><name>``, with the same types, defaults and help."""
+    if cls in _FLAG_CLASSES:
+        return _FLAG_CLASSES[cls]
+    prefix = getattr(cls, "flag_prefix", "")
+    hints = typing.get_type_hints(cls)
+    specs = []
+    for f in dataclasses.fields(cls):
+        if not f.init:
+            continue
+        kw: dict[str, Any] = {"metadata": f.metadata}
+        if f.default_factory is not dataclasses.MISSING:
+            kw["default_factory"] = f.default_factory
+        else:
+            kw["default"] = f.default
+        specs.append((prefix + f.name, hints[f.name], dataclasses.field(**kw)))
+    flags = dataclasses.make_dataclass(f"{cls.__name__}Flags", specs)
+    flags._argument_group_name = getattr(cls, "argument_group", cls.__name__)
+    flags.config_class = cls
+    _FLAG_CLASSES[cls] = flags
+    return flags
+
+
+def flag_dataclasses(config_cls: type) -> tuple[type, ...]:
+    """The dataclasses `HfArgumentParser` parses for `config_cls` (one per flat part)."""
+    return tuple(_flag_class(part) for _, part in config_parts(config_cls))
+
+
+def _unflag(part: type, parsed) -> Any:
+    prefix = getattr(part, "flag_prefix", "")
+    names = [f.name for f in dataclasses.fields(part) if f.init]
+    return part(**{name: getattr(parsed, prefix + name) for name in names})
+
+
+def from_flags(config_cls: type, parsed: Sequence) -> Any:
+    """The config built from the parsed flag dataclasses (in the order of `flag_dataclasses`)."""
+    parts = config_parts(config_cls)
+    if len(parsed) != len(parts):
+        raise ValueError(f"{config_cls.__name__} has {len(parts)} flag groups, got {len(parsed)} parsed objects.")
+    if parts[0][0] is None:
+        return _unflag(config_cls, parsed[0])
+    return config_cls(**{name: _unflag(part, obj) for (name, part), obj in zip(parts, parsed)})
+
+
+def flag_names(config_cls: type) -> set[str]:
+    """Every flag (destination name) of `config_cls`."""
+    return {f.name for flags in flag_dataclasses(config_cls) for f in dataclasses.fields(flags)}

@@ -1,0 +1,91 @@
+"""The layout of a continual run's output folder, and what a finished task records.
+
+``output_dir/task-{t}/`` holds a finished task (the model, processor, method state, card) and its
+``continual_state.json`` (`STATE_NAME`): class order, accuracy matrix so far, settings, checksums.
+A task folder without that file is not finished. ``output_dir/results.json`` (`RESULTS_NAME`)
+holds the latest `ContinualResult`. JSON is written atomically (a crash never leaves half a file).
+
+Example:
+    >>> import tempfile
+    >>> out = tempfile.mkdtemp()
+    >>> latest_task_checkpoint(out) is None
+    True
+    >>> os.makedirs(os.path.join(out, "task-0")); write_json(os.path.join(out, "task-0", STATE_NAME), {"task_id": 0})
+    >>> os.path.basename(latest_task_checkpoint(out)), read_state(latest_task_checkpoint(out))["task_id"]
+    ('task-0', 0)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+
+from .metrics import format_matrix
+
+STATE_NAME = "continual_state.json"
+RESULTS_NAME = "results.json"
+
+
+@dataclass
+class ContinualResult:
+    """What `ContinualTrainer.train` returns (and writes to ``results.json``)."""
+
+    method: str
+    seed: int
+    class_order: list[int]
+    class_names: list[str]
+    accuracy_matrix: list[list[float | None]]
+    counts: list[int]
+    a_last: float
+    a_avg: float
+    forgetting: float
+    bwt: float
+    all_seen_accuracy: list[float]
+    old_class_accuracy: list[float | None]
+    new_class_accuracy: list[float]
+    wall_seconds: float
+    task_seconds: list[float] = field(default_factory=list)
+    method_logs: list[dict] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def table(self) -> str:
+        return format_matrix(self.accuracy_matrix)
+
+    @classmethod
+    def from_state(cls, state: dict) -> "ContinualResult":
+        """The result recorded in a task's ``continual_state.json``."""
+        from dataclasses import fields
+
+        return cls(**{f.name: state[f.name] for f in fields(cls) if f.name in state})
+
+
+def write_json(path: str, obj) -> None:
+    """Write `obj` as JSON to `path` atomically (a temporary file renamed into place)."""
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(tmp, path)
+
+
+def read_state(folder: str) -> dict:
+    """The ``continual_state.json`` of a finished task folder."""
+    with open(os.path.join(folder, STATE_NAME)) as f:
+        return json.load(f)
+
+
+def finished_tasks(output_dir: str) -> list[str]:
+    """Names of the finished task folders (those holding a state file) in `output_dir`, in task order."""
+    if not os.path.isdir(output_dir):
+        return []
+    names = [name for name in os.listdir(output_dir)
+             if name.startswith("task-") and name[5:].isdigit() and os.path.isfile(os.path.join(output_dir, name, STATE_NAME))]
+    return sorted(names, key=lambda name: int(name[5:]))
+
+
+def latest_task_checkpoint(output_dir: str) -> str | None:
+    """The folder of the last finished task under `output_dir` (None if there is none)."""
+    done = finished_tasks(output_dir)
+    return os.path.join(output_dir, done[-1]) if done else None
