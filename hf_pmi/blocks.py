@@ -104,6 +104,17 @@ class VisionBlocks:
             return (self.hidden_size, self.grid, self.grid)
         return (self.num_tokens, self.hidden_size)
 
+    def block_parameters(self, i: int) -> list[nn.Parameter]:
+        """The parameters block `i` computes with (LoRA weights of a peft layer included)."""
+        if i == 0:
+            return list(self.embeddings.patch_embedding.parameters())
+        if i == 1:
+            return [self.embeddings.class_embedding, *self.embeddings.position_embedding.parameters(),
+                    *self.pre_layrnorm.parameters()]
+        if i == self.num_blocks - 1:
+            return [*self.post_layernorm.parameters(), *self.visual_projection.parameters()]
+        return list(self.layers[i - 2].parameters())
+
     def block_costs(self) -> list[float]:
         """Relative forward cost of each block (fractions summing to 1), from its multiply-adds.
 
@@ -119,3 +130,19 @@ class VisionBlocks:
         flops = [patch, pre] + [layer] * self.num_layers + [post]
         total = float(sum(flops))
         return [f / total for f in flops]
+
+
+def layers_below_pattern(block: int) -> str | None:
+    """A regex of the CLIP vision encoder layers below vision block `block` (layers 0 .. block - 3), for
+    peft's ``LoraConfig(exclude_modules=...)``: LoRA then adapts nothing that replay at `block` skips.
+    None when no encoder layer lies below (block <= 2).
+
+    Example:
+        >>> layers_below_pattern(4)
+        '.*vision_model\\.encoder\\.layers\\.(?:0|1)\\..*'
+        >>> layers_below_pattern(2) is None
+        True
+    """
+    if block <= 2:
+        return None
+    return r".*vision_model\.encoder\.layers\.(?:" + "|".join(str(i) for i in range(block - 2)) + r")\..*"

@@ -266,10 +266,11 @@ class ContinualCLIP(nn.Module):
         return emb
 
     @torch.no_grad()
-    def _route(self, maps: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-        """The router's log-probabilities for patch maps ``maps`` whose adapted logits are ``logits``."""
+    def _route(self, inputs: torch.Tensor, block: int, logits: torch.Tensor) -> torch.Tensor:
+        """The router's log-probabilities for images entering `block` as `inputs`, whose adapted logits
+        are `logits`. The blocks below `block` are frozen, so the raw CLIP shares them."""
         with self.raw_clip() as clip:  # the raw CLIP: its weights never change, so its classifier is cached
-            raw = F.normalize(VisionBlocks(clip).forward_from(1, maps), dim=-1)
+            raw = F.normalize(VisionBlocks(clip).forward_from(block, inputs), dim=-1)
             if self._raw_classifier is None or self._raw_classifier.device != raw.device:
                 raw_text = class_text_embeddings(clip, self.prompt_ids, self.prompt_mask)
                 self._raw_classifier = self.router.classifier(raw_text)
@@ -283,38 +284,41 @@ class ContinualCLIP(nn.Module):
         self,
         pixel_values: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
-        replay_patch_maps: torch.Tensor | None = None,
+        replay_inputs: torch.Tensor | None = None,
+        replay_block: int = 1,
         **kwargs,
     ) -> ContinualCLIPOutput:
-        """Classify images over all seen classes; replayed patch maps join the same pass.
+        """Classify images over all seen classes; replayed samples join the same pass.
 
-        Real images go through the (frozen) patch embedding; ``replay_patch_maps`` (B, D, g, g)
-        enter right after it. Both share one pass through the tower (one DDP forward). In eval
-        mode a model with routed classes also returns ``routed_logits`` (module docstring).
+        ``replay_inputs`` are inputs of vision block ``replay_block`` (`hf_pmi.blocks`): patch maps
+        (B, D, g, g) for block 1, right after the frozen patch embedding, or tokens (B, N, D) entering
+        encoder layer k - 2 for block k >= 2. Real images run through the blocks below it first, then
+        both share one pass through the rest of the tower (one DDP forward). In eval mode a model with
+        routed classes also returns ``routed_logits`` (module docstring).
         """
         blocks = self.blocks
-        maps = []
+        inputs = []
         if pixel_values is not None:
-            maps.append(blocks.patch_embed(pixel_values))
-        if replay_patch_maps is not None:
-            maps.append(replay_patch_maps.to(blocks.embeddings.patch_embedding.weight.dtype))
-        if not maps:
-            raise ValueError("Pass `pixel_values` and/or `replay_patch_maps`.")
-        feats = F.normalize(blocks.forward_from(1, torch.cat(maps)), dim=-1)
+            inputs.append(blocks.forward_from(0, pixel_values, end=replay_block))
+        if replay_inputs is not None:
+            inputs.append(replay_inputs.to(blocks.embeddings.patch_embedding.weight.dtype))
+        if not inputs:
+            raise ValueError("Pass `pixel_values` and/or `replay_inputs`.")
+        feats = F.normalize(blocks.forward_from(replay_block, torch.cat(inputs)), dim=-1)
         text = self.text_embeddings()
         scale = self.logit_scale
         logits = scale * feats @ text.t()
-        n = maps[0].shape[0] if pixel_values is not None else 0
+        n = inputs[0].shape[0] if pixel_values is not None else 0
         image_logits = logits[:n] if pixel_values is not None else None
         routed = None
         if image_logits is not None and len(self.router) and not self.training and self.has_adapters:
-            routed = self._route(maps[0], image_logits)
+            routed = self._route(inputs[0], replay_block, image_logits)
         out = ContinualCLIPOutput(
             logits=image_logits,
             routed_logits=routed,
-            replay_logits=logits[n:] if replay_patch_maps is not None else None,
+            replay_logits=logits[n:] if replay_inputs is not None else None,
             image_embeds=feats[:n] if pixel_values is not None else None,
-            replay_image_embeds=feats[n:] if replay_patch_maps is not None else None,
+            replay_image_embeds=feats[n:] if replay_inputs is not None else None,
             text_embeds=text,
             logit_scale=scale,
         )

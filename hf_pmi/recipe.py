@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .arguments import flag_dataclasses, from_flags
+from .blocks import layers_below_pattern
 from .config import ContinualConfig
 from .methods import method_class
 from .modeling import DEFAULT_LORA_TARGETS
@@ -134,8 +135,15 @@ def build_tasks(recipe: RecipeArguments, seed: int = 0):
     return tasks
 
 
-def build_model(recipe: RecipeArguments):
-    """The `ContinualCLIP` (LoRA on the vision tower unless ``lora_r`` is 0) and its processor."""
+def replay_block(method_config) -> int:
+    """The vision block a method replays at (``inversion.start_block``; 1 for methods without inversion)."""
+    inversion = getattr(method_config, "inversion", None)
+    return inversion.start_block if inversion is not None else 1
+
+
+def build_model(recipe: RecipeArguments, block: int = 1):
+    """The `ContinualCLIP` (LoRA on the vision tower unless ``lora_r`` is 0) and its processor. With replay
+    at vision `block` > 2, LoRA leaves out the encoder layers below it (`hf_pmi.blocks.layers_below_pattern`)."""
     from transformers import AutoProcessor
 
     from .modeling import ContinualCLIP
@@ -145,7 +153,7 @@ def build_model(recipe: RecipeArguments):
         from peft import LoraConfig
 
         lora = LoraConfig(r=recipe.lora_r, lora_alpha=recipe.lora_alpha, target_modules=recipe.lora_target_modules,
-                          modules_to_save=recipe.lora_modules_to_save)
+                          modules_to_save=recipe.lora_modules_to_save, exclude_modules=layers_below_pattern(block))
     check_local_path(recipe.model_name_or_path, "CLIP model folder")  # a missing folder is not a bad Hub id
     processor = AutoProcessor.from_pretrained(recipe.model_name_or_path)
     model = ContinualCLIP.from_clip(recipe.model_name_or_path, templates=[recipe.template], lora=lora)
@@ -205,7 +213,7 @@ def run_recipe(recipe: RecipeArguments, args, method_config=None):
 
     tasks = build_tasks(recipe, seed=args.seed)
     set_seed(args.seed)  # LoRA weights are drawn in build_model, before the Trainer seeds anything
-    model, processor = build_model(recipe)
+    model, processor = build_model(recipe, replay_block(method_config))
     trainer = ContinualTrainer(model=model, args=args, tasks=tasks, processing_class=processor,
                                method_config=method_config)
     result = trainer.train()

@@ -39,6 +39,11 @@ def names_only_inversion_seed(seed: int, task: int) -> int:
     return int(seed) + 17 * int(task)  # 17: a stride that keeps tasks apart within the run's seed
 
 
+def shuffle_seed(seed: int) -> int:
+    """The order in which a synthesis's targets are cut into inversion batches."""
+    return int(seed) + 104_729  # a prime offset: a stream apart from the run's other uses of the seed
+
+
 def class_seed(seed: int, class_id: int) -> int:
     """The generator of one class's targets: (seed, class) only, so sharding never changes them."""
     return int(seed) * 1_000_003 + int(class_id)  # a prime above any class count

@@ -17,7 +17,8 @@ from peft import LoraConfig
 from transformers import set_seed
 
 from hf_pmi import ContinualCLIP, ContinualTrainer, split_class_incremental
-from hf_pmi.recipe import parse_run_args
+from hf_pmi.blocks import layers_below_pattern
+from hf_pmi.recipe import parse_run_args, replay_block
 from hf_pmi.testing import build_clip, build_processor, letters_clip, load_digits_dataset
 
 # Digits tasks are small (~250 images): more epochs with a short warm-up than the reference's 3 epochs /
@@ -51,6 +52,11 @@ class DigitsArguments:
     lora_target_modules: str = field(
         default=r".*vision_model.*\.(q_proj|v_proj|fc1|fc2)",
         metadata={"help": "Regex of the modules LoRA adapts (attention q/v and the MLP of every vision layer)."},
+    )
+    lora_from_block: int | None = field(
+        default=None,
+        metadata={"help": "LoRA adapts the encoder layers from this vision block on (block k is encoder layer k - 2). "
+                  "Default: the replay block (--inversion_start_block), so that replay skips frozen layers only."},
     )
     model_size: str = field(default="mini", metadata={"help": "Size of the CLIP built from a config: tiny or mini."})
     num_tasks: int = field(default=5, metadata={"help": "Tasks to cut the 10 digit classes into."})
@@ -86,7 +92,8 @@ def main(argv=None):
     lora = None
     if lora_r > 0:  # peft freezes everything else; the trained part of the text tower is kept whole
         lora = LoraConfig(r=lora_r, lora_alpha=2 * lora_r, target_modules=script.lora_target_modules,
-                          modules_to_save=text_modules[script.text_training])
+                          modules_to_save=text_modules[script.text_training],
+                          exclude_modules=layers_below_pattern(script.lora_from_block or replay_block(method_config)))
     elif script.text_training != "all":
         clip.text_model.requires_grad_(False)
         if script.text_training == "none":

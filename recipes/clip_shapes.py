@@ -27,7 +27,8 @@ from transformers import set_seed
 
 from hf_pmi import ContinualCLIP, ContinualTrainer, split_class_incremental
 from hf_pmi.names_only import NamesOnlyConfig, make_names_only, names_only_tasks
-from hf_pmi.recipe import parse_run_args
+from hf_pmi.blocks import layers_below_pattern
+from hf_pmi.recipe import parse_run_args, replay_block
 from hf_pmi.testing import build_processor
 from hf_pmi.testing.backbones import PRETRAIN_STEPS, shapes_clip
 from hf_pmi.testing.shapes import SHAPES_TEMPLATES, load_shapes_dataset
@@ -49,6 +50,11 @@ class ShapesArguments:
     backbone_dir: str | None = field(default=None, metadata={"help": "Cache folder of the shapes CLIP."})
     pretrain_steps: int = field(default=PRETRAIN_STEPS, metadata={"help": "Pre-training steps of the shapes CLIP."})
     lora_r: int = field(default=16, metadata={"help": "LoRA rank on the vision tower."})
+    lora_from_block: int | None = field(
+        default=None,
+        metadata={"help": "LoRA adapts the encoder layers from this vision block on (block k is encoder layer k - 2). "
+                  "Default: the replay block (--inversion_start_block), so that replay skips frozen layers only."},
+    )
     images_per_class: int = field(default=60, metadata={"help": "Training images per class (tasks learned from images)."})
     test_images_per_class: int = field(default=30, metadata={"help": "Test images per class."})
     from_checkpoint: str | None = field(
@@ -78,7 +84,8 @@ def main(argv=None):
             tasks = make_names_only(tasks, range(-script.names_only_last, 0), names_config)
         clip = shapes_clip(script.backbone_dir, steps=script.pretrain_steps)  # pre-training (first use) seeds itself
         lora = LoraConfig(r=script.lora_r, lora_alpha=2 * script.lora_r,
-                          target_modules=r".*vision_model.*\.(q_proj|v_proj|fc1|fc2)", modules_to_save=["text_projection"])
+                          target_modules=r".*vision_model.*\.(q_proj|v_proj|fc1|fc2)", modules_to_save=["text_projection"],
+                          exclude_modules=layers_below_pattern(script.lora_from_block or replay_block(method_config)))
         set_seed(args.seed)  # LoRA weights are drawn in from_clip, before the Trainer seeds anything
         model = ContinualCLIP.from_clip(clip, templates=SHAPES_TEMPLATES, lora=lora)
         trainer = ContinualTrainer(model=model, args=args, tasks=tasks, processing_class=processor,

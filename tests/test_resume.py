@@ -68,6 +68,7 @@ def full_run(tmp_path_factory):
 
 def test_sigkill_during_training_inversion_and_saving_then_resume_gives_the_same_results(tmp_path, full_run):
     kills = {"training": "train_step:4",  # task 1, its 2nd step
+             "task 3": "train_step:7",  # task 3, its 1st step
              "inversion": "inversion:1500",  # a module call inside a replay synthesis after task 0
              "saving": "save:3"}  # task 2's weights written, its checkpoint not complete
     killed = {name: start(tmp_path / name, PMI, kill_at=spec) for name, spec in kills.items()}
@@ -75,6 +76,7 @@ def test_sigkill_during_training_inversion_and_saving_then_resume_gives_the_same
         code, log = finish(proc)
         assert code == -signal.SIGKILL, f"{name}: exit {code}\n{log[-3000:]}"
     assert done_tasks(tmp_path / "training") == ["task-0"]
+    assert done_tasks(tmp_path / "task 3") == ["task-0", "task-1", "task-2"]
     assert 1 <= len(done_tasks(tmp_path / "inversion")) <= 4
     assert done_tasks(tmp_path / "saving") == ["task-0", "task-1"] and (tmp_path / "saving" / "task-2.tmp").is_dir()
     interrupted_wall = {name: results(tmp_path / name)["wall_seconds"] for name in kills}
@@ -83,11 +85,15 @@ def test_sigkill_during_training_inversion_and_saving_then_resume_gives_the_same
     full = full_run()
     expected = results(full)
     trainable = json.loads((full / "task-4" / "continual_state.json").read_text())["trainable_parameters"]
+    # each class is inverted once, after its own task (2 classes a task), and kept in the checkpoint
+    assert [log["inverted_classes"] for log in expected["method_logs"]] == [2] * 5
     for name, proc in resumed.items():
         code, log = finish(proc)
         assert code == 0, f"{name}: {log[-3000:]}"
         got = results(tmp_path / name)
         assert got["accuracy_matrix"] == expected["accuracy_matrix"], name
+        # the resumed tasks inverted their own classes only: the earlier ones came from the checkpoint's buffer
+        assert [log["inverted_classes"] for log in got["method_logs"]] == [2] * 5, name
         assert got["counts"] == expected["counts"] and got["a_last"] == expected["a_last"]
         assert got["wall_seconds"] > interrupted_wall[name]  # the clock went on from the checkpoint
         state = json.loads((tmp_path / name / "task-4" / "continual_state.json").read_text())

@@ -6,7 +6,8 @@ block maps it onto the solution found for block ``i + 1`` while its activation s
 close to the stored ones (`objective`). One step on block ``i`` costs only that block's share of a
 full forward/backward. The whole tower is then refined (`refinement`). ``mode="full"`` is the
 DeepInversion-style baseline: the refinement alone, from a random start, by default with the same
-budget in full-model passes (`report` explains the cost accounting).
+budget in full-model passes (`report` explains the cost accounting). ``mode="refresh"`` refines
+given inputs (earlier samples, under a model that has since changed) with the refinement's settings.
 
 Example:
     >>> import torch
@@ -56,20 +57,22 @@ def full_steps(blocks: VisionBlocks, config: InversionConfig) -> int:
 
 
 def _invert_chunk(obj: Objective, targets: torch.Tensor, config: InversionConfig, mode: str, generator,
-                  progress: bool):
+                  progress: bool, init: torch.Tensor | None = None):
     """One per-layer batch: samples, [(size, loss, curve)] per refinement chunk, the tracker and the
     (passes, seconds) spent before the refinement."""
     blocks, start = obj.blocks, config.start_block
+    refine_chunks = math.ceil(targets.shape[0] / (config.refine_batch_size or targets.shape[0]))
     if mode == "pmi":
-        refine_chunks = math.ceil(targets.shape[0] / (config.refine_batch_size or targets.shape[0]))
         total = sum(config.first_block_steps if i == 1 else config.layer_steps for i in range(start, blocks.num_blocks))
         total += config.refine_steps * refine_chunks
+    elif mode == "refresh":
+        total = config.refine_steps * refine_chunks
     else:
         total = full_steps(blocks, config)
     tracker = Tracker(total, progress, desc=f"inversion ({mode})")
     try:
-        if mode == "pmi":
-            x0 = per_layer_stage(obj, targets, config, generator, tracker)
+        if mode in ("pmi", "refresh"):
+            x0 = init if mode == "refresh" else per_layer_stage(obj, targets, config, generator, tracker)
             before = (tracker.passes, tracker.seconds)
             x, chunks = refine(obj, x0, targets, config, tracker, start, sum(blocks.block_costs()[start:]))
             return x, chunks, tracker, before
@@ -88,6 +91,7 @@ def invert(
     *,
     mode: str = "pmi",
     seed: int | None = None,
+    init: torch.Tensor | None = None,
     progress: bool = True,
 ) -> InversionResult:
     """Invert target image features ``(B, P)`` to inputs of ``config.start_block``.
@@ -96,6 +100,8 @@ def invert(
     (each from a sample of its stored input moments; block 1 coarse-to-fine), then the whole tower is
     refined. ``mode="full"``: the refinement alone, from a random start (patch maps or, with
     ``full_space="pixel"``, the reference's pixel path), for ``full_steps(blocks, config)`` steps.
+    ``mode="refresh"``: the refinement alone (``config.refine_steps``), from `init` (inputs of
+    ``config.start_block``, one per target).
     Targets are processed in per-layer chunks of ``config.batch_size``, refined in chunks of
     ``config.refine_batch_size``. Random starts are drawn from `seed` (default ``config.seed``, else
     0). The model is put in eval mode and its parameters get no gradients; both are restored afterwards.
@@ -115,6 +121,10 @@ def invert(
     config = config or InversionConfig()
     config.validate()
     check_mode(mode)
+    if (mode == "refresh") != (init is not None):
+        raise ValueError("Pass `init` (the inputs to refine) with mode='refresh', and only then.")
+    if init is not None and init.shape[0] != targets.shape[0]:
+        raise ValueError(f"init holds {init.shape[0]} inputs for {targets.shape[0]} targets: give one per target.")
     blocks = VisionBlocks(model)
     if not 0 <= config.start_block < blocks.num_blocks - 1:
         raise ValueError(f"start_block must be in 0..{blocks.num_blocks - 2}, got {config.start_block}.")
@@ -130,9 +140,11 @@ def invert(
     targets = targets.detach().to(device, dtype)
     samples, chunks, trackers, befores = [], [], [], []
     t0 = time.perf_counter()
+    inits = init.detach().to(device, dtype).split(config.batch_size) if init is not None else None
     with eval_mode(model), frozen_parameters(model), torch.enable_grad():
-        for chunk in targets.split(config.batch_size):
-            x, refined, tracker, before = _invert_chunk(obj, chunk, config, mode, generator, progress)
+        for j, chunk in enumerate(targets.split(config.batch_size)):
+            x, refined, tracker, before = _invert_chunk(obj, chunk, config, mode, generator, progress,
+                                                        None if inits is None else inits[j])
             samples.append(x)
             chunks.append(refined)
             trackers.append(tracker)

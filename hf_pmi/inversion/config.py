@@ -25,7 +25,7 @@ from typing import Any, ClassVar
 
 from ..validation import ValidationError, require, require_count, require_positive, require_weight
 
-MODES = ("pmi", "full")  # per-layer stage then refinement; refinement alone from a random start
+MODES = ("pmi", "full", "refresh")  # per-layer stage + refinement; refinement from a random start; from given inputs
 
 # The reference CLIP inversion (method.md; the differences table of shared/inversion-notes.md) as the
 # values of the settings that differ from hf_pmi's defaults. `InversionConfig(preset="reference")`

@@ -1,11 +1,15 @@
 """`pmi` (the paper's method) and `full_inversion` (its DeepInversion-style baseline).
 
 Between tasks: layer statistics and class Gaussians (+ contrastive models) of the new classes go
-into the `FeatureBank`; a replay buffer of ``sampling.per_class`` inverted patch maps per seen
-class is synthesised (`hf_pmi.synthesis`). During the next task every real batch is joined by
-``replay.batch_size`` replayed samples and trained with the replay losses against a frozen teacher
-(`hf_pmi.methods.rehearsal`). Tasks given by class names only are learned through
-`hf_pmi.names_only.NamesOnlyLearner`.
+into the `FeatureBank`; ``sampling.per_class`` samples of each new class are inverted into the
+replay buffer (`hf_pmi.synthesis`), which keeps the samples of earlier classes (``buffer``:
+`BufferConfig`) and is saved with the checkpoint. The samples are inputs of vision block
+``inversion.start_block`` (the replay block k): 1 for patch maps; with every parameter below block
+k frozen (LoRA restricted to the encoder layers from k - 2 on), k >= 2 replays tokens entering
+encoder layer k - 2, and both inversion and replay skip the blocks below. During the next task
+every real batch is joined by ``replay.batch_size`` replayed samples and trained with the replay
+losses against a frozen teacher (`hf_pmi.methods.rehearsal`). Tasks given by class names only are
+learned through `hf_pmi.names_only.NamesOnlyLearner`.
 
 The inversion settings are resolved once, when the method is built: an unset ``inversion.seed`` is
 the run's ``--seed``, and for `full_inversion` an unset ``inversion.full_steps`` is the budget of
@@ -24,31 +28,36 @@ import dataclasses
 import os
 from dataclasses import dataclass, field
 
+import torch
+
 from .. import faults
 from ..bank import FOLDER_NAME, FeatureBank, SamplingConfig
-from ..blocks import VisionBlocks
+from ..blocks import VisionBlocks, layers_below_pattern
 from ..contrastive import SelectionConfig
 from ..data import TaskPlan
-from ..inversion import InversionConfig, full_steps
+from ..inversion import InversionConfig, full_steps, invert
+from ..log import get_logger
 from ..names_only import NamesOnlyLearner, check_bank, is_names_only, validate_tasks
 from ..replay import ReplayConfig
 from ..statistics import collect_statistics_and_features
-from ..synthesis import synthesize_replay
+from ..synthesis import BUFFER_NAME, DTYPES, BufferConfig, load_buffer, save_buffer, synthesize_replay
 from .base import MethodConfig, register_method
 from .rehearsal import ReplayMethod
 
+logger = get_logger()
 CARD_INVERSION_KEYS = ("preset", "start_block", "layer_steps", "first_block_steps", "refine_steps", "alpha_rf",
                        "alpha_tv", "full_steps")
 
 
 @dataclass
 class PMIConfig(MethodConfig):
-    """Settings of `pmi` and `full_inversion`: replay training, inversion, replay targets and CFS."""
+    """Settings of `pmi` and `full_inversion`: replay training, inversion, replay targets, CFS and the buffer."""
 
     replay: ReplayConfig = field(default_factory=ReplayConfig)
     inversion: InversionConfig = field(default_factory=InversionConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     selection: SelectionConfig = field(default_factory=SelectionConfig)
+    buffer: BufferConfig = field(default_factory=BufferConfig)
 
 
 @register_method("pmi", config=PMIConfig)
@@ -61,6 +70,8 @@ class PMI(ReplayMethod):
     def __init__(self, trainer, config: PMIConfig | None = None):
         super().__init__(trainer, config)
         self.inversion = self.resolve_inversion(self.config.inversion)
+        self.replay_block = self.inversion.start_block
+        self.buffer_targets = None  # the targets the buffer's samples were inverted toward (refresh needs them)
         self.bank = FeatureBank()
         self.last_report: dict | None = None
         self.plan: TaskPlan | None = None
@@ -71,11 +82,26 @@ class PMI(ReplayMethod):
         return dataclasses.replace(config, seed=config.seed if config.seed is not None else self.args.seed)
 
     def validate(self) -> None:
-        if self.inversion.start_block != 1:
+        k = self.replay_block
+        blocks = VisionBlocks(self.unwrapped_model)
+        if not 1 <= k <= blocks.num_blocks - 2:
             raise ValueError(
-                "Replay training feeds samples after the patch embedding, so the inversion must produce patch maps: "
-                f"set inversion_start_block=1 (got {self.inversion.start_block}). Pixel inversion (0) is for "
-                "`hf_pmi.inversion.invert` directly."
+                f"inversion_start_block={k} is the block replay enters, so it must be between 1 (patch maps, after "
+                f"the frozen patch embedding) and {blocks.num_blocks - 2} (the last encoder layer). Pixel inversion "
+                "(0) is for `hf_pmi.inversion.invert` directly."
+            )
+        below = {id(p) for i in range(k) for p in blocks.block_parameters(i)}
+        trained = [name for name, p in self.unwrapped_model.named_parameters() if p.requires_grad and id(p) in below]
+        if trained:
+            pattern = layers_below_pattern(k)
+            raise ValueError(
+                f"Replay enters the vision tower at block {k} (inversion_start_block), so nothing below it may train: "
+                f"replayed samples never pass through those blocks, and old classes would drift there unseen. "
+                f"{len(trained)} parameter(s) below block {k} train, e.g. {trained[:3]}. Restrict LoRA to the encoder "
+                f"layers from {k - 2} on"
+                + (f" (`LoraConfig(..., exclude_modules={pattern!r})`, "
+                   "`hf_pmi.blocks.layers_below_pattern`; the recipes do it from --inversion_start_block)" if pattern else "")
+                + f", freeze the rest, or choose a lower --inversion_start_block."
             )
         if any(is_names_only(t) for t in self.tasks):
             validate_tasks(self.tasks, self.unwrapped_model)
@@ -100,7 +126,8 @@ class PMI(ReplayMethod):
         replay, replay_labels = self.draw_replay()
         return self.names_only.compute_loss(
             model, inputs, task.config, self.teacher, replay, replay_labels, self.num_old, self.weights,
-            self.config.replay.l_ft, self.config.replay.ft_detach, self.generator, self.unwrapped_model)
+            self.config.replay.l_ft, self.config.replay.ft_detach, self.generator, self.unwrapped_model,
+            self.replay_block)
 
     # ----- between tasks ---------------------------------------------------------------------------
     def after_task(self, task_id: int) -> dict:
@@ -108,46 +135,82 @@ class PMI(ReplayMethod):
         model = self.unwrapped_model
         train_contrastive = self.config.sampling.selection == "cfs"  # g_c only serves CFS
         if is_names_only(task):
-            report = self.names_only.finish(model, self.bank, task, train_contrastive, self.args.seed)
-            return {**report, **self.synthesize()}
+            report = self.names_only.finish(model, self.bank, task, train_contrastive, self.args.seed, self.replay_block)
+            return {**report, **self.synthesize(task.class_ids)}
         model.eval()
         stats, features = collect_statistics_and_features(model, self.real_batches(task.train), self.show_progress)
         self.bank.update_statistics(stats)
         self.bank.add_classes(task.class_ids, features, train_contrastive=train_contrastive, seed=self.args.seed,
                               progress=self.show_progress)
         self.names_only.record_raw(model, self.bank, task, self.real_batches(task.train))
-        return self.synthesize()
+        return self.synthesize(task.class_ids)
 
-    def synthesize(self) -> dict:
-        """Regenerate the replay buffer for every class in the bank."""
+    def synthesize(self, new_classes: list[int] | None = None) -> dict:
+        """Bring the replay buffer up to every class in the bank: invert `new_classes` (with
+        ``buffer.incremental``; else, or with no buffer yet, every class) and, with
+        ``buffer.refresh_steps``, refine the kept samples of the other classes under the current model."""
+        cfg = self.config.buffer
+        model = self.unwrapped_model
+        seconds = passes = 0.0
+        if not cfg.incremental or self.buffer is None or new_classes is None:
+            classes, self.buffer, self.buffer_targets = list(range(self.bank.num_classes)), None, None
+        else:
+            classes = [int(c) for c in new_classes]
+            if cfg.refresh_steps and len(self.buffer[1]):
+                refreshed = invert(model, self.buffer_targets, self.bank.statistics,
+                                   dataclasses.replace(self.inversion, refine_steps=cfg.refresh_steps, refine_t_max=0),
+                                   mode="refresh", init=self.buffer[0], progress=self.show_progress)
+                self.buffer = (refreshed.samples.to(DTYPES[cfg.dtype]), self.buffer[1])
+                seconds, passes = refreshed.report["seconds"], refreshed.report["full_model_passes"]
         with faults.counting_module_calls("inversion"):  # crash tests only (HF_PMI_KILL_AT)
-            samples, labels, report = synthesize_replay(
-                self.unwrapped_model, self.bank, list(range(self.bank.num_classes)), self.inversion,
-                self.config.sampling, self.config.selection, mode=self.mode, accelerator=self.trainer.accelerator,
-                progress=self.show_progress,
+            samples, labels, targets, report = synthesize_replay(
+                model, self.bank, classes, self.inversion, self.config.sampling, self.config.selection,
+                mode=self.mode, shuffle=cfg.shuffle, accelerator=self.trainer.accelerator, progress=self.show_progress,
             )
-        self.buffer = (samples, labels)
+        samples = samples.to(DTYPES[cfg.dtype])  # kept (and saved) at this precision, so a resumed run replays the same
+        if self.buffer is not None:
+            samples, labels = torch.cat([self.buffer[0], samples]), torch.cat([self.buffer[1], labels])
+            targets = torch.cat([self.buffer_targets, targets])
+        self.buffer, self.buffer_targets = (samples, labels), targets
         self.last_report = {k: v for k, v in report.items() if k != "curve"}
         return {
-            "inversion_seconds": report["seconds"],
-            "inversion_full_model_passes": report["full_model_passes"],
+            "inversion_seconds": report["seconds"] + seconds,
+            "inversion_full_model_passes": report["full_model_passes"] + passes,
             "inversion_feature_mse": report.get("final_feature_mse", float("nan")),
+            "inverted_classes": len(classes),
         }
 
     # ----- checkpoint --------------------------------------------------------------------------
     def save(self, folder: str) -> None:
         self.bank.save_pretrained(os.path.join(folder, FOLDER_NAME))
+        if self.buffer is not None:
+            save_buffer(os.path.join(folder, BUFFER_NAME), *self.buffer, self.buffer_targets, self.replay_block)
         super().save(folder)  # the replay grid
 
     def load(self, folder: str) -> None:
         self.bank = FeatureBank.from_pretrained(os.path.join(folder, FOLDER_NAME))
         if any(is_names_only(t) for t in self.tasks):
             check_bank(self.bank, folder)  # before the inversion work below
-        self.synthesize()  # the buffer is not stored: it is regenerated, data-free, from the bank
+        path = os.path.join(folder, BUFFER_NAME)
+        if not os.path.isfile(path):  # a checkpoint of hf_pmi 0.1 keeps no buffer: invert every class, data-free
+            logger.info("%s has no %s: inverting the replay samples of its %d classes.", folder, BUFFER_NAME,
+                        self.bank.num_classes)
+            self.synthesize()
+            return
+        samples, labels, targets, block = load_buffer(path, self.args.device)
+        if block != self.replay_block:
+            raise ValueError(
+                f"{path} holds samples entering vision block {block}, but this run replays at block "
+                f"{self.replay_block}: continue with --inversion_start_block {block} (and its LoRA restriction)."
+            )
+        if labels.unique().tolist() != list(range(self.bank.num_classes)):
+            raise ValueError(f"{path} holds samples of classes {labels.unique().tolist()}, but the feature bank of "
+                             f"{folder} has {self.bank.num_classes} classes: the files come from different checkpoints.")
+        self.buffer, self.buffer_targets = (samples, labels), targets
 
     def card_info(self) -> dict:
-        replay = self.config.replay
-        info = {"settings": {f"replay.{f.name}": getattr(replay, f.name) for f in dataclasses.fields(replay)}}
+        info = {"settings": {f"{part}.{f.name}": getattr(getattr(self.config, part), f.name)
+                             for part in ("replay", "buffer") for f in dataclasses.fields(getattr(self.config, part))}}
         inversion = {"mode": self.mode, **{k: getattr(self.inversion, k) for k in CARD_INVERSION_KEYS},
                      "per_class": self.config.sampling.per_class, "selection": self.config.sampling.selection,
                      "a_layer": self.inversion.layer_weight(VisionBlocks(self.model).num_blocks)}

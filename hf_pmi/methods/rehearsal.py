@@ -1,7 +1,7 @@
 """What every replay method shares: a frozen teacher, a buffer of replayed samples and the replay losses.
 
 During task t (t > 0, once the buffer holds samples) every real batch is joined by
-``replay.batch_size`` samples drawn with replacement from the buffer (a generator per task and
+``replay.batch_size`` samples (inputs of vision block `replay_block`) drawn with replacement from the buffer (a generator per task and
 process, `hf_pmi.seeding.replay_seed`) and trained with `hf_pmi.replay.replay_losses` against the
 model as it was at the end of task t-1. Methods differ by how the buffer is filled: `pmi` inverts
 the model, `exemplar_replay` keeps real images.
@@ -23,6 +23,8 @@ GRID_NAME = "replay_samples.png"
 
 class ReplayMethod(ContinualMethod):
     """Base of the replay methods (module docstring); ``self.config.replay`` is a `ReplayConfig`."""
+
+    replay_block = 1  # the vision block the buffer's samples enter (1: patch maps)
 
     def __init__(self, trainer, config=None):
         super().__init__(trainer, config)
@@ -52,17 +54,18 @@ class ReplayMethod(ContinualMethod):
         if self.teacher is None:  # first task: plain CE
             return model(pixel_values=inputs["pixel_values"], labels=inputs["labels"]).loss
         replay, replay_labels = self.draw_replay()
-        out = model(pixel_values=inputs["pixel_values"], replay_patch_maps=replay)
+        out = model(pixel_values=inputs["pixel_values"], replay_inputs=replay, replay_block=self.replay_block)
         with torch.no_grad():
-            teacher_out = self.teacher(replay_patch_maps=replay)
+            teacher_out = self.teacher(replay_inputs=replay, replay_block=self.replay_block)
         terms = replay_losses(out, teacher_out, inputs["labels"], replay_labels, self.num_old, self.weights,
                               self.config.replay.l_ft, self.config.replay.ft_detach)
         return sum(terms.values())
 
     def save(self, folder: str) -> None:
-        """The replay grid: the first ``replay.grid_samples`` samples of the buffer, as images."""
+        """The replay grid: the first ``replay.grid_samples`` samples of the buffer, as images (patch maps only:
+        tokens deeper in the tower have no image to show)."""
         n = self.config.replay.grid_samples
-        if self.buffer is None or not n:
+        if self.buffer is None or not n or self.replay_block != 1:
             return
         from ..visualize import patch_maps_to_images, save_image_grid
 

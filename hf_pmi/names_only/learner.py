@@ -179,21 +179,21 @@ class NamesOnlyLearner:
         return TaskPlan(self.data, collator=stack_maps, overrides=cfg.training_overrides())
 
     def compute_loss(self, model, inputs, config: NamesOnlyConfig, teacher, replay, replay_labels, num_old: int,
-                     weights: dict, l_ft: float, ft_detach: bool, generator, unwrapped_model):
+                     weights: dict, l_ft: float, ft_detach: bool, generator, unwrapped_model, block: int = 1):
         """Replay losses with the inverted new-class samples in place of real images, plus the boundary
-        distillation; new samples, replay and mixed samples share one forward pass (one DDP forward).
-        `l_ft` / `ft_detach` are the run's, unless `config` sets its own."""
+        distillation; new samples, replay and mixed samples (inputs of vision block `block`) share one
+        forward pass (one DDP forward). `l_ft` / `ft_detach` are the run's, unless `config` sets its own."""
         new_maps = inputs["new_patch_maps"]
         replay = replay.to(new_maps.dtype)
         mixed = self.mix(new_maps, replay, generator) if config.boundary_kd > 0 else new_maps[:0]
-        out = model(replay_patch_maps=torch.cat([new_maps, replay, mixed]))
+        out = model(replay_inputs=torch.cat([new_maps, replay, mixed]), replay_block=block)
         n, r = new_maps.shape[0], replay.shape[0]
         split = ContinualCLIPOutput(logits=out.replay_logits[:n], replay_logits=out.replay_logits[n:n + r],
                                     image_embeds=out.replay_image_embeds[:n],
                                     replay_image_embeds=out.replay_image_embeds[n:n + r],
                                     text_embeds=out.text_embeds, logit_scale=out.logit_scale)
         with torch.no_grad():  # one teacher pass for the replay and the mixed maps
-            teacher_out = teacher(replay_patch_maps=torch.cat([replay, mixed]))
+            teacher_out = teacher(replay_inputs=torch.cat([replay, mixed]), replay_block=block)
         teacher_mixed = teacher_out.replay_logits[r:].float()
         teacher_out.replay_logits = teacher_out.replay_logits[:r]
         l_ft = l_ft if config.l_ft is None else config.l_ft
@@ -201,37 +201,39 @@ class NamesOnlyLearner:
         terms = replay_losses(split, teacher_out, inputs["labels"], replay_labels, num_old, weights, l_ft, ft_detach)
         if config.boundary_kd > 0:
             t = config.boundary_kd_temperature
-            target = self.boundary_target_of(unwrapped_model, mixed, teacher_mixed, t, num_old)
+            target = self.boundary_target_of(unwrapped_model, mixed, teacher_mixed, t, num_old, block)
             student = F.log_softmax(out.replay_logits[n + r:].float() / t, -1)
             terms["boundary_kd"] = config.boundary_kd * F.kl_div(student, target, reduction="batchmean") * t * t
         return sum(terms.values())
 
     @staticmethod
     def mix(new_maps, replay, generator):
-        """Patch maps mixed at a random ratio between each new-class sample and a random replayed one:
+        """Samples mixed at a random ratio between each new-class sample and a random replayed one:
         samples near the boundary of a new class and old ones."""
         partner = replay[torch.randint(len(replay), (new_maps.shape[0],), generator=generator).to(replay.device)]
-        lam = torch.rand(new_maps.shape[0], 1, 1, 1, generator=generator).to(new_maps.device)
+        shape = (new_maps.shape[0],) + (1,) * (new_maps.dim() - 1)
+        lam = torch.rand(shape, generator=generator).to(new_maps.device)
         return lam * new_maps + (1 - lam) * partner
 
     @torch.no_grad()
-    def boundary_target_of(self, model, mixed, old_logits, temperature, num_old):
+    def boundary_target_of(self, model, mixed, old_logits, temperature, num_old, block: int = 1):
         """`boundary_target` of mixed maps: the raw CLIP (over old and new names) and the model before
         the task (its logits ``old_logits`` over the old classes), at `temperature`. Where the two
         disagree is where the adapted model has lost the raw CLIP's knowledge of the new names."""
         with raw_clip(model, self.snapshot) as clip:
-            raw = F.normalize(VisionBlocks(clip).forward_from(1, mixed).float(), dim=-1)
+            raw = F.normalize(VisionBlocks(clip).forward_from(block, mixed).float(), dim=-1)
             raw_logits = unwrap_clip(clip).logit_scale.exp() * raw @ self.raw_text.to(raw.device).t()
         return boundary_target(raw_logits / temperature, old_logits / temperature, num_old)
 
-    def finish(self, model, bank, task, train_contrastive: bool, seed: int) -> dict:
-        """Put the new classes into the bank from their inverted samples; returns the task's report."""
+    def finish(self, model, bank, task, train_contrastive: bool, seed: int, block: int = 1) -> dict:
+        """Put the new classes into the bank from their inverted samples (inputs of vision block `block`);
+        returns the task's report."""
         maps, labels = self.data.maps, self.data.labels
         device = VisionBlocks(model).embeddings.patch_embedding.weight.device
         with torch.no_grad(), raw_clip(model, self.snapshot) as clip:
-            raw = VisionBlocks(clip).forward_from(1, maps.to(device)).float().cpu()
+            raw = VisionBlocks(clip).forward_from(block, maps.to(device)).float().cpu()
         with torch.no_grad(), eval_mode(model):
-            feats = VisionBlocks(model).forward_from(1, maps.to(device)).float().cpu()
+            feats = VisionBlocks(model).forward_from(block, maps.to(device)).float().cpu()
         per_class = {c: feats[labels == c] for c in task.class_ids}
         bank.add_classes(task.class_ids, per_class, train_contrastive=train_contrastive, seed=seed)
         bank.add_raw_classes(task.class_ids, {c: raw[labels == c] for c in task.class_ids})
