@@ -52,7 +52,11 @@ RECIPES = {
 # and 3/4 of them) and refinement steps.
 RECIPE_BUDGET = {"layer_steps": 50, "first_block_steps": 200, "refine_steps": 100}
 DEEP_BLOCK = 4  # tokens entering encoder layer 2 of the recipes' 4 layers: half the tower is inverted
-TODAY = ["--buffer_incremental", "false", "--buffer_shuffle", "false"]
+# every variant pins the buffer settings it measures, so that a later change of the defaults leaves it as it was
+KEPT = ["--buffer_incremental", "true", "--buffer_shuffle", "true", "--buffer_refresh_steps", "0", "--buffer_dtype",
+        "float32"]
+TODAY = ["--buffer_incremental", "false", "--buffer_shuffle", "false", "--buffer_refresh_steps", "0", "--buffer_dtype",
+         "float32"]
 
 
 def budget_flags(scale: float) -> list[str]:
@@ -65,7 +69,7 @@ def budget_flags(scale: float) -> list[str]:
             "--inversion_upsample_at", *upsample, "--inversion_refine_steps", str(refine)]
 
 
-def _variant(method, budget=1.0, block=1, incremental=True, lora_from=None, extra=()):
+def _variant(method, budget=1.0, block=1, incremental=True, lora_from=None, extra=KEPT):
     flags = ["--method", method]
     if method in ("pmi", "full_inversion"):
         flags += budget_flags(budget) + ["--inversion_start_block", str(block)] + list(extra)
@@ -84,8 +88,13 @@ VARIANTS = {
     "full_inversion_budget_1": _variant("full_inversion"),
     "full_inversion_budget_1/4": _variant("full_inversion", 0.25),
     "full_inversion_budget_1/16": _variant("full_inversion", 1 / 16),
-    "refresh": _variant("pmi", extra=["--buffer_refresh_steps", str(RECIPE_BUDGET["refine_steps"] // 4)]),
+    "refresh": _variant("pmi", extra=[*KEPT, "--buffer_refresh_steps", str(RECIPE_BUDGET["refine_steps"] // 4)]),
     "block_control": _variant("pmi", lora_from=DEEP_BLOCK),
+    "block_control_budget_1/4": _variant("pmi", 0.25, lora_from=DEEP_BLOCK),
+    "block_control_budget_1/16": _variant("pmi", 1 / 16, lora_from=DEEP_BLOCK),
+    "block_control_full_inversion_budget_1/4": _variant("full_inversion", 0.25, lora_from=DEEP_BLOCK),
+    "block_control_refresh_budget_1/4": _variant("pmi", 0.25, lora_from=DEEP_BLOCK, extra=[
+        *KEPT, "--buffer_refresh_steps", str(RECIPE_BUDGET["refine_steps"] // 16)]),
     f"block_{DEEP_BLOCK}": _variant("pmi", block=DEEP_BLOCK),
     f"block_{DEEP_BLOCK}_budget_1/4": _variant("pmi", 0.25, block=DEEP_BLOCK),
     "default": {"method": "pmi", "budget": None, "replay_block": None, "incremental": None, "flags": ["--method", "pmi"]},

@@ -133,7 +133,7 @@ class VisionBlocks:
 
 
 def layers_below_pattern(block: int) -> str | None:
-    """A regex of the CLIP vision encoder layers below vision block `block` (layers 0 .. block - 3), for
+    r"""A regex of the CLIP vision encoder layers below vision block `block` (layers 0 .. block - 3), for
     peft's ``LoraConfig(exclude_modules=...)``: LoRA then adapts nothing that replay at `block` skips.
     None when no encoder layer lies below (block <= 2).
 

@@ -115,11 +115,11 @@ def test_synthesize_replay_shapes_labels_and_determinism(setup):
     bank.update_statistics(stats)
     config = InversionConfig(batch_size=4, **FAST)
     sampling, selection = SamplingConfig(per_class=2), SelectionConfig(boost=2)
-    x, y, rep = synthesize_replay(model, bank, [2, 0, 1], config, sampling, selection, progress=False)
-    assert x.shape == (6, 32, 8, 8) and y.tolist() == [2, 2, 0, 0, 1, 1]
-    assert rep["classes"] == [2, 0, 1] and rep["num_processes"] == 1
-    x2, _, _ = synthesize_replay(model, bank, [2, 0, 1], config, sampling, selection, progress=False)
-    assert torch.equal(x, x2)
+    x, y, t, rep = synthesize_replay(model, bank, [2, 0, 1], config, sampling, selection, progress=False)
+    assert x.shape == (6, 32, 8, 8) and y.tolist() == [2, 2, 0, 0, 1, 1] and t.shape == (6, 16)
+    assert rep["classes"] == [2, 0, 1] and rep["num_processes"] == 1 and rep["targets"] == 6
+    x2, _, t2, _ = synthesize_replay(model, bank, [2, 0, 1], config, sampling, selection, progress=False)
+    assert torch.equal(x, x2) and torch.equal(t, t2)
 
 
 class _TwoProcessAccelerator:
@@ -144,16 +144,19 @@ def test_synthesize_replay_shards_pads_and_gathers(setup):
     bank.update_statistics(stats)
     config = InversionConfig(batch_size=4, **FAST)
     sampling = SamplingConfig(per_class=2, selection="gaussian")
-    rank1 = _TwoProcessAccelerator(1, peer=[torch.zeros(4, 32, 8, 8), torch.zeros(4, dtype=torch.long)])
-    _, _, rep1 = synthesize_replay(model, bank, [0, 1, 2], config, sampling, accelerator=rank1, progress=False)
-    assert rep1["classes"] == [1]
-    sent_x, sent_y = rank1.sent
-    assert sent_x.shape == (4, 32, 8, 8) and sent_y.tolist() == [1, 1, -1, -1]  # padded to 2 classes
-    rank0 = _TwoProcessAccelerator(0, peer=[sent_x, sent_y])
-    x, y, rep0 = synthesize_replay(model, bank, [0, 1, 2], config, sampling, accelerator=rank0, progress=False)
-    assert rep0["classes"] == [0, 2]
+    # unshuffled, the 6 targets form batches [0:4] (rank 0) and [4:6] (rank 1, padded to 4 rows)
+    rank1 = _TwoProcessAccelerator(1, peer=[torch.zeros(4, 32, 8, 8), torch.arange(4)])
+    _, _, _, rep1 = synthesize_replay(model, bank, [0, 1, 2], config, sampling, shuffle=False, accelerator=rank1,
+                                      progress=False)
+    assert rep1["targets"] == 6 and rep1["num_processes"] == 2
+    sent_x, sent_index = rank1.sent
+    assert sent_x.shape == (4, 32, 8, 8) and sent_index.tolist() == [4, 5, -1, -1]
+    assert torch.equal(sent_x[2:], torch.zeros(2, 32, 8, 8))  # the padding
+    rank0 = _TwoProcessAccelerator(0, peer=[sent_x, sent_index])
+    x, y, _, _ = synthesize_replay(model, bank, [0, 1, 2], config, sampling, shuffle=False, accelerator=rank0,
+                                   progress=False)
     assert y.tolist() == [0, 0, 1, 1, 2, 2] and x.shape == (6, 32, 8, 8)
-    assert torch.equal(x[2:4], sent_x[:2])
+    assert torch.equal(x[4:6], sent_x[:2]) and rank0.sent[1].tolist() == [0, 1, 2, 3]
 
 
 def test_patch_maps_back_to_images(tmp_path):

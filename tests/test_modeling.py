@@ -48,7 +48,7 @@ def test_patch_embedding_is_frozen_and_replay_joins_the_same_pass(tokenizer):
     assert not model.clip.vision_model.embeddings.patch_embedding.weight.requires_grad
     x = torch.rand(2, 3, 32, 32)
     maps = VisionBlocks(model).patch_embed(x)
-    out = model(pixel_values=x, replay_patch_maps=maps)
+    out = model(pixel_values=x, replay_inputs=maps)
     assert torch.allclose(out.logits, out.replay_logits, atol=1e-5)
 
 
