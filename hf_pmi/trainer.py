@@ -33,7 +33,6 @@ import numpy as np
 import torch
 from transformers import Trainer, set_seed
 
-from . import faults
 from .checkpoint import RESULTS_NAME, STATE_NAME, ContinualResult, latest_task_checkpoint, read_state, write_json
 from .config import ContinualConfig
 from .data import ContinualCollator, ContinualTasks, TaskPlan
@@ -291,7 +290,6 @@ class ContinualTrainer(ContinualHubMixin, Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         loss = self.method.compute_loss(model, inputs, num_items_in_batch)
         check_loss(loss, self.current_task, self.state.global_step + 1)
-        faults.hit("train_step")
         return (loss, None) if return_outputs else loss
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
@@ -346,7 +344,6 @@ class ContinualTrainer(ContinualHubMixin, Trainer):
             model.save_pretrained(tmp)
             self.processing_class.save_pretrained(tmp)
             self.method.save(tmp)
-            faults.hit("save")
             state = {
                 "task_id": g,
                 "num_tasks": self.num_total_tasks,

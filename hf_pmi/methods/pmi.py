@@ -24,7 +24,6 @@ import dataclasses
 import os
 from dataclasses import dataclass, field
 
-from .. import faults
 from ..bank import FOLDER_NAME, FeatureBank, SamplingConfig
 from ..blocks import VisionBlocks
 from ..contrastive import SelectionConfig
@@ -120,12 +119,11 @@ class PMI(ReplayMethod):
 
     def synthesize(self) -> dict:
         """Regenerate the replay buffer for every class in the bank."""
-        with faults.counting_module_calls("inversion"):  # crash tests only (HF_PMI_KILL_AT)
-            samples, labels, report = synthesize_replay(
-                self.unwrapped_model, self.bank, list(range(self.bank.num_classes)), self.inversion,
-                self.config.sampling, self.config.selection, mode=self.mode, accelerator=self.trainer.accelerator,
-                progress=self.show_progress,
-            )
+        samples, labels, report = synthesize_replay(
+            self.unwrapped_model, self.bank, list(range(self.bank.num_classes)), self.inversion,
+            self.config.sampling, self.config.selection, mode=self.mode, accelerator=self.trainer.accelerator,
+            progress=self.show_progress,
+        )
         self.buffer = (samples, labels)
         self.last_report = {k: v for k, v in report.items() if k != "curve"}
         return {
