@@ -68,11 +68,15 @@ def evaluate_checkpoint(opts: EvalArguments) -> dict:
     from .checkpoint import STATE_NAME, read_state
     from .data import ContinualCollator, class_names_of
     from .evaluation import task_accuracies
+    from .integrity import verify_checksums
     from .modeling import ContinualCLIP
     from .recipe import RecipeArguments, load_data
     from .resolve import resolve_pretrained_folder
 
     folder = resolve_pretrained_folder(opts.checkpoint, revision=opts.revision)
+    state = read_state(folder) if os.path.isfile(os.path.join(folder, STATE_NAME)) else None
+    if state is not None:
+        verify_checksums(folder, state.get("checksums"))  # the processor's files too, not only the model's
     model = ContinualCLIP.from_pretrained(folder).eval()
     processor = AutoProcessor.from_pretrained(folder)
     recipe = RecipeArguments(dataset_name=opts.dataset_name, dataset_config=opts.dataset_config,
@@ -100,8 +104,8 @@ def evaluate_checkpoint(opts: EvalArguments) -> dict:
     pred, target = torch.cat(preds).numpy(), torch.cat(targets).numpy()
     scores = {"checkpoint": opts.checkpoint, "revision": opts.revision, "examples": int(len(target)),
               "classes": len(label_map), "accuracy": float((pred == target).mean())}
-    if os.path.isfile(os.path.join(folder, STATE_NAME)):
-        scores["task_accuracy"] = task_accuracies(pred, target, read_state(folder)["task_classes"])[0]
+    if state is not None:
+        scores["task_accuracy"] = task_accuracies(pred, target, state["task_classes"])[0]
     return scores
 
 

@@ -39,7 +39,7 @@ from .data import ContinualCollator, ContinualTasks, TaskPlan
 from .evaluation import task_accuracies
 from .guard import DivergenceGuard, check_loss, check_weights
 from .hub import check_hub_access, push_task_checkpoint
-from .integrity import verify_checksums, weight_checksums
+from .integrity import file_checksums, verify_checksums
 from .log import get_logger, set_verbosity
 from .methods import MethodConfig, method_class
 from .metrics import continual_metrics
@@ -341,8 +341,7 @@ class ContinualTrainer(ContinualHubMixin, Trainer):
         if self.is_world_process_zero():
             tmp = folder + ".tmp"
             shutil.rmtree(tmp, ignore_errors=True)
-            model.save_pretrained(tmp)
-            self.processing_class.save_pretrained(tmp)
+            model.save_pretrained(tmp, processor=self.processing_class)
             self.method.save(tmp)
             state = {
                 "task_id": g,
@@ -355,7 +354,7 @@ class ContinualTrainer(ContinualHubMixin, Trainer):
                 "method_info": self.method.card_info(),
                 "trainable_parameters": trainable_parameter_names(model),
                 "dataset_fingerprint": self.dataset_fingerprint,
-                "checksums": weight_checksums(tmp),
+                "checksums": file_checksums(tmp),  # every safetensors and JSON file, verified on every load
                 "global_step": self.callback_handler.step_offset,  # trackers' step after this task
                 **result.to_dict(),
             }
