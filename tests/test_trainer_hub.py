@@ -126,3 +126,19 @@ def test_continuing_keeps_the_checkpoint_method_unless_another_is_named(tmp_path
     assert len(result.accuracy_matrix) == 2
     state = json.loads((tmp_path / "b" / "task-1" / "continual_state.json").read_text())
     assert state["method"] == "lwf" and state["task_id"] == 1
+
+
+def test_a_lora_model_on_a_local_base_pushed_to_the_hub_loads_anywhere(tmp_path, hub_client, processor):
+    """The local base travels in base/: the pushed checkpoint loads after the base folder is gone."""
+    source = tmp_path / "local_base"
+    build_clip("tiny", seed=4).save_pretrained(source)
+    model = ContinualCLIP.from_clip(str(source), ["cat", "dog"], processor.tokenizer, lora=LoraConfig(r=2)).eval()
+    model.push_to_hub("tester/local-base", processor=processor)
+    source.rename(tmp_path / "gone")
+    reloaded = ContinualCLIP.from_pretrained("tester/local-base", cache_dir=str(tmp_path / "cache")).eval()
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(reloaded(pixel_values=x).logits, model(pixel_values=x).logits)
+    files = hub_client.repos["tester/local-base"].files("main")
+    assert "base/model.safetensors" in files and "clip/tokenizer.json" in files  # pipeline-ready clip/
+    assert b"local_base" not in files["adapter/adapter_config.json"] + files["continual_clip.json"]
