@@ -201,8 +201,11 @@ def run_recipe(recipe: RecipeArguments, args, method_config=None):
     """Train the whole task sequence; prints the accuracy matrix and returns the `ContinualResult`."""
     from transformers import set_seed
 
+    from .lock import RunLock
     from .trainer import ContinualTrainer
 
+    if args.process_index == 0:
+        RunLock(args.output_dir).check()  # before loading data and model: another run writing there is refused
     tasks = build_tasks(recipe, seed=args.seed)
     set_seed(args.seed)  # LoRA weights are drawn in build_model, before the Trainer seeds anything
     model, processor = build_model(recipe)

@@ -39,6 +39,7 @@ from .data import ContinualCollator, ContinualTasks, TaskPlan
 from .evaluation import task_accuracies
 from .guard import DivergenceGuard, check_loss, check_weights
 from .hub import check_hub_access, push_task_checkpoint
+from .lock import RunLock
 from .integrity import file_checksums, verify_checksums
 from .log import get_logger, set_verbosity
 from .methods import MethodConfig, method_class
@@ -103,6 +104,8 @@ class ContinualTrainer(ContinualHubMixin, Trainer):
         self.tasks = tasks
         self.method = method_cls(self, method_config)
         self._validate()  # every setting and input, before any work
+        self._run_lock = RunLock(args.output_dir)
+        self._on_main_process(self._run_lock.check)  # another run writing to output_dir: refused before any work
         self.dataset_fingerprint = dataset_fingerprint(tasks)
         self.current_task = None  # global index of the task being learnt (divergence errors name it)
         self.add_callback(DivergenceGuard(self))
@@ -144,8 +147,16 @@ class ContinualTrainer(ContinualHubMixin, Trainer):
         if resume_from_checkpoint is None:
             resume_from_checkpoint = self.args.resume_from_checkpoint
         resume_from_checkpoint = resume_request(resume_from_checkpoint)
-        if self.is_world_process_zero():
-            prepare_output_dir(self.args.output_dir, resume_from_checkpoint, self.args.overwrite_output_dir)
+        self._on_main_process(self._run_lock.acquire)  # one writer per output_dir (hf_pmi.lock)
+        try:
+            return self._train_tasks(resume_from_checkpoint, **kwargs)
+        finally:
+            if self.is_world_process_zero():
+                self._run_lock.release()
+
+    def _train_tasks(self, resume_from_checkpoint: bool | str | None, **kwargs) -> ContinualResult:
+        self._on_main_process(lambda: prepare_output_dir(self.args.output_dir, resume_from_checkpoint,
+                                                         self.args.overwrite_output_dir))
         self.accelerator.wait_for_everyone()
         start, elapsed = 0, 0.0
         if resume_from_checkpoint:
@@ -184,6 +195,23 @@ class ContinualTrainer(ContinualHubMixin, Trainer):
             self.callback_handler.finish(self.args, self.state, self.control)
         self._wait_for_pushes()
         return self.result(time.time() - wall)
+
+    def _on_main_process(self, fn) -> None:
+        """Run `fn` on the main process only; an error there stops every process (none waits for it forever)."""
+        error = None
+        if self.is_world_process_zero():
+            try:
+                fn()
+            except Exception as e:
+                error = e
+        if self.accelerator.num_processes > 1:
+            from accelerate.utils import broadcast_object_list
+
+            message = broadcast_object_list([None if error is None else f"{type(error).__name__}: {error}"])[0]
+            if message and error is None:
+                raise RuntimeError(f"The main process stopped the run: {message}")
+        if error is not None:
+            raise error
 
     @contextlib.contextmanager
     def _task_scope(self, plan: TaskPlan):
@@ -410,5 +438,7 @@ class ContinualTrainer(ContinualHubMixin, Trainer):
         self.method_logs = state.get("method_logs", [])
         self._resumed_wall_seconds = float(state.get("wall_seconds", 0.0))
         self.callback_handler.step_offset = state.get("global_step", 0)
-        logger.info("Resumed from %s (task %d finished).", folder, state["task_id"])
+        if self.is_world_process_zero():  # announced like the task lines: the run does not start from scratch
+            print(f"[hf_pmi] Resuming from {folder}: {state['task_id'] + 1} of {self.num_total_tasks} tasks "
+                  f"finished, continuing with task {state['task_id'] + 1}.", flush=True)
         return state["task_id"]

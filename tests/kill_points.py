@@ -9,6 +9,9 @@ process SIGKILLs itself at the n-th passage (counted from 1) through `point`:
   n-th write of a ``continual_state.json``);
 - ``inversion``: the n-th module call inside a replay method's work between tasks (``after_task`` of
   `pmi` / `full_inversion`: statistics, feature bank and replay synthesis).
+
+``pause:<file>`` does not kill: the run stops before writing its first task checkpoint, creates
+``<file>.waiting`` and waits until ``<file>`` exists (a test then acts while the run holds its output folder).
 """
 
 from __future__ import annotations
@@ -37,6 +40,9 @@ def install(spec: str) -> None:
     from hf_pmi.methods import METHODS
 
     point, _, n = spec.partition(":")
+    if point == "pause":
+        _pause_before_first_save(n)
+        return
     target = int(n or 1)
     if point == "train_step":
         compute_loss = hf_pmi.trainer.ContinualTrainer.compute_loss
@@ -71,6 +77,23 @@ def install(spec: str) -> None:
             cls.after_task = counted_after_task
     else:
         raise ValueError(f"Unknown kill point {point!r}: train_step, save or inversion.")
+
+
+def _pause_before_first_save(signal_file: str) -> None:
+    import time
+
+    import hf_pmi.trainer
+
+    save_task = hf_pmi.trainer.ContinualTrainer._save_task
+
+    def paused_save(self, *args, **kwargs):
+        if not os.path.exists(signal_file + ".waiting"):
+            open(signal_file + ".waiting", "w").close()
+            while not os.path.exists(signal_file):
+                time.sleep(0.1)
+        return save_task(self, *args, **kwargs)
+
+    hf_pmi.trainer.ContinualTrainer._save_task = paused_save
 
 
 def main() -> None:
