@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
 
+from .validation import check_task_loop_arguments
+
 
 def _accelerator_available() -> bool:
     import torch
@@ -49,7 +51,8 @@ class ContinualConfig(TrainingArguments):
     )
     label_names: list[str] | None = field(default_factory=lambda: ["labels"], metadata={"help": "Label key."})
     save_strategy: str = field(
-        default="no", metadata={"help": "Mid-task Trainer checkpoints; per-task checkpoints are always written."}
+        default="no", metadata={"help": "Must stay 'no': every finished task is saved as output_dir/task-<i> "
+                                "(safetensors and JSON); the Trainer's mid-task checkpoints (pickles) are not written."}
     )
     report_to: None | str | list[str] = field(default="none", metadata={"help": "Trackers to report to."})
     logging_steps: float = field(default=10, metadata={"help": "Log every N steps."})
@@ -62,7 +65,13 @@ class ContinualConfig(TrainingArguments):
         default=False, metadata={"help": "Every trainable parameter is used in each step."}
     )
 
+    do_train: bool = field(
+        default=True, metadata={"help": "Must stay True: a continual run learns its tasks (--method zero_shot "
+                                "evaluates without training; `hf-pmi eval` scores a checkpoint)."}
+    )
+
     def __post_init__(self):
+        check_task_loop_arguments(self)  # before TrainingArguments' own checks: the reason, in the task loop's terms
         super().__post_init__()
         if self.dataloader_pin_memory and not _accelerator_available():
             self.dataloader_pin_memory = False  # pinned memory only helps copies to an accelerator (torch warns)

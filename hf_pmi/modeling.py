@@ -60,7 +60,8 @@ from .integrity import (CheckpointFileError, file_checksums, load_safetensors, r
 from .model_card import write_adapter_card
 from .resolve import hub_api, hub_repo_id, resolve_pretrained_folder
 from .routing import ROUTER_FOLDER, ClassRouter
-from .validation import check_checkpoint_prompts, check_local_path, check_templates
+from .validation import (ValidationError, check_checkpoint_prompts, check_class_names, check_distinct_prompts,
+                         check_local_path, check_templates)
 
 DEFAULT_TEMPLATES = ["a bad photo of a {}."]  # the reference's single prompt template
 DEFAULT_LORA_TARGETS = r".*vision_model.*\.(q_proj|v_proj)"  # vision tower only (peft has no CLIP default)
@@ -162,9 +163,10 @@ class ContinualCLIP(nn.Module):
 
             if lora.target_modules is None:
                 lora.target_modules = DEFAULT_LORA_TARGETS
+            check_modules_to_save(clip, lora.modules_to_save)
             with peft_deprecations_silenced():
                 clip = get_peft_model(clip, lora)
-            lora_dict = lora.to_dict()
+            lora_dict = {k: sorted(v) if isinstance(v, set) else v for k, v in lora.to_dict().items()}  # JSON lists
         model = cls(clip, templates=templates, lora_config=lora_dict)
         if class_names:
             if tokenizer is None:
@@ -223,7 +225,10 @@ class ContinualCLIP(nn.Module):
                 f"Class name(s) {clash} already exist in this model (it knows {self.num_classes} classes). Class "
                 f"names must be unique because they are the classifier: rename the new classes, e.g. with a suffix."
             )
+        check_class_names(names)
         ids, mask = self.tokenize_classes(names, tokenizer)
+        check_distinct_prompts(self.class_names + list(names), torch.cat([self.prompt_ids.cpu(), ids]),
+                               self.prompt_ids.shape[-1])
         device = self.prompt_ids.device
         self.prompt_ids = torch.cat([self.prompt_ids, ids.to(device)])
         self.prompt_mask = torch.cat([self.prompt_mask, mask.to(device)])
@@ -487,6 +492,18 @@ class ContinualCLIP(nn.Module):
         elif meta.get("routed_classes"):  # format 1: the routed classes beside the prompts
             _route_format_1(model, meta["routed_classes"], prompts.get("routed_prototypes"), folder)
         return model
+
+
+def check_modules_to_save(clip: nn.Module, names: list[str] | None) -> None:
+    """Each of peft's ``modules_to_save`` must name a module of the CLIP (peft silently ignores one that does not)."""
+    modules = [name for name, _ in clip.named_modules()]
+    unknown = [m for m in names or [] if not any(n == m or n.endswith("." + m) for n in modules)]
+    if unknown:
+        raise ValidationError(
+            f"LoRA modules_to_save {unknown} match no module of the CLIP model, so nothing would be trained for "
+            f"them. Name modules as `model.named_modules()` lists them, e.g. 'text_projection', "
+            f"'visual_projection' or 'vision_model.post_layernorm'."
+        )
 
 
 def _record_adapter_base(adapter_dir: str, base_id: str | None) -> None:

@@ -30,7 +30,7 @@ from .arguments import flag_dataclasses, from_flags
 from .config import ContinualConfig
 from .methods import method_class
 from .modeling import DEFAULT_LORA_TARGETS
-from .validation import check_local_path
+from .validation import check_local_path, require_count
 
 DEFAULT_METHOD = "finetune"  # the method of a run that names none (ContinualConfig's default)
 
@@ -76,6 +76,9 @@ class RecipeArguments:
     lora_modules_to_save: list[str] | None = field(
         default=None, metadata={"help": "Modules trained whole next to LoRA (e.g. text_projection)."}
     )
+
+    def __post_init__(self):
+        require_count("lora_r", self.lora_r, 0, " (0: train the whole model without LoRA)")
 
 
 def read_class_order(path: str) -> list[int]:

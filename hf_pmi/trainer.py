@@ -49,13 +49,14 @@ from .modeling import ContinualCLIP
 from .names_only import is_names_only, names_only_tasks
 from .resolve import resolve_pretrained_folder
 from .resume import (
-    check_resume_consistency, dataset_fingerprint, prepare_output_dir, restore_trainable, resume_request,
-    trainable_parameter_names,
+    check_resume_consistency, check_same_model, dataset_fingerprint, prepare_output_dir, restore_trainable,
+    resume_request, trainable_parameter_names,
 )
 from .seeding import task_seed
 from .tracking import ContinualCallbackHandler, summary_line, task_metrics
 from .trainer_hub import ContinualHubMixin, card_state, continued_args
-from .validation import check_checkpoint_prompts, check_output_dir_writable, check_templates, check_training_settings
+from .validation import (check_checkpoint_prompts, check_distinct_prompts, check_output_dir_writable,
+                         check_processor_fits, check_templates, check_training_settings)
 
 logger = get_logger()
 __all__ = ["ContinualResult", "ContinualTrainer", "latest_task_checkpoint"]
@@ -129,6 +130,10 @@ class ContinualTrainer(ContinualHubMixin, Trainer):
         model = self.accelerator.unwrap_model(self.model)
         check_templates(model.templates)
         check_checkpoint_prompts(model.class_names, model.templates, model.prompt_ids, "The model")
+        check_processor_fits(self.processing_class.image_processor, model.clip_config.vision_config.image_size)
+        names = model.class_names + [n for n in self.tasks.class_names if n not in model.class_names]
+        check_distinct_prompts(names, model.tokenize_classes(names, self.processing_class.tokenizer)[0],
+                               model.prompt_ids.shape[-1])  # every task's classes, not only the first task's
         if any(is_names_only(t) for t in self.tasks) and not self.method.learns_from_names:
             raise ValueError(
                 f"Names-only tasks are learned by inverting projected features: use method='pmi' (got "
@@ -427,6 +432,7 @@ class ContinualTrainer(ContinualHubMixin, Trainer):
         state = read_state(folder)
         check_resume_consistency(state, self, folder)
         verify_checksums(folder, state.get("checksums"))
+        check_same_model(self.accelerator.unwrap_model(self.model), folder)
         model = ContinualCLIP.from_pretrained(folder).to(self.args.device)
         restore_trainable(model, state.get("trainable_parameters"), folder)
         self.model = self.model_wrapped = model

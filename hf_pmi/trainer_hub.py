@@ -13,7 +13,8 @@ therefore act on the latest finished task:
   `license`, `tags`, `model_name`, `finetuned_from`, `dataset` override what the run knows) into
   ``output_dir/README.md``.
 
-Mid-task `Trainer` checkpoints (``save_strategy``) keep the `Trainer`'s own format.
+The `Trainer`'s own mid-task checkpoints (``save_strategy``) are refused before any work
+(`hf_pmi.validation.check_task_loop_arguments`): they would be pickles that resume never reads.
 
 `card_state` gathers the card's facts from the trainer: real class order, the Hub dataset id (a
 local folder loaded with a packaged builder such as ``imagefolder`` has none), base model and its

@@ -18,6 +18,7 @@ from transformers import set_seed
 
 from hf_pmi import ContinualCLIP, ContinualTrainer, split_class_incremental
 from hf_pmi.recipe import parse_run_args
+from hf_pmi.validation import require_count
 from hf_pmi.testing import build_clip, build_processor, letters_clip, load_digits_dataset
 
 # Digits tasks are small (~250 images): more epochs with a short warm-up than the reference's 3 epochs /
@@ -71,6 +72,8 @@ class DigitsArguments:
 
 def main(argv=None):
     script, args, method_config = parse_run_args(argv, parts=(DigitsArguments,), defaults=DEFAULTS)
+    if script.lora_r is not None:
+        require_count("lora_r", script.lora_r, 0, " (0: train the whole vision tower without LoRA)")
     if script.text_training not in ("all", "projection", "none"):
         raise ValueError(f"--text_training must be all, projection or none, got {script.text_training!r}.")
     if script.backbone not in ("letters", "scratch"):
