@@ -17,6 +17,7 @@ Example:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from transformers import TrainingArguments
 
@@ -30,13 +31,39 @@ def _accelerator_available() -> bool:
     return accelerator.is_available() if accelerator is not None else torch.cuda.is_available()
 
 
+DEFAULT_METHOD = "pmi"  # the library's method: the method of a run that names none
+
+
 @dataclass
 class ContinualConfig(TrainingArguments):
+    # what `hf-pmi train --help` shows first (hf_pmi.arguments.GroupedArgumentParser); the rest is the Trainer's
+    flag_groups: ClassVar[dict] = {"continual run (ContinualConfig)": (
+        "method", "output_dir", "overwrite_output_dir", "resume_from_checkpoint", "seed", "push_to_hub",
+        "hub_model_id")}
+    default_flag_group: ClassVar[str] = "Trainer (transformers.TrainingArguments, with hf_pmi's defaults)"
+
     method: str | None = field(
         default=None,
-        metadata={"help": "Continual method, a name from `hf_pmi.methods.METHODS` (pmi, finetune, joint, lwf, ...); "
-                  "its settings are the flags of its config. Default: finetune, or the checkpoint's method when "
-                  "continuing one."},
+        metadata={"help": f"Continual method, a name from `hf_pmi.methods.METHODS` (pmi, full_inversion, "
+                  f"feature_replay, lwf, finetune, exemplar_replay, joint, zero_shot); its settings are the flags of "
+                  f"its config (`--method <name> --help` lists them). Default: {DEFAULT_METHOD}, or the checkpoint's "
+                  f"method when continuing one."},
+    )
+    output_dir: str | None = field(
+        default=None,
+        metadata={"help": "Where the run writes: output_dir/task-<i> for every finished task (model, processor, "
+                  "method state, card) and results.json. One run at a time: a second one is refused."},
+    )
+    seed: int = field(
+        default=42,
+        metadata={"help": "Seed of the run: LoRA initialisation, data order and every task (task t draws from a seed "
+                  "made of this one and t). The class order has its own --class_order_seed (in the recipes), and "
+                  "--inversion_seed defaults to this one."},
+    )
+    resume_from_checkpoint: str | None = field(
+        default=None,
+        metadata={"help": "'true': continue the run in output_dir after its last finished task; a task-<i> folder: "
+                  "continue after that task."},
     )
     # Reference training defaults (method.md) and what transformers v5 needs for image inputs.
     learning_rate: float = field(default=1e-3, metadata={"help": "AdamW learning rate (reference: 1e-3)."})
@@ -77,7 +104,7 @@ class ContinualConfig(TrainingArguments):
             self.dataloader_pin_memory = False  # pinned memory only helps copies to an accelerator (torch warns)
         self.method_given = self.method is not None  # a continued run keeps the checkpoint's method otherwise
         if self.method is None:
-            self.method = "finetune"
+            self.method = DEFAULT_METHOD
 
         if self.remove_unused_columns:
             raise ValueError(

@@ -26,14 +26,11 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from .arguments import flag_dataclasses, from_flags
-from .config import ContinualConfig
+from .arguments import GroupedArgumentParser, flag_dataclasses, from_flags
+from .config import DEFAULT_METHOD, ContinualConfig
 from .methods import method_class
 from .modeling import DEFAULT_LORA_TARGETS
 from .validation import check_local_path, require_count
-
-DEFAULT_METHOD = "finetune"  # the method of a run that names none (ContinualConfig's default)
-
 
 @dataclass
 class RecipeArguments:
@@ -180,8 +177,6 @@ def parse_run_args(argv: list[str] | None = None, parts: tuple[type, ...] = (Rec
         >>> args.method, method_config.inversion.layer_steps, method_config.inversion.refine_steps
         ('pmi', 7, 5)
     """
-    from transformers import HfArgumentParser
-
     defaults = dict(defaults or {})
     probe = argparse.ArgumentParser(add_help=False)
     probe.add_argument("--method", default=defaults.get("method"))
@@ -189,7 +184,7 @@ def parse_run_args(argv: list[str] | None = None, parts: tuple[type, ...] = (Rec
     config_cls = method_class(method).config_class
     groups = [_parser_classes(part) for part in (*parts, ContinualConfig, config_cls)]
     classes = [cls for group in groups for cls in group]
-    parser = HfArgumentParser(classes, prog=prog)
+    parser = GroupedArgumentParser(classes, prog=prog, last_groups=[ContinualConfig.default_flag_group])
     dests = {f.name for cls in classes for f in dataclasses.fields(cls)}
     parser.set_defaults(**{k: v for k, v in defaults.items() if k in dests})
     parsed = list(parser.parse_args_into_dataclasses(argv))

@@ -125,7 +125,7 @@ def test_resume_through_args_restores_exactly_the_trainable_set(tmp_path, digits
         return ContinualCLIP.from_clip(clip)
 
     tasks = split_class_incremental(digits, num_tasks=2, seed=0)
-    common = dict(output_dir=str(tmp_path / "out"), max_steps=2, per_device_train_batch_size=16, warmup_steps=0,
+    common = dict(output_dir=str(tmp_path / "out"), method="finetune", max_steps=2, per_device_train_batch_size=16, warmup_steps=0,
                   disable_tqdm=True, report_to="none", seed=0)
     with pytest.raises(KeyboardInterrupt):
         ContinualTrainer(model=model(), args=ContinualConfig(**common), tasks=tasks, processing_class=processor,

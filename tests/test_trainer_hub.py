@@ -25,7 +25,7 @@ def test_trainer_save_push_and_card_with_a_lora_on_a_hub_base(tmp_path, hub_clie
     model = ContinualCLIP.from_clip(BASE, lora=lora)  # downloaded from the local Hub: the base has a Hub id
     tasks = split_class_incremental(digits, num_tasks=2, seed=0)
     tasks.metadata["dataset"] = "imagefolder"  # what a local image folder records: not a dataset id
-    args = ContinualConfig(output_dir=str(tmp_path / "run"), max_steps=2, per_device_train_batch_size=16,
+    args = ContinualConfig(output_dir=str(tmp_path / "run"), method="finetune", max_steps=2, per_device_train_batch_size=16,
                            disable_tqdm=True, hub_model_id=REPO, seed=0)
     trainer = ContinualTrainer(model=model, args=args, tasks=tasks, processing_class=processor)
     with pytest.raises(ValueError, match="train"):
@@ -86,7 +86,7 @@ def test_continual_clip_push_to_hub_is_symmetric_with_from_pretrained(tmp_path, 
 
 def test_save_model_before_training_writes_a_loadable_model(tmp_path, digits, processor):
     tasks = split_class_incremental(digits, num_tasks=2, seed=0)
-    args = ContinualConfig(output_dir=str(tmp_path / "run"), max_steps=1, disable_tqdm=True)
+    args = ContinualConfig(output_dir=str(tmp_path / "run"), method="finetune", max_steps=1, disable_tqdm=True)
     model = ContinualCLIP.from_clip(build_clip("tiny"), ["a", "b"], processor.tokenizer)
     trainer = ContinualTrainer(model=model, args=args, tasks=tasks, processing_class=processor)
     trainer.save_model(str(tmp_path / "early"))

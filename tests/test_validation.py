@@ -46,7 +46,7 @@ def task_folders(out) -> list[str]:
 
 
 def make_args(out, **kw):
-    defaults = dict(output_dir=str(out), max_steps=1, per_device_train_batch_size=16, warmup_steps=0,
+    defaults = dict(output_dir=str(out), method="finetune", max_steps=1, per_device_train_batch_size=16, warmup_steps=0,
                     disable_tqdm=True, logging_steps=100, seed=0, report_to="none")
     defaults.update(kw)
     return ContinualConfig(**defaults)
