@@ -444,6 +444,7 @@ class ContinualTrainer(ContinualHubMixin, Trainer):
         self.method_logs = state.get("method_logs", [])
         self._resumed_wall_seconds = float(state.get("wall_seconds", 0.0))
         self.callback_handler.step_offset = state.get("global_step", 0)
+        logger.info("Resumed from %s (task %d finished).", folder, state["task_id"])
         if self.is_world_process_zero():  # announced like the task lines: the run does not start from scratch
             print(f"[hf_pmi] Resuming from {folder}: {state['task_id'] + 1} of {self.num_total_tasks} tasks "
                   f"finished, continuing with task {state['task_id'] + 1}.", flush=True)
