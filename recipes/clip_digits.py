@@ -1,9 +1,12 @@
 """Offline demo: 5 tasks x 2 classes of scikit-learn's digits on a small CLIP.
 
 Needs no network: the model, the tokenizer and the data are made locally (`hf_pmi.testing`). As in
-the method's own setting, the CLIP is pre-trained (here on rendered letters, `letters_clip`, ~2 min
-on first use, then cached) and adapted with LoRA; ``--backbone scratch --lora_r 0`` trains a
-random CLIP whole instead, a much harder regime (docs/benchmarks.md).
+the method's own setting, the CLIP is pre-trained (here on rendered letters, `letters_clip`) and
+adapted with LoRA. The default mini backbone ships with hf_pmi (made by ``python -m
+hf_pmi.testing.backbones --export letters``, sha256 verified on load), so the demo starts at once and
+gives the same numbers on every machine; ``--model_size tiny`` pre-trains a tiny one on first use
+(~25 s, then cached). ``--backbone scratch --lora_r 0`` trains a random CLIP whole instead, a much
+harder regime (docs/benchmarks.md).
 
     accelerate launch recipes/clip_digits.py --output_dir runs/digits --method pmi --seed 0
 
@@ -38,8 +41,9 @@ DEFAULTS = dict(
 class DigitsArguments:
     backbone: str = field(
         default="letters",
-        metadata={"help": "'letters': a CLIP pre-trained on rendered letters (cached in --backbone_dir), the offline "
-                  "stand-in for a pre-trained CLIP; 'scratch': a randomly initialised CLIP."},
+        metadata={"help": "'letters': a CLIP pre-trained on rendered letters, the offline stand-in for a pre-trained "
+                  "CLIP (the mini one ships with hf_pmi; another size is pre-trained once into --backbone_dir); "
+                  "'scratch': a randomly initialised CLIP."},
     )
     backbone_dir: str | None = field(
         default=None, metadata={"help": "Cache folder of the letters backbone (default: $HF_PMI_CACHE or ~/.cache/hf_pmi)."}

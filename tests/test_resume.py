@@ -86,6 +86,7 @@ def test_sigkill_during_training_inversion_and_saving_then_resume_gives_the_same
     for name, proc in resumed.items():
         code, log = finish(proc)
         assert code == 0, f"{name}: {log[-3000:]}"
+        assert "crashed or was killed" in log and "[hf_pmi] Resuming from" in log  # the stale lock, the resume
         got = results(tmp_path / name)
         assert got["accuracy_matrix"] == expected["accuracy_matrix"], name
         assert got["counts"] == expected["counts"] and got["a_last"] == expected["a_last"]
