@@ -40,11 +40,12 @@ from .evaluation import task_accuracies
 from .guard import DivergenceGuard, check_loss, check_weights
 from .hub import check_hub_access, push_task_checkpoint
 from .lock import RunLock
-from .integrity import file_checksums, verify_checksums
+from .integrity import file_checksums, read_json, sha256_file, verify_checksums
 from .log import get_logger, set_verbosity
 from .methods import MethodConfig, method_class
 from .metrics import continual_metrics
 from .model_card import write_model_card
+from .modeling import CONFIG_NAME as CLIP_CONFIG_NAME
 from .modeling import ContinualCLIP
 from .names_only import is_names_only, names_only_tasks
 from .resolve import resolve_pretrained_folder
@@ -387,7 +388,7 @@ class ContinualTrainer(ContinualHubMixin, Trainer):
                 "method_info": self.method.card_info(),
                 "trainable_parameters": trainable_parameter_names(model),
                 "dataset_fingerprint": self.dataset_fingerprint,
-                "checksums": file_checksums(tmp),  # every safetensors and JSON file, verified on every load
+                "checksums": task_file_checksums(tmp),  # every safetensors and JSON file, verified on every load
                 "global_step": self.callback_handler.step_offset,  # trackers' step after this task
                 **result.to_dict(),
             }
@@ -449,3 +450,12 @@ class ContinualTrainer(ContinualHubMixin, Trainer):
             print(f"[hf_pmi] Resuming from {folder}: {state['task_id'] + 1} of {self.num_total_tasks} tasks "
                   f"finished, continuing with task {state['task_id'] + 1}.", flush=True)
         return state["task_id"]
+
+
+def task_file_checksums(folder: str) -> dict[str, str]:
+    """The sha256 of every safetensors and JSON file of a task folder being written; the model's files
+    are taken from its own manifest (just computed by `ContinualCLIP.save_pretrained`), not hashed twice."""
+    model_files = read_json(os.path.join(folder, CLIP_CONFIG_NAME)).get("checksums", {})
+    sums = {**model_files, **file_checksums(folder, exclude=(CLIP_CONFIG_NAME, *model_files)),
+            CLIP_CONFIG_NAME: sha256_file(os.path.join(folder, CLIP_CONFIG_NAME))}
+    return dict(sorted(sums.items()))
