@@ -57,8 +57,8 @@ class ContinualConfig(TrainingArguments):
     seed: int = field(
         default=42,
         metadata={"help": "Seed of the run: LoRA initialisation, data order and every task (task t draws from a seed "
-                  "made of this one and t). The class order has its own --class_order_seed (in the recipes), and "
-                  "--inversion_seed defaults to this one."},
+                  "made of this one and t). The recipes' class order has a seed of its own (see the recipe group), "
+                  "and the inversion's seed defaults to this one."},
     )
     resume_from_checkpoint: str | None = field(
         default=None,
