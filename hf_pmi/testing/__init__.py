@@ -3,8 +3,8 @@
 Everything here is built locally: small CLIP models from configs with a byte-level tokenizer
 (`clip`); one module per data world: scikit-learn's digits (`digits`), rendered letters
 (`letters`), a procedural shapes world with captions (`shapes`), with their shared dataset helper
-(`datasets`); the CLIPs pre-trained on those worlds (`backbones`) and the cache that trains each
-once (`cache`).
+(`datasets`); the CLIPs pre-trained on those worlds (`backbones`), and `cache`, which loads the
+demos' backbones shipped in ``pretrained/`` (sha256 verified) and pre-trains any other once.
 
 Example:
     >>> from hf_pmi.testing import build_clip, build_processor, load_digits_dataset
