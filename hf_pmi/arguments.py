@@ -8,9 +8,12 @@ so that no flag is ambiguous next to `TrainingArguments` (``--inversion_batch_si
 inversion's batch, ``--per_device_train_batch_size`` the Trainer's). The Python names stay short:
 ``PMIConfig().inversion.batch_size``.
 
+`GroupedArgumentParser` shows every config as a titled group in ``--help`` (a config that lists
+``flag_groups`` is split into several), so that ``hf-pmi train --help`` reads by config: recipe,
+continual run, method, Trainer.
+
 Example:
     >>> from dataclasses import dataclass, field
-    >>> from transformers import HfArgumentParser
     >>> @dataclass
     ... class Knobs:
     ...     flag_prefix = "knob_"
@@ -26,6 +29,8 @@ from __future__ import annotations
 import dataclasses
 import typing
 from typing import Any, Sequence
+
+from transformers import HfArgumentParser
 
 _FLAG_CLASSES: dict[type, type] = {}
 
@@ -87,3 +92,44 @@ def from_flags(config_cls: type, parsed: Sequence) -> Any:
 def flag_names(config_cls: type) -> set[str]:
     """Every flag (destination name) of `config_cls`."""
     return {f.name for flags in flag_dataclasses(config_cls) for f in dataclasses.fields(flags)}
+
+
+def group_title(dtype: type, name: str) -> str:
+    """The ``--help`` group of field `name` of dataclass `dtype`: the title in its ``flag_groups``
+    (``{title: field names}``) that lists it, else its ``default_flag_group``, its
+    ``_argument_group_name`` (a method config's flags), or "recipe (<class name>)"."""
+    for title, names in getattr(dtype, "flag_groups", {}).items():
+        if name in names:
+            return title
+    return (getattr(dtype, "default_flag_group", None) or getattr(dtype, "_argument_group_name", None)
+            or f"recipe ({dtype.__name__})")
+
+
+class GroupedArgumentParser(HfArgumentParser):
+    """An `HfArgumentParser` that puts each flag in the ``--help`` group `group_title` names.
+
+    Example:
+        >>> from hf_pmi.config import ContinualConfig
+        >>> text = GroupedArgumentParser([ContinualConfig]).format_help()
+        >>> text.index("continual run (ContinualConfig):") < text.index("--method") < text.index("Trainer (")
+        True
+    """
+
+    def __init__(self, dataclass_types, last_groups: Sequence[str] = (), **kwargs):
+        kwargs.setdefault("usage", "%(prog)s [--flag value ...]  (the flags, by config, below)")
+        super().__init__(dataclass_types, **kwargs)
+        groups = self._action_groups  # argparse shows groups in this order: the `last_groups` go to the end
+        self._action_groups = [g for g in groups if g.title not in last_groups] + [
+            g for g in groups if g.title in last_groups]
+
+    def _add_dataclass_arguments(self, dtype: type) -> None:
+        hints = typing.get_type_hints(dtype)
+        groups: dict[str, Any] = {}
+        for f in dataclasses.fields(dtype):
+            if not f.init:
+                continue
+            title = group_title(dtype, f.name)
+            if title not in groups:
+                groups[title] = self.add_argument_group(title)
+            f.type = hints[f.name]
+            self._parse_dataclass_field(groups[title], f)

@@ -39,6 +39,8 @@ from torch import nn
 
 from .contrastive import ContrastiveModel, gaussian_sample, sample_class_features
 from .contrastive import train_contrastive as fit_contrastive
+from .checkpoint import task_checksums
+from .integrity import load_safetensors, read_json, sha256_file, verify_checksums
 from .resolve import is_pickle_name, resolve_pretrained_folder
 from .statistics import LayerStatistics, collect_statistics_and_features
 from .validation import ValidationError, require_count
@@ -318,6 +320,7 @@ class FeatureBank:
             "names_only_classes": self.names_only_classes,
         }
         save_file(self.to_tensors(), str(save_directory / WEIGHTS_NAME), metadata={"format": "pt"})
+        config["checksums"] = {WEIGHTS_NAME: sha256_file(str(save_directory / WEIGHTS_NAME))}  # verified on load
         (save_directory / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
 
     @classmethod
@@ -328,9 +331,8 @@ class FeatureBank:
 
         A directory or repo that holds a pickle-like file (`hf_pmi.resolve.PICKLE_PATTERNS`) instead
         of ``feature_bank.safetensors`` is refused with a `ValueError`: pickles can run code when loaded.
+        The checksum recorded in ``feature_bank.json`` is verified first (`hf_pmi.integrity`).
         """
-        from safetensors.torch import load_file
-
         folder = Path(resolve_pretrained_folder(path_or_repo_id, revision=revision, subfolder=subfolder,
                                                 allow_patterns=[CONFIG_NAME, WEIGHTS_NAME]))
         if not (folder / WEIGHTS_NAME).is_file():
@@ -345,13 +347,14 @@ class FeatureBank:
         config_path = folder / CONFIG_NAME
         if not config_path.is_file():
             raise FileNotFoundError(f"{config_path} is missing: a bank is saved with FeatureBank.save_pretrained.")
-        config = json.loads(config_path.read_text())
+        config = read_json(str(config_path))
+        verify_checksums(str(folder), config.get("checksums") or task_checksums(str(folder)))  # older banks: the task's
         if config.get("format") != "hf_pmi.FeatureBank" or config.get("version", 0) > FORMAT_VERSION:
             raise ValueError(
                 f"{config_path} is not a FeatureBank of format version <= {FORMAT_VERSION} "
                 f"(got format={config.get('format')!r}, version={config.get('version')}); upgrade hf_pmi."
             )
-        tensors = load_file(str(folder / WEIGHTS_NAME))
+        tensors = load_safetensors(str(folder / WEIGHTS_NAME))
         _check_config_matches_tensors(config, tensors, config_path)
         bank = cls(covariance=config["covariance"], shrinkage=config["shrinkage"])
         if config["num_classes"]:

@@ -21,6 +21,7 @@ import json
 import os
 from dataclasses import asdict, dataclass, field
 
+from .integrity import read_json
 from .metrics import format_matrix
 
 STATE_NAME = "continual_state.json"
@@ -71,9 +72,22 @@ def write_json(path: str, obj) -> None:
 
 
 def read_state(folder: str) -> dict:
-    """The ``continual_state.json`` of a finished task folder."""
-    with open(os.path.join(folder, STATE_NAME)) as f:
-        return json.load(f)
+    """The ``continual_state.json`` of a finished task folder (a truncated file raises
+    `hf_pmi.integrity.CheckpointFileError` naming it)."""
+    return read_json(os.path.join(folder, STATE_NAME))
+
+
+def task_checksums(folder: str) -> dict[str, str] | None:
+    """The checksums a finished task recorded for the files under `folder` (relative to it), where `folder`
+    is a task folder or one of its subfolders (e.g. its ``feature_bank/``); None outside a task folder."""
+    task, prefix = folder, ""
+    if not os.path.isfile(os.path.join(folder, STATE_NAME)):
+        task, sub = os.path.split(os.path.normpath(folder))
+        prefix = sub + "/"
+        if not os.path.isfile(os.path.join(task, STATE_NAME)):
+            return None
+    recorded = read_state(task).get("checksums") or {}
+    return {rel[len(prefix):]: digest for rel, digest in recorded.items() if rel.startswith(prefix)}
 
 
 def finished_tasks(output_dir: str) -> list[str]:

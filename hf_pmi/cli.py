@@ -4,11 +4,12 @@
         --label_column fine_label --num_tasks 10 --method pmi
     hf-pmi eval --checkpoint runs/cifar/task-9 --dataset_name uoft-cs/cifar100 --image_column img \\
         --label_column fine_label
-    hf-pmi train --method pmi --help      # every flag: data and task split, model, ContinualConfig, pmi's config
+    hf-pmi train --method pmi --help      # every flag, by group: recipe, continual run, pmi's config, Trainer
+    hf-pmi --version
 
 ``train`` takes the flags of `hf_pmi.recipe.RecipeArguments`, `ContinualConfig` and the config of the
-method ``--method`` names (`hf_pmi.recipe.parse_run_args`; the recipes in ``recipes/`` are the
-same run with a benchmark's defaults). For several processes launch the module:
+method ``--method`` names (default: ``pmi``; `hf_pmi.recipe.parse_run_args`; the recipes in ``recipes/``
+are the same run with a benchmark's defaults). ``--help`` lists them by group. For several processes launch the module:
 ``accelerate launch -m hf_pmi.cli train ...``.
 
 ``eval`` scores a checkpoint (a folder or a Hub repo + ``--revision``) on the test split of a
@@ -45,9 +46,25 @@ class EvalArguments:
 
 
 def _usage() -> str:
-    lines = ["usage: hf-pmi <command> [flags]", "", "Data-free continual learning of CLIP (hf_pmi).", "", "commands:"]
+    lines = ["usage: hf-pmi <command> [flags]  |  hf-pmi --version", "",
+             "Data-free continual learning of CLIP (hf_pmi).", "", "commands:"]
     lines += [f"  {name:<7} {text}" for name, text in COMMANDS.items()]
     return "\n".join(lines)
+
+
+def version_text() -> str:
+    """``hf-pmi <version>`` and the versions of the libraries it runs on."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from .version import __version__
+
+    parts = []
+    for name in ("torch", "transformers", "peft", "datasets", "accelerate", "huggingface_hub"):
+        try:
+            parts.append(f"{name} {version(name)}")
+        except PackageNotFoundError:
+            continue
+    return f"hf-pmi {__version__} ({', '.join(parts)})"
 
 
 def train(argv: list[str]) -> None:
@@ -68,11 +85,15 @@ def evaluate_checkpoint(opts: EvalArguments) -> dict:
     from .checkpoint import STATE_NAME, read_state
     from .data import ContinualCollator, class_names_of
     from .evaluation import task_accuracies
+    from .integrity import verify_checksums
     from .modeling import ContinualCLIP
     from .recipe import RecipeArguments, load_data
     from .resolve import resolve_pretrained_folder
 
     folder = resolve_pretrained_folder(opts.checkpoint, revision=opts.revision)
+    state = read_state(folder) if os.path.isfile(os.path.join(folder, STATE_NAME)) else None
+    if state is not None:
+        verify_checksums(folder, state.get("checksums"))  # the processor's files too, not only the model's
     model = ContinualCLIP.from_pretrained(folder).eval()
     processor = AutoProcessor.from_pretrained(folder)
     recipe = RecipeArguments(dataset_name=opts.dataset_name, dataset_config=opts.dataset_config,
@@ -100,8 +121,8 @@ def evaluate_checkpoint(opts: EvalArguments) -> dict:
     pred, target = torch.cat(preds).numpy(), torch.cat(targets).numpy()
     scores = {"checkpoint": opts.checkpoint, "revision": opts.revision, "examples": int(len(target)),
               "classes": len(label_map), "accuracy": float((pred == target).mean())}
-    if os.path.isfile(os.path.join(folder, STATE_NAME)):
-        scores["task_accuracy"] = task_accuracies(pred, target, read_state(folder)["task_classes"])[0]
+    if state is not None:
+        scores["task_accuracy"] = task_accuracies(pred, target, state["task_classes"])[0]
     return scores
 
 
@@ -123,6 +144,9 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())
         return 0 if argv else 2
+    if argv[0] in ("-V", "--version"):
+        print(version_text())
+        return 0
     command, rest = argv[0], argv[1:]
     if command == "train":
         train(rest)

@@ -17,8 +17,11 @@ Example:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from transformers import TrainingArguments
+
+from .validation import check_task_loop_arguments
 
 
 def _accelerator_available() -> bool:
@@ -28,13 +31,39 @@ def _accelerator_available() -> bool:
     return accelerator.is_available() if accelerator is not None else torch.cuda.is_available()
 
 
+DEFAULT_METHOD = "pmi"  # the library's method: the method of a run that names none
+
+
 @dataclass
 class ContinualConfig(TrainingArguments):
+    # what `hf-pmi train --help` shows first (hf_pmi.arguments.GroupedArgumentParser); the rest is the Trainer's
+    flag_groups: ClassVar[dict] = {"continual run (ContinualConfig)": (
+        "method", "output_dir", "overwrite_output_dir", "resume_from_checkpoint", "seed", "push_to_hub",
+        "hub_model_id")}
+    default_flag_group: ClassVar[str] = "Trainer (transformers.TrainingArguments, with hf_pmi's defaults)"
+
     method: str | None = field(
         default=None,
-        metadata={"help": "Continual method, a name from `hf_pmi.methods.METHODS` (pmi, finetune, joint, lwf, ...); "
-                  "its settings are the flags of its config. Default: finetune, or the checkpoint's method when "
-                  "continuing one."},
+        metadata={"help": f"Continual method, a name from `hf_pmi.methods.METHODS` (pmi, full_inversion, "
+                  f"feature_replay, lwf, finetune, exemplar_replay, joint, zero_shot); its settings are the flags of "
+                  f"its config (`--method <name> --help` lists them). Default: {DEFAULT_METHOD}, or the checkpoint's "
+                  f"method when continuing one."},
+    )
+    output_dir: str | None = field(
+        default=None,
+        metadata={"help": "Where the run writes: output_dir/task-<i> for every finished task (model, processor, "
+                  "method state, card) and results.json. One run at a time: a second one is refused."},
+    )
+    seed: int = field(
+        default=42,
+        metadata={"help": "Seed of the run: LoRA initialisation, data order and every task (task t draws from a seed "
+                  "made of this one and t). The recipes' class order has a seed of its own (see the recipe group), "
+                  "and the inversion's seed defaults to this one."},
+    )
+    resume_from_checkpoint: str | None = field(
+        default=None,
+        metadata={"help": "'true': continue the run in output_dir after its last finished task; a task-<i> folder: "
+                  "continue after that task."},
     )
     # Reference training defaults (method.md) and what transformers v5 needs for image inputs.
     learning_rate: float = field(default=1e-3, metadata={"help": "AdamW learning rate (reference: 1e-3)."})
@@ -49,7 +78,8 @@ class ContinualConfig(TrainingArguments):
     )
     label_names: list[str] | None = field(default_factory=lambda: ["labels"], metadata={"help": "Label key."})
     save_strategy: str = field(
-        default="no", metadata={"help": "Mid-task Trainer checkpoints; per-task checkpoints are always written."}
+        default="no", metadata={"help": "Must stay 'no': every finished task is saved as output_dir/task-<i> "
+                                "(safetensors and JSON); the Trainer's mid-task checkpoints (pickles) are not written."}
     )
     report_to: None | str | list[str] = field(default="none", metadata={"help": "Trackers to report to."})
     logging_steps: float = field(default=10, metadata={"help": "Log every N steps."})
@@ -62,13 +92,19 @@ class ContinualConfig(TrainingArguments):
         default=False, metadata={"help": "Every trainable parameter is used in each step."}
     )
 
+    do_train: bool = field(
+        default=True, metadata={"help": "Must stay True: a continual run learns its tasks (--method zero_shot "
+                                "evaluates without training; `hf-pmi eval` scores a checkpoint)."}
+    )
+
     def __post_init__(self):
+        check_task_loop_arguments(self)  # before TrainingArguments' own checks: the reason, in the task loop's terms
         super().__post_init__()
         if self.dataloader_pin_memory and not _accelerator_available():
             self.dataloader_pin_memory = False  # pinned memory only helps copies to an accelerator (torch warns)
         self.method_given = self.method is not None  # a continued run keeps the checkpoint's method otherwise
         if self.method is None:
-            self.method = "finetune"
+            self.method = DEFAULT_METHOD
 
         if self.remove_unused_columns:
             raise ValueError(

@@ -24,7 +24,8 @@ import torch
 from datasets import ClassLabel, Dataset, DatasetDict, IterableDataset, IterableDatasetDict, concatenate_datasets
 
 from .images import to_rgb
-from .validation import align_test_labels, check_labels_match_names, check_test_split
+from .validation import (align_test_labels, check_class_names, check_images, check_labels_match_names,
+                         check_test_split)
 
 AnyDataset = Dataset | IterableDataset
 
@@ -157,6 +158,16 @@ def class_names_of(ds: AnyDataset, label_column: str, class_names: list[str] | N
     )
 
 
+def images_from_paths(ds: AnyDataset, image_column: str) -> AnyDataset:
+    """`ds` with an image column of file paths (strings) read as images (`datasets.Image`, decoded when read)."""
+    from datasets import Image, Value
+
+    feature = (ds.features or {}).get(image_column)
+    if isinstance(feature, Value) and feature.dtype in ("string", "large_string"):
+        return ds.cast_column(image_column, Image())
+    return ds
+
+
 def select_classes(ds: AnyDataset, label_column: str, labels: list[int]) -> AnyDataset:
     """Rows whose label is in `labels`, reading the label column only (images are never decoded)."""
     if isinstance(ds, IterableDataset):
@@ -179,6 +190,7 @@ def split_class_incremental(
     image_column: str = "image",
     train_split: str = "train",
     test_split: str | None = "test",
+    verify_images: bool = True,
 ) -> ContinualTasks:
     """Cut a labelled image dataset into class-incremental tasks.
 
@@ -194,9 +206,16 @@ def split_class_incremental(
         class_names: names of the original labels, when the label column is not a `ClassLabel`.
         test_split: the test split of a dict (it must exist); None trains without evaluation. Its
             labels are matched to the training labels by class name, whatever their ids.
+        verify_images: read every image of map-style data once (encoded, not decoded) and check that PIL
+            can open it, so that a missing, empty or truncated image fails now, named by its row and file,
+            not in the middle of a task. False skips that pass (very large datasets you trust).
 
-    Raises `ValueError` naming the fix for a missing label column, labels without names, more
-    tasks than classes, a bad class order, or a task without training examples.
+    An image column of file paths (strings) is read as images. A streamed dataset's label column is read
+    until every class has been seen, so an empty class fails now too.
+
+    Raises `ValueError` naming the fix for a missing label column, labels without names, empty class
+    names, more tasks than classes, a bad class order, a class or task without training examples, or a
+    missing or unreadable image.
     """
     if isinstance(data, (DatasetDict, IterableDatasetDict)):
         if train_split not in data:
@@ -206,6 +225,7 @@ def split_class_incremental(
     else:
         train, test = data, None
     names = class_names_of(train, label_column, class_names)
+    check_class_names(names)
     check_labels_match_names(train, label_column, names, class_names is not None)
     if test is not None:
         test = align_test_labels(test, train, label_column, names)  # by class name, not by id
@@ -214,6 +234,12 @@ def split_class_incremental(
             f"The dataset has no image column {image_column!r} (columns: {sorted(train.features)}); "
             f"pass `image_column=`."
         )
+    train = images_from_paths(train, image_column)
+    test = images_from_paths(test, image_column) if test is not None else None
+    if verify_images:
+        check_images(train, image_column, "training")
+        if test is not None:
+            check_images(test, image_column, "test")
     num_classes = len(names)
     if class_order is None:
         order = np.arange(num_classes) if seed is None else np.random.RandomState(seed).permutation(num_classes)
@@ -266,6 +292,12 @@ class ContinualCollator:
         self.label_column = label_column
 
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+        missing = [row[self.label_column] for row in rows if row[self.image_column] is None]
+        if missing:
+            raise ValueError(
+                f"An image is missing (None) in a row of label {missing[0]} of these tasks' data. Drop the rows "
+                f"without an image, e.g. `ds.filter(lambda image: image is not None, input_columns={self.image_column!r})`."
+            )
         images = [to_rgb(row[self.image_column]) for row in rows]  # float / 16-bit images keep their contrast
         pixel_values = self.image_processor(images=images, return_tensors="pt")["pixel_values"]
         try:

@@ -1,4 +1,11 @@
-"""Checksums of a checkpoint's weight files: recorded when a task is saved, verified when it is loaded.
+"""Integrity of saved files: checksums recorded when something is saved and verified when it is loaded,
+and errors that name the file and the fix when a file cannot be read.
+
+Every saver of hf_pmi records the sha256 of what it wrote: `ContinualCLIP.save_pretrained` in
+``continual_clip.json`` (its weights, configs and prompts), `FeatureBank.save_pretrained` in
+``feature_bank.json``, and a finished task in ``continual_state.json`` (every safetensors and JSON
+file of the task folder). Every loader verifies them before reading a tensor, so a flipped bit, a
+truncated or half-copied file fails at once, naming the file, instead of loading different weights.
 
 Example:
     >>> import os, tempfile
@@ -18,14 +25,29 @@ Example:
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 
 WEIGHT_SUFFIXES = (".safetensors",)
+#: Files whose checksums a checkpoint records: weights and every JSON file (configs, tokenizer, state).
+CHECKED_SUFFIXES = (".safetensors", ".json")
 _CHUNK = 1 << 20  # read 1 MiB at a time: constant memory for multi-GB weight files
 
 
-class ChecksumError(ValueError):
-    """A weight file is missing or differs from the one written with the checkpoint."""
+class CheckpointFileError(ValueError):
+    """A file of a saved model, feature bank or task checkpoint is missing, corrupt or unreadable."""
+
+
+class ChecksumError(CheckpointFileError):
+    """A file differs from the one written with the checkpoint (or is missing)."""
+
+
+def fix_for(path: str) -> str:
+    """How to get an intact copy of `path` (a file in the Hugging Face cache is downloaded again)."""
+    if f"{os.sep}snapshots{os.sep}" in os.path.abspath(path):
+        return ("It is a download in the Hugging Face cache: delete that snapshot (`hf cache delete`, or remove the "
+                "folder) and load again to download it afresh.")
+    return "Copy or download the checkpoint again, or resume from an earlier task folder."
 
 
 def sha256_file(path: str) -> str:
@@ -36,30 +58,72 @@ def sha256_file(path: str) -> str:
     return digest.hexdigest()
 
 
-def weight_checksums(folder: str) -> dict[str, str]:
-    """``{relative path: sha256}`` of every weight file under `folder` (POSIX separators, sorted)."""
+def file_checksums(folder: str, suffixes: tuple[str, ...] = CHECKED_SUFFIXES, exclude: tuple[str, ...] = ()
+                   ) -> dict[str, str]:
+    """``{relative path: sha256}`` of every file under `folder` ending with one of `suffixes` (POSIX
+    separators, sorted), except the relative paths in `exclude`."""
     sums = {}
     for root, _, files in os.walk(folder):
         for name in files:
-            if name.endswith(WEIGHT_SUFFIXES):
+            if name.endswith(suffixes):
                 path = os.path.join(root, name)
-                sums[os.path.relpath(path, folder).replace(os.sep, "/")] = sha256_file(path)
+                rel = os.path.relpath(path, folder).replace(os.sep, "/")
+                if rel not in exclude:
+                    sums[rel] = sha256_file(path)
     return dict(sorted(sums.items()))
 
 
+def weight_checksums(folder: str) -> dict[str, str]:
+    """``{relative path: sha256}`` of every weight (safetensors) file under `folder`."""
+    return file_checksums(folder, WEIGHT_SUFFIXES)
+
+
 def verify_checksums(folder: str, recorded: dict[str, str] | None) -> None:
-    """Raise `ChecksumError` unless every recorded weight file exists under `folder` with its checksum."""
+    """Raise `ChecksumError` unless every recorded file exists under `folder` with its checksum."""
     for rel, expected in (recorded or {}).items():
         path = os.path.join(folder, *rel.split("/"))
         if not os.path.isfile(path):
-            raise ChecksumError(
-                f"{path} is missing: the checkpoint {folder} is incomplete. Copy or download it again, or resume "
-                f"from an earlier task folder."
-            )
+            raise ChecksumError(f"{path} is missing: the checkpoint {folder} is incomplete. {fix_for(path)}")
         actual = sha256_file(path)
         if actual != expected:
             raise ChecksumError(
                 f"{path} is corrupt: its sha256 is {actual}, the checkpoint recorded {expected}. The file changed "
-                f"after it was written (disk error, partial copy, manual edit). Copy or download the checkpoint "
-                f"again, or resume from an earlier task folder."
+                f"after it was written (disk error, partial copy, manual edit). {fix_for(path)}"
             )
+
+
+def read_json(path: str) -> dict:
+    """The JSON object in `path`; a missing, truncated or malformed file raises `CheckpointFileError` naming it."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise CheckpointFileError(f"{path} is missing. {fix_for(path)}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointFileError(
+            f"{path} cannot be read ({type(e).__name__}: {e}): it is truncated or not the file hf_pmi wrote. "
+            f"{fix_for(path)}"
+        ) from None
+
+
+def load_safetensors(path: str) -> dict:
+    """The tensors of the safetensors file `path`; an unreadable file raises `CheckpointFileError` naming it."""
+    from safetensors.torch import load_file
+
+    if not os.path.isfile(path):
+        raise CheckpointFileError(f"{path} is missing. {fix_for(path)}")
+    try:
+        return load_file(path)
+    except Exception as e:  # safetensors raises its own SafetensorError (header, truncation) or OSError
+        raise CheckpointFileError(
+            f"{path} cannot be read ({type(e).__name__}: {e}): it is truncated or not a safetensors file. "
+            f"{fix_for(path)}"
+        ) from None
+
+
+def unreadable(what: str, error: Exception, path: str) -> CheckpointFileError:
+    """The error for a saved component (e.g. "the CLIP model in clip/") that a library failed to load."""
+    return CheckpointFileError(
+        f"{what} at {path} cannot be loaded ({type(error).__name__}: {error}). A file there is truncated or not the "
+        f"one hf_pmi wrote. {fix_for(path)}"
+    )

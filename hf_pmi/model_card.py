@@ -11,9 +11,13 @@ The `state` dict (accuracies are fractions in [0, 1]; the card shows percentages
 | `accuracy_matrix` (required) | list of rows of float or None | `A[i][j]`: accuracy on task j's classes after training task i; None (or a short row) for tasks not seen yet |
 | `num_tasks` (required) | int | tasks in the whole sequence |
 | `task_id` (required) | int | 0-based index of the last finished task (the checkpoint's branch is `task-{task_id}`) |
-| `base_model` | str or None | Hub id (or local path) of the pre-trained CLIP |
+| `base_model` | str or None | Hub id of the pre-trained CLIP (anything else, e.g. a local path, is not shown) |
+| `base_in_checkpoint` | bool | the base has no Hub id and its weights are in the checkpoint's `base/` |
 | `dataset` | str or None | Hub dataset id (or a free-form name) |
 | `method` | str, dict or None | a description, or `{"name": ..., "description": ..., <setting>: <value>, ...}` |
+| `data_free` | bool or None | True: no real image of an earlier task was kept; False: the method keeps or revisits real data |
+| `templates` | list[str] or None | the prompt templates the class names were put in (`"a photo of a {}."`) |
+| `has_feature_bank` | bool | the checkpoint has a `feature_bank/` (the how-to-load snippet then loads it) |
 | `class_order` | list[int] or None | label ids in the order the classes arrive |
 | `class_names` | list[str] or None | `class_names[label_id]` |
 | `task_classes` | list[list[int]] or None | label ids of each task (default: `class_order` cut into `num_tasks` equal parts) |
@@ -21,12 +25,13 @@ The `state` dict (accuracies are fractions in [0, 1]; the card shows percentages
 | `seen_accuracy` | list[float] or None | accuracy over all seen classes after each task (adds a column) |
 | `old_accuracy`, `new_accuracy` | float or None | old-class / new-class accuracy after the last task |
 | `inversion` | dict or None | inversion settings (any keys) plus cost keys `seconds` and `full_model_passes` |
-| `repo_id` | str or None | Hub repo for the how-to-load snippets |
+| `repo_id` | str or None | Hub repo for the how-to-load snippets (None: a local folder, loaded by its path) |
 | `replay_grid` | str or None | file name of an image of replay samples, in the same folder |
 | `names_only_classes` | list[str] or None | classes learned from their names only (no image) |
 | `routed_classes` | list[str] or None | those scored by the pre-trained CLIP at inference (`route_classes`) |
 | `tags` | list[str] or None | extra Hub tags |
-| `license` | str | Hub license id (default "apache-2.0"; match your base model's license) |
+| `license` | str or None | Hub licence id of the model (the base model's, when known); None: "other", and the card says the licence was not determined |
+| `license_source` | str or None | where the licence comes from, shown next to it (e.g. "the base model's") |
 | `library_name` | str | default "hf_pmi" (the folder root is an hf_pmi checkpoint; `clip/` is a transformers CLIPModel) |
 | `base_model_relation` | str or None | "adapter" (LoRA) or "finetune": how the checkpoint relates to `base_model` |
 | `lora` | dict or None | LoRA settings (r, alpha, target modules) shown in the card |
@@ -49,17 +54,26 @@ Example:
 
 from __future__ import annotations
 
+import enum
+import json
 import math
 import os
 import re
 from pathlib import Path
 
+from .resolve import hub_repo_id
+
 TEMPLATE_NAME = "continual_clip.md"
 HEATMAP_NAME = "accuracy_matrix.png"
-BASE_TAGS = ["hf_pmi", "continual-learning", "class-incremental-learning", "data-free", "model-inversion", "clip"]
+BASE_TAGS = ["hf_pmi", "continual-learning", "class-incremental-learning", "clip"]  # more by what the run did
 _REQUIRED = ("accuracy_matrix", "num_tasks", "task_id")
 _COST_KEYS = ("seconds", "full_model_passes")
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+def card_tags(method: str, data_free: bool | None, inverts: bool, lora: bool) -> list[str]:
+    """The Hub tags of a card beyond `BASE_TAGS`: the method, and what the run did (each tag once)."""
+    tags = [method] + (["data-free"] if data_free else []) + (["model-inversion"] if inverts else [])
+    return tags + (["lora", "peft"] if lora else [])
 
 
 def find_template(name: str = TEMPLATE_NAME) -> Path:
@@ -97,16 +111,20 @@ def _pp(value) -> str:
 
 
 def _cell(value) -> str:
-    """A value safe inside a markdown table cell."""
+    """A value safe inside a markdown table cell: an enum by its value, floats short, nothing empty ("–": not set)."""
+    if isinstance(value, enum.Enum):
+        value = value.value
     if isinstance(value, float):
         value = f"{value:g}"
     elif isinstance(value, (list, tuple)):
-        value = ", ".join(map(str, value))
-    return str(value).replace("|", "\\|").replace("\n", " ")
+        value = ", ".join(map(_cell, value))
+    text = str(value).replace("|", "\\|").replace("\n", " ")
+    return text if value is not None and text.strip() else "–"
 
 
-def _is_hub_id(value) -> bool:
-    return isinstance(value, str) and bool(_HUB_ID.match(value)) and "--" not in value and ".." not in value
+def _literal(text: str) -> str:
+    """A Python string literal of `text` in double quotes (a JSON string is one)."""
+    return json.dumps(text, ensure_ascii=False)
 
 
 def _square(matrix, num_tasks: int) -> list[list]:
@@ -146,8 +164,8 @@ def card_data(state: dict):
     from huggingface_hub import EvalResult, ModelCardData
 
     tags = list(dict.fromkeys(BASE_TAGS + list(state.get("tags") or [])))
-    base_model = state.get("base_model") if _is_hub_id(state.get("base_model")) else None
-    dataset = state.get("dataset") if _is_hub_id(state.get("dataset")) else None
+    base_model = hub_repo_id(state.get("base_model"))
+    dataset = hub_repo_id(state.get("dataset"))
     model_name = state.get("model_name") or state.get("repo_id") or "continual-clip"
     eval_results = None
     if dataset and state.get("a_last") is not None:
@@ -168,7 +186,7 @@ def card_data(state: dict):
         datasets=[dataset] if dataset else None,
         library_name=state.get("library_name", "hf_pmi"),
         pipeline_tag="zero-shot-image-classification",
-        license=state.get("license", "apache-2.0"),
+        license=state.get("license") or "other",
         tags=tags,
         model_name=model_name if eval_results else None,
         eval_results=eval_results,
@@ -176,10 +194,10 @@ def card_data(state: dict):
 
 
 def _context(state: dict, heatmap: str | None) -> dict:
-    n, task_id = state["num_tasks"], state["task_id"]
-    matrix = _square(state["accuracy_matrix"], n)
+    num_tasks, task_id = state["num_tasks"], state["task_id"]
+    matrix = _square(state["accuracy_matrix"], num_tasks)
     seen = state.get("seen_accuracy")
-    header = ["After task"] + [f"Task {j}" for j in range(n)] + (["All seen"] if seen else [])
+    header = ["After task"] + [f"Task {j}" for j in range(num_tasks)] + (["All seen"] if seen else [])
     rows = []
     for i, row in enumerate(matrix):
         cells = [str(i)] + [_pct(v) for v in row]
@@ -203,10 +221,10 @@ def _context(state: dict, heatmap: str | None) -> dict:
     tasks = []
     for t, ids in enumerate(_task_classes(state)):
         labels = [names[i] if i < len(names) else str(i) for i in ids]
-        for i, n in enumerate(labels):
-            if n in from_names:
-                routed_note = "; scored by the pre-trained CLIP" if n in routed else ""
-                labels[i] = f"{n} (learned from its name only, no image{routed_note})"
+        for k, label in enumerate(labels):
+            if label in from_names:
+                routed_note = "; scored by the pre-trained CLIP" if label in routed else ""
+                labels[k] = f"{label} (learned from its name only, no image{routed_note})"
         tasks.append({"index": t, "classes": _cell(", ".join(labels))})
     seen_classes = sum(len(ids) for ids in _task_classes(state)[: task_id + 1]) or "?"
 
@@ -241,6 +259,15 @@ def _context(state: dict, heatmap: str | None) -> dict:
     repo_id = state.get("repo_id")
     order = state.get("class_order")
     lora = state.get("lora")
+    base_model = hub_repo_id(state.get("base_model"))
+    if base_model:
+        base_display = f"`{base_model}`"
+    elif state.get("base_in_checkpoint"):
+        base_display = "a CLIP model without a Hub id, saved with this checkpoint in `base/`"
+    else:
+        base_display = "a CLIP model without a Hub id (its weights, fine-tuned, are in `clip/`)"
+    templates = list(state.get("templates") or [])
+    license_id = state.get("license")
     return {
         "lora": ", ".join(f"{k} {_cell(v)}" for k, v in lora.items()) if isinstance(lora, dict) else lora,
         "hyperparameters": [(_cell(k), _cell(v)) for k, v in (state.get("hyperparameters") or {}).items()],
@@ -250,13 +277,15 @@ def _context(state: dict, heatmap: str | None) -> dict:
         "title": state.get("model_name") or repo_id or "Continual CLIP (hf_pmi)",
         "task_id": task_id,
         "tasks_done": task_id + 1,
-        "num_tasks": n,
+        "num_tasks": num_tasks,
         "num_seen_classes": seen_classes,
-        "base_model_display": f"`{state['base_model']}`" if state.get("base_model") else "a CLIP model",
+        "base_model_display": base_display,
         "dataset_display": f"`{state['dataset']}`" if state.get("dataset") else "not recorded",
         "method_summary": _cell(name),
         "method_description": description,
         "method_items": items,
+        "data_free": state.get("data_free"),
+        "inverts": bool(inversion),
         "metrics": [{"name": a, "value": b, "definition": c} for a, b, c in metrics],
         "matrix": {"header": header, "rows": rows},
         "heatmap": heatmap,
@@ -266,8 +295,14 @@ def _context(state: dict, heatmap: str | None) -> dict:
         "inversion": inversion_ctx,
         "replay_grid": state.get("replay_grid"),
         "repo_id": repo_id,
-        "repo_ref": repo_id or "path/to/this/folder",
-        "revision": f"task-{task_id}",
+        "checkpoint": _literal(repo_id or f"path/to/task-{task_id}"),  # Python literals for the snippets
+        "revision": _literal(f"task-{task_id}") if repo_id else None,
+        "has_feature_bank": bool(state.get("has_feature_bank", True)),
+        "templates_display": ", ".join(f"`{t}`" for t in templates) if templates else "not recorded",
+        "hypothesis_template": _literal(templates[0] if templates else "{}"),
+        "several_templates": len(templates) > 1,
+        "license_display": f"`{license_id}`" + (f" ({state['license_source']})" if state.get("license_source") else "")
+        if license_id else None,
     }
 
 
@@ -347,16 +382,19 @@ def write_model_card(folder: str | os.PathLike, state: dict, template_path: str 
 
 
 def write_adapter_card(folder: str, base_model: str | None) -> None:
-    """Replace peft's empty README in ``adapter/`` by a short card that points to the checkpoint."""
+    """Replace peft's empty README in ``adapter/`` by a short card that points to the checkpoint.
+
+    `base_model` is the base's Hub id, or None when the base has none (its weights are then in ``base/``)."""
     from huggingface_hub import ModelCard, ModelCardData
 
-    data = ModelCardData(base_model=base_model if base_model and not os.path.isabs(base_model) else None,
-                         library_name="peft", tags=["lora", "hf_pmi", "continual-learning"])
+    base_model = hub_repo_id(base_model)
+    data = ModelCardData(base_model=base_model, library_name="peft", tags=["lora", "hf_pmi", "continual-learning"])
+    base = f"`{base_model}`" if base_model else "the checkpoint's `base/` (a CLIP model without a Hub id)"
     text = (
         f"---\n{data.to_yaml()}\n---\n\n# LoRA adapter of an hf_pmi continual CLIP checkpoint\n\n"
         "The LoRA adapter of the checkpoint one folder up (see its README for the results). Load it on the base "
-        "model with `PeftModel.from_pretrained(base, path, subfolder=\"adapter\")`; the parent folder's `clip/` "
-        "holds the same model merged, and `ContinualCLIP.from_pretrained(path)` loads everything.\n"
+        f"model, {base}, with `PeftModel.from_pretrained(base, path, subfolder=\"adapter\")`; the parent folder's "
+        "`clip/` holds the same model merged, and `ContinualCLIP.from_pretrained(path)` loads everything.\n"
     )
     ModelCard(text)  # the YAML parses
     with open(os.path.join(folder, "README.md"), "w", encoding="utf-8") as f:

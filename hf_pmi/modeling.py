@@ -14,15 +14,18 @@ adapters disabled. Predict with ``routed_logits`` when it is set, else with ``lo
 
 A checkpoint folder holds:
 
-- ``continual_clip.json``: class names, templates, LoRA settings, base model, format version;
+- ``continual_clip.json``: class names, templates, LoRA settings, base model (a Hub id, never a local
+  path), format version, and the sha256 of every file below (verified on load, `hf_pmi.integrity`);
 - ``class_prompts.safetensors``: the tokenised prompts (so logits need no tokenizer to reload);
 - ``clip/``: a plain `CLIPModel` with the checkpoint's weights, LoRA merged and peft's
   ``modules_to_save`` copies unwrapped (`CLIPModel.from_pretrained(path, subfolder="clip")` loads it
-  with no missing or unexpected key and gives the checkpoint's ``logits``; it does not route);
+  with no missing or unexpected key and gives the checkpoint's ``logits``; it does not route), and
+  the processor when one was given: ``pipeline("zero-shot-image-classification", model=f"{path}/clip")``
+  predicts as the model does with ``hypothesis_template`` set to the prompt template;
 - ``adapter/``: the peft LoRA adapter, when there is one
   (`PeftModel.from_pretrained(base, path, subfolder="adapter")` on the base model);
-- ``base/``: the frozen base under the adapter, a plain `CLIPModel`, only when that base has no Hub
-  id or path of its own (a CLIP built from a config);
+- ``base/``: the frozen base under the adapter, a plain `CLIPModel`, whenever that base has no Hub
+  id (a local folder, a CLIP built from a config): the checkpoint loads wherever it is moved or pushed;
 - ``router/``: the `ClassRouter`, when classes are routed.
 
 Example:
@@ -36,23 +39,29 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import os
+import shutil
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 from transformers import CLIPConfig, CLIPModel
 from transformers.utils import ModelOutput
 
 from .blocks import VisionBlocks, unwrap_clip
+from .checkpoint import task_checksums
 from .export import base_state_dict, is_peft, merged_clip, peft_deprecations_silenced
+from .integrity import (CheckpointFileError, file_checksums, load_safetensors, read_json, sha256_file, unreadable,
+                        verify_checksums)
 from .model_card import write_adapter_card
-from .resolve import hub_api, resolve_pretrained_folder
+from .resolve import hub_api, hub_repo_id, resolve_pretrained_folder
 from .routing import ROUTER_FOLDER, ClassRouter
-from .validation import check_checkpoint_prompts, check_local_path, check_templates
+from .validation import (ValidationError, check_checkpoint_prompts, check_class_names, check_distinct_prompts,
+                         check_local_path, check_templates)
 
 DEFAULT_TEMPLATES = ["a bad photo of a {}."]  # the reference's single prompt template
 DEFAULT_LORA_TARGETS = r".*vision_model.*\.(q_proj|v_proj)"  # vision tower only (peft has no CLIP default)
@@ -60,6 +69,7 @@ CONFIG_NAME = "continual_clip.json"
 PROMPTS_NAME = "class_prompts.safetensors"
 # 1: routed classes in continual_clip.json / class_prompts.safetensors; 2: in router/.
 FORMAT_VERSION = 2
+COMPONENTS = ("clip", "adapter", "base", ROUTER_FOLDER)  # the model's subfolders of a checkpoint
 
 
 @dataclass
@@ -153,9 +163,10 @@ class ContinualCLIP(nn.Module):
 
             if lora.target_modules is None:
                 lora.target_modules = DEFAULT_LORA_TARGETS
+            check_modules_to_save(clip, lora.modules_to_save)
             with peft_deprecations_silenced():
                 clip = get_peft_model(clip, lora)
-            lora_dict = lora.to_dict()
+            lora_dict = {k: sorted(v) if isinstance(v, set) else v for k, v in lora.to_dict().items()}  # JSON lists
         model = cls(clip, templates=templates, lora_config=lora_dict)
         if class_names:
             if tokenizer is None:
@@ -214,7 +225,10 @@ class ContinualCLIP(nn.Module):
                 f"Class name(s) {clash} already exist in this model (it knows {self.num_classes} classes). Class "
                 f"names must be unique because they are the classifier: rename the new classes, e.g. with a suffix."
             )
+        check_class_names(names)
         ids, mask = self.tokenize_classes(names, tokenizer)
+        check_distinct_prompts(self.class_names + list(names), torch.cat([self.prompt_ids.cpu(), ids]),
+                               self.prompt_ids.shape[-1])
         device = self.prompt_ids.device
         self.prompt_ids = torch.cat([self.prompt_ids, ids.to(device)])
         self.prompt_mask = torch.cat([self.prompt_mask, mask.to(device)])
@@ -327,35 +341,62 @@ class ContinualCLIP(nn.Module):
         return out
 
     # ----- save / load -------------------------------------------------------------------------
-    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs) -> None:
-        """Write the checkpoint folder described in the module docstring (safetensors + JSON)."""
+    @property
+    def base_model_id(self) -> str | None:
+        """The Hub id of the pre-trained CLIP under this model; None when it has none (a local folder, a CLIP
+        built from a config, a cached backbone): a LoRA checkpoint then keeps that base's weights in ``base/``."""
+        return hub_repo_id(unwrap_clip(self.clip).config._name_or_path)
+
+    def save_pretrained(self, save_directory: str | os.PathLike, processor=None, **kwargs) -> None:
+        """Write the checkpoint folder described in the module docstring (safetensors + JSON).
+
+        With `processor` (the `CLIPProcessor`), it is saved at the top of the folder and in ``clip/``, so
+        that ``pipeline("zero-shot-image-classification", model=f"{folder}/clip")`` works as it is. The
+        checkpoint is self-contained: a base without a Hub id is written to ``base/``, and no local path
+        is recorded anywhere. ``continual_clip.json`` records the sha256 of every file written here,
+        which `from_pretrained` verifies.
+        """
         os.makedirs(save_directory, exist_ok=True)
-        base = unwrap_clip(self.clip)
-        base_name = base.config._name_or_path or None
-        save_base = self.lora_config is not None and not base_name
+        for name in COMPONENTS:  # no component of an earlier save in this folder survives (e.g. a stale router/)
+            shutil.rmtree(os.path.join(save_directory, name), ignore_errors=True)
+        base_id = self.base_model_id
+        save_base = self.lora_config is not None and base_id is None
         merged_clip(self.clip).save_pretrained(os.path.join(save_directory, "clip"))
+        if processor is not None:
+            processor.save_pretrained(save_directory)
+            processor.save_pretrained(os.path.join(save_directory, "clip"))  # clip/ alone is pipeline-ready
         if self.lora_config is not None:
+            adapter_dir = os.path.join(save_directory, "adapter")
             # save_embedding_layers=False: no embedding is adapted or resized, and peft's "auto" would look the
             # base model's config up on the Hub at every save
-            self.clip.save_pretrained(os.path.join(save_directory, "adapter"), save_embedding_layers=False)
-            write_adapter_card(os.path.join(save_directory, "adapter"), base_name)  # not peft's empty template
-            if save_base:  # a base built from a config has no other home: keep its (frozen) weights
+            self.clip.save_pretrained(adapter_dir, save_embedding_layers=False)
+            _record_adapter_base(adapter_dir, base_id)
+            write_adapter_card(adapter_dir, base_id)  # not peft's empty template
+            if save_base:  # a base without a Hub id has no other home: keep its (frozen) weights
                 os.makedirs(os.path.join(save_directory, "base"), exist_ok=True)
-                base.config.save_pretrained(os.path.join(save_directory, "base"))
+                config = copy.deepcopy(unwrap_clip(self.clip).config)
+                config._name_or_path = ""  # a local path means nothing on another machine
+                config.save_pretrained(os.path.join(save_directory, "base"))
                 save_file(base_state_dict(self.clip), os.path.join(save_directory, "base", "model.safetensors"),
                           metadata={"format": "pt"})
         save_file({"prompt_ids": self.prompt_ids.contiguous().cpu(), "prompt_mask": self.prompt_mask.contiguous().cpu()},
-                  os.path.join(save_directory, PROMPTS_NAME))
+                  os.path.join(save_directory, PROMPTS_NAME), metadata={"format": "pt"})
         if len(self.router):
             self.router.save_pretrained(os.path.join(save_directory, ROUTER_FOLDER))
+        checksums = {PROMPTS_NAME: sha256_file(os.path.join(save_directory, PROMPTS_NAME))}
+        for name in COMPONENTS:
+            if os.path.isdir(os.path.join(save_directory, name)):
+                checksums.update({f"{name}/{rel}": digest
+                                  for rel, digest in file_checksums(os.path.join(save_directory, name)).items()})
         meta = {
             "format_version": FORMAT_VERSION,
             "class_names": self.class_names,
             "templates": self.templates,
-            "lora": self.lora_config,
-            "base_model_name_or_path": base_name,
+            "lora": {**self.lora_config, "base_model_name_or_path": base_id} if self.lora_config else None,
+            "base_model_name_or_path": base_id,  # a Hub id or None (then the base is in base/ or merged in clip/)
             "base_saved": save_base,
             "clip_merged": True,  # clip/ holds the merged model; the LoRA base is in base/ (or base_model_name_or_path)
+            "checksums": dict(sorted(checksums.items())),  # verified by from_pretrained (hf_pmi.integrity)
         }
         with open(os.path.join(save_directory, CONFIG_NAME), "w") as f:
             json.dump(meta, f, indent=2, default=str)
@@ -364,6 +405,7 @@ class ContinualCLIP(nn.Module):
         self,
         repo_id: str,
         *,
+        processor=None,
         revision: str | None = None,
         token: str | None = None,
         private: bool | None = None,
@@ -371,9 +413,9 @@ class ContinualCLIP(nn.Module):
         create_pr: bool = False,
         endpoint: str | None = None,
     ):
-        """Upload the `save_pretrained` folder to `repo_id` (created if needed) at `revision` (a branch,
-        created from `main` if missing); `from_pretrained(repo_id, revision=..., token=...)` reloads it.
-        Returns the `huggingface_hub.CommitInfo`.
+        """Upload the `save_pretrained` folder (with `processor`, if given) to `repo_id` (created if needed) at
+        `revision` (a branch, created from `main` if missing); `from_pretrained(repo_id, revision=..., token=...)`
+        reloads it. Returns the `huggingface_hub.CommitInfo`.
 
         Example:
             >>> model.push_to_hub("me/clip-digits", revision="task-4")  # doctest: +SKIP
@@ -386,7 +428,7 @@ class ContinualCLIP(nn.Module):
         if revision and revision != "main":
             api.create_branch(repo_id, branch=revision, exist_ok=True)  # the Hub does not create it on upload
         with tempfile.TemporaryDirectory(prefix="hf_pmi_push_") as folder:
-            self.save_pretrained(folder)
+            self.save_pretrained(folder, processor=processor)
             return api.upload_folder(repo_id=repo_id, folder_path=folder, revision=revision, create_pr=create_pr,
                                      commit_message=commit_message or "hf_pmi: upload ContinualCLIP")
 
@@ -403,6 +445,8 @@ class ContinualCLIP(nn.Module):
     ) -> "ContinualCLIP":
         """Reload a checkpoint written by `save_pretrained` (a local folder or a Hub repo + revision).
 
+        The checksums recorded in the checkpoint are verified before any weight is read: a changed,
+        truncated or missing file raises `hf_pmi.integrity.CheckpointFileError` naming it and the fix.
         `token` and `cache_dir` serve the download of the checkpoint and of a base model it names;
         other keyword arguments go to `CLIPModel.from_pretrained`.
         """
@@ -417,27 +461,32 @@ class ContinualCLIP(nn.Module):
                 f"{path_or_repo_id} is not a ContinualCLIP checkpoint: it has no {CONFIG_NAME}. For a plain CLIP "
                 f"model use `ContinualCLIP.from_clip({str(path_or_repo_id)!r})`."
             )
-        with open(config_file) as f:
-            meta = json.load(f)
+        meta = read_json(config_file)
         version = meta.get("format_version", 1)
         if version > FORMAT_VERSION:
             raise ValueError(
                 f"{config_file} has format version {version}, newer than this hf_pmi reads ({FORMAT_VERSION}): "
                 "upgrade hf_pmi (`pip install -U hf_pmi`)."
             )
+        verify_checksums(folder, _recorded_checksums(folder, meta))
         if meta["lora"] is None:
-            clip = CLIPModel.from_pretrained(os.path.join(folder, "clip"), **kwargs)
+            clip = _load_clip(os.path.join(folder, "clip"), "The CLIP model", **kwargs)
         elif meta["base_saved"]:  # older checkpoints kept the base in clip/
-            clip = CLIPModel.from_pretrained(os.path.join(folder, "base" if meta.get("clip_merged") else "clip"), **kwargs)
+            sub = "base" if meta.get("clip_merged") else "clip"
+            clip = _load_clip(os.path.join(folder, sub), "The base CLIP model", **kwargs)
         else:
-            clip = CLIPModel.from_pretrained(meta["base_model_name_or_path"], **kwargs)
+            clip = CLIPModel.from_pretrained(_base_model(meta["base_model_name_or_path"], folder), **kwargs)
         if meta["lora"] is not None:
             from peft import PeftModel
 
-            with peft_deprecations_silenced():
-                clip = PeftModel.from_pretrained(clip, os.path.join(folder, "adapter"), is_trainable=is_trainable)
+            adapter = os.path.join(folder, "adapter")
+            try:
+                with peft_deprecations_silenced():
+                    clip = PeftModel.from_pretrained(clip, adapter, is_trainable=is_trainable)
+            except Exception as e:  # peft names no file of a truncated adapter
+                raise unreadable("The LoRA adapter", e, adapter) from e
         model = cls(clip, templates=meta["templates"], lora_config=meta["lora"])
-        prompts = load_file(os.path.join(folder, PROMPTS_NAME))
+        prompts = load_safetensors(os.path.join(folder, PROMPTS_NAME))
         check_checkpoint_prompts(meta["class_names"], meta["templates"], prompts["prompt_ids"], folder)
         model.prompt_ids, model.prompt_mask = prompts["prompt_ids"], prompts["prompt_mask"]
         model.class_names = list(meta["class_names"])
@@ -447,6 +496,60 @@ class ContinualCLIP(nn.Module):
         elif meta.get("routed_classes"):  # format 1: the routed classes beside the prompts
             _route_format_1(model, meta["routed_classes"], prompts.get("routed_prototypes"), folder)
         return model
+
+
+def check_modules_to_save(clip: nn.Module, names: list[str] | None) -> None:
+    """Each of peft's ``modules_to_save`` must name a module of the CLIP (peft silently ignores one that does not)."""
+    modules = [name for name, _ in clip.named_modules()]
+    unknown = [m for m in names or [] if not any(n == m or n.endswith("." + m) for n in modules)]
+    if unknown:
+        raise ValidationError(
+            f"LoRA modules_to_save {unknown} match no module of the CLIP model, so nothing would be trained for "
+            f"them. Name modules as `model.named_modules()` lists them, e.g. 'text_projection', "
+            f"'visual_projection' or 'vision_model.post_layernorm'."
+        )
+
+
+def _record_adapter_base(adapter_dir: str, base_id: str | None) -> None:
+    """peft records the base's ``name_or_path`` in ``adapter_config.json``: keep it only when it is a Hub id
+    (a local path would point nowhere on another machine; the checkpoint's ``base/`` holds that base)."""
+    path = os.path.join(adapter_dir, "adapter_config.json")
+    config = read_json(path)
+    if config.get("base_model_name_or_path") != base_id:
+        config["base_model_name_or_path"] = base_id
+        with open(path, "w") as f:
+            json.dump(config, f, indent=2, sort_keys=True)
+
+
+def _recorded_checksums(folder: str, meta: dict) -> dict[str, str] | None:
+    """The checksums of the model's files: those in ``continual_clip.json``, or for a checkpoint written
+    before the model recorded its own, the entries of the task's ``continual_state.json``."""
+    if "checksums" in meta:
+        return meta["checksums"]
+    recorded = task_checksums(folder) or {}
+    return {rel: digest for rel, digest in recorded.items() if rel == PROMPTS_NAME or rel.split("/")[0] in COMPONENTS}
+
+
+def _load_clip(path: str, what: str, **kwargs) -> CLIPModel:
+    """`CLIPModel.from_pretrained` of a folder of the checkpoint; a file it cannot read is named."""
+    try:
+        return CLIPModel.from_pretrained(path, **kwargs)
+    except TypeError:
+        raise  # a wrong keyword argument: the caller's, not the file's
+    except Exception as e:
+        raise unreadable(what, e, path) from e
+
+
+def _base_model(name: str, folder: str) -> str:
+    """The base model a LoRA checkpoint names (written by hf_pmi < 0.2, which recorded local paths too)."""
+    if hub_repo_id(name) is None and not os.path.isdir(os.path.expanduser(name)):
+        raise CheckpointFileError(
+            f"{folder} is a LoRA checkpoint on the base model {name!r}, a local folder that is no longer there, and "
+            f"it does not hold that base itself (checkpoints written since hf_pmi 0.2 do, in base/). Put the base "
+            f"back at that path, or load the merged weights alone with "
+            f"`ContinualCLIP.from_clip({os.path.join(folder, 'clip')!r}, ...)`."
+        )
+    return name
 
 
 def _route_format_1(model: ContinualCLIP, routed: list[int], prototypes: torch.Tensor | None, folder: str) -> None:

@@ -26,15 +26,12 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from .arguments import flag_dataclasses, from_flags
+from .arguments import GroupedArgumentParser, flag_dataclasses, from_flags
 from .blocks import layers_below_pattern
-from .config import ContinualConfig
+from .config import DEFAULT_METHOD, ContinualConfig
 from .methods import method_class
 from .modeling import DEFAULT_LORA_TARGETS
-from .validation import check_local_path
-
-DEFAULT_METHOD = "finetune"  # the method of a run that names none (ContinualConfig's default)
-
+from .validation import check_local_path, require_count
 
 @dataclass
 class RecipeArguments:
@@ -77,6 +74,9 @@ class RecipeArguments:
     lora_modules_to_save: list[str] | None = field(
         default=None, metadata={"help": "Modules trained whole next to LoRA (e.g. text_projection)."}
     )
+
+    def __post_init__(self):
+        require_count("lora_r", self.lora_r, 0, " (0: train the whole model without LoRA)")
 
 
 def read_class_order(path: str) -> list[int]:
@@ -185,8 +185,6 @@ def parse_run_args(argv: list[str] | None = None, parts: tuple[type, ...] = (Rec
         >>> args.method, method_config.inversion.layer_steps, method_config.inversion.refine_steps
         ('pmi', 7, 5)
     """
-    from transformers import HfArgumentParser
-
     defaults = dict(defaults or {})
     probe = argparse.ArgumentParser(add_help=False)
     probe.add_argument("--method", default=defaults.get("method"))
@@ -194,7 +192,7 @@ def parse_run_args(argv: list[str] | None = None, parts: tuple[type, ...] = (Rec
     config_cls = method_class(method).config_class
     groups = [_parser_classes(part) for part in (*parts, ContinualConfig, config_cls)]
     classes = [cls for group in groups for cls in group]
-    parser = HfArgumentParser(classes, prog=prog)
+    parser = GroupedArgumentParser(classes, prog=prog, last_groups=[ContinualConfig.default_flag_group])
     dests = {f.name for cls in classes for f in dataclasses.fields(cls)}
     parser.set_defaults(**{k: v for k, v in defaults.items() if k in dests})
     parsed = list(parser.parse_args_into_dataclasses(argv))
@@ -209,8 +207,11 @@ def run_recipe(recipe: RecipeArguments, args, method_config=None):
     """Train the whole task sequence; prints the accuracy matrix and returns the `ContinualResult`."""
     from transformers import set_seed
 
+    from .lock import RunLock
     from .trainer import ContinualTrainer
 
+    if args.process_index == 0:
+        RunLock(args.output_dir).check()  # before loading data and model: another run writing there is refused
     tasks = build_tasks(recipe, seed=args.seed)
     set_seed(args.seed)  # LoRA weights are drawn in build_model, before the Trainer seeds anything
     model, processor = build_model(recipe, replay_block(method_config))

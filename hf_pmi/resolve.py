@@ -17,10 +17,11 @@ Example:
 from __future__ import annotations
 
 import fnmatch
+import functools
 import os
 import posixpath
 
-from .validation import check_local_path
+from .validation import check_local_path, looks_like_local_path
 
 #: File name patterns that may hold a pickle. They are never downloaded and never loaded.
 PICKLE_PATTERNS = ["*.bin", "*.pt", "*.pth", "*.pkl", "*.pickle", "*.ckpt"]
@@ -45,6 +46,50 @@ def hub_api(token=None, endpoint=None):
     from .version import __version__
 
     return HfApi(endpoint=endpoint, token=token, library_name="hf_pmi", library_version=__version__)
+
+
+def hub_repo_id(name) -> str | None:
+    """`name` when it is a Hub repo id ("namespace/name" or "name"), None for anything else: empty, a local
+    path (even one that is no longer there), or a string the Hub would refuse. A model whose base has no
+    Hub id must carry that base's weights, since nobody else could load it by its name.
+
+    Example:
+        >>> hub_repo_id("openai/clip-vit-base-patch16"), hub_repo_id("/home/me/clip"), hub_repo_id("")
+        ('openai/clip-vit-base-patch16', None, None)
+    """
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    if not isinstance(name, str) or not name:
+        return None
+    if looks_like_local_path(name) or os.path.exists(os.path.expanduser(name)):
+        return None
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return None
+    return name
+
+
+@functools.lru_cache(maxsize=32)  # one look-up per base model and process (every task writes a card)
+def hub_model_license(repo_id: str | None, token: str | None = None, timeout: float = 10.0) -> str | None:
+    """The licence id in the Hub card of model `repo_id` (e.g. "mit"), or None when it cannot be known: no
+    Hub id, offline mode, the Hub unreachable within `timeout` seconds, or a card without one. Never raises.
+
+    Example:
+        >>> hub_model_license("openai/clip-vit-base-patch16")  # doctest: +SKIP
+        'other'
+    """
+    import huggingface_hub
+
+    if hub_repo_id(repo_id) is None or huggingface_hub.is_offline_mode():
+        return None
+    try:
+        card = hub_api(token).model_info(repo_id, timeout=timeout).card_data
+    except Exception:  # the card is informative: a Hub problem must not stop a run
+        return None
+    license_id = card.get("license") if card is not None else None
+    return license_id if isinstance(license_id, str) and license_id else None
 
 
 def is_pickle_name(path: str) -> bool:

@@ -13,6 +13,7 @@ Example:
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import os
 import shutil
@@ -150,3 +151,49 @@ def check_resume_consistency(state: dict, trainer, folder: str) -> None:
     if recorded is not None and recorded != trainer.dataset_fingerprint:
         raise ValidationError(f"{folder} was trained on another data set (fingerprint {recorded}, this run's "
                               f"{trainer.dataset_fingerprint}): its images, labels or split differ. {fix}")
+
+
+# ----- the model ---------------------------------------------------------------------------------
+_ARCHITECTURE = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
+_LORA_KEYS = ("r", "lora_alpha", "target_modules", "modules_to_save")
+
+
+def _architecture(config: dict) -> dict:
+    """What makes two CLIPs the same architecture, from a `CLIPConfig` as a dict."""
+    out = {f"{tower}.{key}": config.get(f"{tower}_config", {}).get(key)
+           for tower in ("vision", "text") for key in _ARCHITECTURE}
+    vision = config.get("vision_config", {})
+    return {**out, "vision.image_size": vision.get("image_size"), "vision.patch_size": vision.get("patch_size"),
+            "projection_dim": config.get("projection_dim")}
+
+
+def _lora(lora: dict | None) -> dict | None:
+    if not lora:
+        return None
+    normal = {k: lora.get(k) for k in _LORA_KEYS}
+    for key in ("target_modules", "modules_to_save"):  # peft stores lists as sets (JSON: lists in any order)
+        value = normal[key]
+        if isinstance(value, str) and value.startswith("{"):  # a set written by str() (hf_pmi < 0.2)
+            value = ast.literal_eval(value)
+        normal[key] = sorted(value) if isinstance(value, (list, tuple, set)) else value
+    return normal
+
+
+def check_same_model(model, folder: str) -> None:
+    """A resumed run must build the model of the interrupted run: the checkpoint's architecture and LoRA
+    settings (resuming otherwise continued the checkpoint's model, silently ignoring the new settings)."""
+    from .integrity import read_json
+
+    saved = _architecture(read_json(os.path.join(folder, "clip", "config.json")))
+    built = _architecture(model.clip_config.to_dict())
+    diff = {k: (saved[k], built[k]) for k in saved if saved[k] != built[k]}
+    saved_lora = _lora(read_json(os.path.join(folder, "continual_clip.json")).get("lora"))
+    if saved_lora != _lora(model.lora_config):
+        diff["lora"] = (saved_lora, _lora(model.lora_config))
+    if diff:
+        shown = "; ".join(f"{k}: checkpoint {a}, this run {b}" for k, (a, b) in diff.items())
+        raise ValidationError(
+            f"{folder} holds another model than this run builds ({shown}). Resume with the model settings of the "
+            f"interrupted run (e.g. the same --model_size, --model_name_or_path, --lora_r), or start a new run with "
+            f"--overwrite_output_dir true or another --output_dir."
+        )

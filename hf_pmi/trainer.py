@@ -33,29 +33,31 @@ import numpy as np
 import torch
 from transformers import Trainer, set_seed
 
-from . import faults
 from .checkpoint import RESULTS_NAME, STATE_NAME, ContinualResult, latest_task_checkpoint, read_state, write_json
 from .config import ContinualConfig
 from .data import ContinualCollator, ContinualTasks, TaskPlan
 from .evaluation import task_accuracies
 from .guard import DivergenceGuard, check_loss, check_weights
 from .hub import check_hub_access, push_task_checkpoint
-from .integrity import verify_checksums, weight_checksums
+from .lock import RunLock
+from .integrity import file_checksums, read_json, sha256_file, verify_checksums
 from .log import get_logger, set_verbosity
 from .methods import MethodConfig, method_class
 from .metrics import continual_metrics
 from .model_card import write_model_card
+from .modeling import CONFIG_NAME as CLIP_CONFIG_NAME
 from .modeling import ContinualCLIP
 from .names_only import is_names_only, names_only_tasks
 from .resolve import resolve_pretrained_folder
 from .resume import (
-    check_resume_consistency, dataset_fingerprint, prepare_output_dir, restore_trainable, resume_request,
-    trainable_parameter_names,
+    check_resume_consistency, check_same_model, dataset_fingerprint, prepare_output_dir, restore_trainable,
+    resume_request, trainable_parameter_names,
 )
 from .seeding import task_seed
 from .tracking import ContinualCallbackHandler, summary_line, task_metrics
 from .trainer_hub import ContinualHubMixin, card_state, continued_args
-from .validation import check_checkpoint_prompts, check_output_dir_writable, check_templates, check_training_settings
+from .validation import (check_checkpoint_prompts, check_distinct_prompts, check_output_dir_writable,
+                         check_processor_fits, check_templates, check_training_settings)
 
 logger = get_logger()
 __all__ = ["ContinualResult", "ContinualTrainer", "latest_task_checkpoint"]
@@ -104,6 +106,8 @@ class ContinualTrainer(ContinualHubMixin, Trainer):
         self.tasks = tasks
         self.method = method_cls(self, method_config)
         self._validate()  # every setting and input, before any work
+        self._run_lock = RunLock(args.output_dir)
+        self._on_main_process(self._run_lock.check)  # another run writing to output_dir: refused before any work
         self.dataset_fingerprint = dataset_fingerprint(tasks)
         self.current_task = None  # global index of the task being learnt (divergence errors name it)
         self.add_callback(DivergenceGuard(self))
@@ -127,6 +131,10 @@ class ContinualTrainer(ContinualHubMixin, Trainer):
         model = self.accelerator.unwrap_model(self.model)
         check_templates(model.templates)
         check_checkpoint_prompts(model.class_names, model.templates, model.prompt_ids, "The model")
+        check_processor_fits(self.processing_class.image_processor, model.clip_config.vision_config.image_size)
+        names = model.class_names + [n for n in self.tasks.class_names if n not in model.class_names]
+        check_distinct_prompts(names, model.tokenize_classes(names, self.processing_class.tokenizer)[0],
+                               model.prompt_ids.shape[-1])  # every task's classes, not only the first task's
         if any(is_names_only(t) for t in self.tasks) and not self.method.learns_from_names:
             raise ValueError(
                 f"Names-only tasks are learned by inverting projected features: use method='pmi' (got "
@@ -145,8 +153,16 @@ class ContinualTrainer(ContinualHubMixin, Trainer):
         if resume_from_checkpoint is None:
             resume_from_checkpoint = self.args.resume_from_checkpoint
         resume_from_checkpoint = resume_request(resume_from_checkpoint)
-        if self.is_world_process_zero():
-            prepare_output_dir(self.args.output_dir, resume_from_checkpoint, self.args.overwrite_output_dir)
+        self._on_main_process(self._run_lock.acquire)  # one writer per output_dir (hf_pmi.lock)
+        try:
+            return self._train_tasks(resume_from_checkpoint, **kwargs)
+        finally:
+            if self.is_world_process_zero():
+                self._run_lock.release()
+
+    def _train_tasks(self, resume_from_checkpoint: bool | str | None, **kwargs) -> ContinualResult:
+        self._on_main_process(lambda: prepare_output_dir(self.args.output_dir, resume_from_checkpoint,
+                                                         self.args.overwrite_output_dir))
         self.accelerator.wait_for_everyone()
         start, elapsed = 0, 0.0
         if resume_from_checkpoint:
@@ -185,6 +201,23 @@ class ContinualTrainer(ContinualHubMixin, Trainer):
             self.callback_handler.finish(self.args, self.state, self.control)
         self._wait_for_pushes()
         return self.result(time.time() - wall)
+
+    def _on_main_process(self, fn) -> None:
+        """Run `fn` on the main process only; an error there stops every process (none waits for it forever)."""
+        error = None
+        if self.is_world_process_zero():
+            try:
+                fn()
+            except Exception as e:
+                error = e
+        if self.accelerator.num_processes > 1:
+            from accelerate.utils import broadcast_object_list
+
+            message = broadcast_object_list([None if error is None else f"{type(error).__name__}: {error}"])[0]
+            if message and error is None:
+                raise RuntimeError(f"The main process stopped the run: {message}")
+        if error is not None:
+            raise error
 
     @contextlib.contextmanager
     def _task_scope(self, plan: TaskPlan):
@@ -291,7 +324,6 @@ class ContinualTrainer(ContinualHubMixin, Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         loss = self.method.compute_loss(model, inputs, num_items_in_batch)
         check_loss(loss, self.current_task, self.state.global_step + 1)
-        faults.hit("train_step")
         return (loss, None) if return_outputs else loss
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
@@ -343,10 +375,8 @@ class ContinualTrainer(ContinualHubMixin, Trainer):
         if self.is_world_process_zero():
             tmp = folder + ".tmp"
             shutil.rmtree(tmp, ignore_errors=True)
-            model.save_pretrained(tmp)
-            self.processing_class.save_pretrained(tmp)
+            model.save_pretrained(tmp, processor=self.processing_class)
             self.method.save(tmp)
-            faults.hit("save")
             state = {
                 "task_id": g,
                 "num_tasks": self.num_total_tasks,
@@ -358,7 +388,7 @@ class ContinualTrainer(ContinualHubMixin, Trainer):
                 "method_info": self.method.card_info(),
                 "trainable_parameters": trainable_parameter_names(model),
                 "dataset_fingerprint": self.dataset_fingerprint,
-                "checksums": weight_checksums(tmp),
+                "checksums": task_file_checksums(tmp),  # every safetensors and JSON file, verified on every load
                 "global_step": self.callback_handler.step_offset,  # trackers' step after this task
                 **result.to_dict(),
             }
@@ -403,6 +433,7 @@ class ContinualTrainer(ContinualHubMixin, Trainer):
         state = read_state(folder)
         check_resume_consistency(state, self, folder)
         verify_checksums(folder, state.get("checksums"))
+        check_same_model(self.accelerator.unwrap_model(self.model), folder)
         model = ContinualCLIP.from_pretrained(folder).to(self.args.device)
         restore_trainable(model, state.get("trainable_parameters"), folder)
         self.model = self.model_wrapped = model
@@ -415,4 +446,16 @@ class ContinualTrainer(ContinualHubMixin, Trainer):
         self._resumed_wall_seconds = float(state.get("wall_seconds", 0.0))
         self.callback_handler.step_offset = state.get("global_step", 0)
         logger.info("Resumed from %s (task %d finished).", folder, state["task_id"])
+        if self.is_world_process_zero():  # announced like the task lines: the run does not start from scratch
+            print(f"[hf_pmi] Resuming from {folder}: {state['task_id'] + 1} of {self.num_total_tasks} tasks "
+                  f"finished, continuing with task {state['task_id'] + 1}.", flush=True)
         return state["task_id"]
+
+
+def task_file_checksums(folder: str) -> dict[str, str]:
+    """The sha256 of every safetensors and JSON file of a task folder being written; the model's files
+    are taken from its own manifest (just computed by `ContinualCLIP.save_pretrained`), not hashed twice."""
+    model_files = read_json(os.path.join(folder, CLIP_CONFIG_NAME)).get("checksums", {})
+    sums = {**model_files, **file_checksums(folder, exclude=(CLIP_CONFIG_NAME, *model_files)),
+            CLIP_CONFIG_NAME: sha256_file(os.path.join(folder, CLIP_CONFIG_NAME))}
+    return dict(sorted(sums.items()))

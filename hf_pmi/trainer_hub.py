@@ -13,7 +13,8 @@ therefore act on the latest finished task:
   `license`, `tags`, `model_name`, `finetuned_from`, `dataset` override what the run knows) into
   ``output_dir/README.md``.
 
-Mid-task `Trainer` checkpoints (``save_strategy``) keep the `Trainer`'s own format.
+The `Trainer`'s own mid-task checkpoints (``save_strategy``) are refused before any work
+(`hf_pmi.validation.check_task_loop_arguments`): they would be pickles that resume never reads.
 
 `card_state` gathers the card's facts from the trainer: real class order, the Hub dataset id (a
 local folder loaded with a packaged builder such as ``imagefolder`` has none), base model and its
@@ -27,9 +28,9 @@ import shutil
 
 from .checkpoint import ContinualResult, latest_task_checkpoint, read_state
 from .hub import check_hub_access, push_task_checkpoint
-from .blocks import unwrap_clip
 from .log import get_logger
-from .model_card import write_model_card
+from .model_card import card_tags, write_model_card
+from .resolve import hub_model_license
 
 logger = get_logger()
 
@@ -87,7 +88,8 @@ def card_state(trainer, g: int, result, folder: str) -> dict:
     """The `hf_pmi.model_card` state of global task `g` (see the table in that module)."""
     model = trainer.accelerator.unwrap_model(trainer.model)
     info = trainer.method.card_info()
-    base_model = unwrap_clip(model.clip).config._name_or_path or None
+    base_model = model.base_model_id  # a Hub id or None: a local path means nothing to the card's readers
+    base_license = hub_model_license(base_model, trainer.args.hub_token)
     lora = model.lora_config
     tasks = trainer.tasks
     dataset = dataset_id(tasks)
@@ -97,7 +99,13 @@ def card_state(trainer, g: int, result, folder: str) -> dict:
         "num_tasks": trainer.num_total_tasks,
         "task_id": g,
         "base_model": base_model,
+        "base_in_checkpoint": bool(lora) and base_model is None,  # ContinualCLIP.save_pretrained writes base/
         "base_model_relation": "adapter" if lora else "finetune",
+        "license": base_license,
+        "license_source": "the base model's" if base_license else None,
+        "templates": model.templates,
+        "data_free": trainer.method.data_free,
+        "has_feature_bank": os.path.isdir(os.path.join(folder, "feature_bank")),
         "lora": {k: lora.get(k) for k in ("r", "lora_alpha", "target_modules", "modules_to_save")} if lora else None,
         "dataset": dataset,
         "method": {"name": trainer.args.method, "description": (type(trainer.method).__doc__ or "").strip()},
@@ -123,8 +131,7 @@ def card_state(trainer, g: int, result, folder: str) -> dict:
         "routed_classes": [model.class_names[c] for c in model.routed_classes],
         "hyperparameters": _hyperparameters(trainer.args, info.get("settings")),
         "framework_versions": framework_versions(),
-        "tags": ["continual-learning", "class-incremental", "clip", "hf_pmi", trainer.args.method]
-        + (["lora", "peft"] if lora else []),
+        "tags": card_tags(trainer.args.method, trainer.method.data_free, bool(info.get("inversion")), bool(lora)),
     }
 
 
@@ -178,8 +185,7 @@ class ContinualHubMixin:
             latest = latest_task_checkpoint(self.args.output_dir)
             os.makedirs(output_dir, exist_ok=True)
             if latest is None:
-                self.accelerator.unwrap_model(self.model).save_pretrained(output_dir)
-                self.processing_class.save_pretrained(output_dir)
+                self.accelerator.unwrap_model(self.model).save_pretrained(output_dir, processor=self.processing_class)
             elif os.path.abspath(latest) != os.path.abspath(output_dir):
                 shutil.copytree(latest, output_dir, dirs_exist_ok=True)
             logger.info("Saved %s to %s", latest or "the model", output_dir)
@@ -223,7 +229,7 @@ class ContinualHubMixin:
         result = ContinualResult.from_state(saved)
         state = card_state(self, saved["task_id"], result, folder)
         if license:
-            state["license"] = license
+            state["license"], state["license_source"] = license, None
         if tags:
             state["tags"] = state["tags"] + ([tags] if isinstance(tags, str) else list(tags))
         if model_name:

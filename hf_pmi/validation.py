@@ -57,6 +57,31 @@ def check_checkpoint_prompts(class_names: list[str], templates: list[str], promp
         )
 
 
+def check_class_names(names: list, where: str = "The class names") -> None:
+    """Every class needs a name: CLIP classifies by it (an empty name gives every such class the same prompt)."""
+    empty = [i for i, name in enumerate(names) if not isinstance(name, str) or not name.strip()]
+    if empty:
+        raise ValidationError(
+            f"{where} of label(s) {empty} are empty ({[names[i] for i in empty]}): CLIP classifies by class name, "
+            f"so every class needs one. Pass class_names=[...] (one per label) or fix the dataset's ClassLabel names."
+        )
+
+
+def check_distinct_prompts(names: list[str], prompt_ids, max_length: int) -> None:
+    """Different classes must get different tokenised prompts: the tokenizer cuts every prompt to
+    `max_length` tokens, and names that differ only beyond that cut would become one classifier row."""
+    rows: dict[bytes, list[str]] = {}
+    for name, ids in zip(names, prompt_ids.reshape(len(names), -1)):
+        rows.setdefault(ids.numpy().tobytes(), []).append(name)
+    same = [group for group in rows.values() if len(group) > 1]
+    if same:
+        raise ValidationError(
+            f"Class names {same[0]} give identical prompts once the tokenizer cuts them to {max_length} tokens, so "
+            f"the model could not tell them apart{f' ({len(same)} such groups)' if len(same) > 1 else ''}. Shorten "
+            f"the names (or the prompt template) so that they differ within the first {max_length} tokens."
+        )
+
+
 # ----- paths -----------------------------------------------------------------------------------
 def looks_like_local_path(name: str) -> bool:
     """True when `name` can only be a file system path, never a Hub id ('namespace/name')."""
@@ -93,6 +118,21 @@ def check_output_dir_writable(output_dir: str) -> None:
         ) from None
 
 
+def check_processor_fits(image_processor, image_size: int, where: str = "The model") -> None:
+    """The image processor must make images of the size the model takes (a checkpoint continued or resumed
+    with another processor would otherwise fail at the first batch with a tensor-size error)."""
+    from PIL import Image
+
+    probe = Image.new("RGB", (image_size + 7, image_size + 3))  # not square and not the target size: resize + crop act
+    height, width = image_processor(images=[probe], return_tensors="pt")["pixel_values"].shape[-2:]
+    if (height, width) != (image_size, image_size):
+        raise ValidationError(
+            f"The image processor makes {height}x{width} images but {where.lower()} takes {image_size}x{image_size} "
+            f"(vision_config.image_size). Use the processor saved with the model (e.g. "
+            f"`AutoProcessor.from_pretrained(checkpoint)`), or one whose crop size is {image_size}."
+        )
+
+
 # ----- settings --------------------------------------------------------------------------------
 def require(ok: bool, name: str, value, rule: str, fix: str = "") -> None:
     """Raise `ValidationError` naming the setting `name`, its `value`, the `rule` it breaks and the `fix`.
@@ -127,6 +167,38 @@ def require_count(name: str, value, minimum: int = 1, meaning: str = "") -> None
 def require_positive(name: str, value, meaning: str = "") -> None:
     """A finite number > 0."""
     require(finite(value) and value > 0, name, value, f"> 0{meaning}")
+
+
+def _value(setting):
+    return getattr(setting, "value", setting)  # an enum of transformers (IntervalStrategy, ...) or its string
+
+
+def check_task_loop_arguments(args) -> None:
+    """`TrainingArguments` the continual task loop does not support are refused with the reason (never
+    ignored, and never a pickled Trainer checkpoint written): see each message."""
+    if _value(args.eval_strategy) != "no" or getattr(args, "eval_on_start", False):
+        raise ValidationError(
+            f"eval_strategy={_value(args.eval_strategy)!r} (or eval_on_start) is not supported: the continual loop "
+            f"evaluates after every task, on the test data of all seen classes (a row of the accuracy matrix, logged "
+            f"as eval/...), and has no evaluation set within a task. Drop --eval_strategy / --eval_on_start."
+        )
+    if _value(args.save_strategy) != "no":
+        raise ValidationError(
+            f"save_strategy={_value(args.save_strategy)!r} is not supported: every finished task is saved as "
+            f"output_dir/task-<i> (safetensors and JSON, what --resume_from_checkpoint reads), while the Trainer's "
+            f"mid-task checkpoints would hold pickled optimizer and RNG states that resume never uses, numbered "
+            f"afresh in every task. Drop --save_strategy."
+        )
+    if args.load_best_model_at_end:
+        raise ValidationError(
+            "load_best_model_at_end=True is not supported: there is no evaluation within a task to choose a best "
+            "model by, and every task continues from the previous task's last weights. Drop --load_best_model_at_end."
+        )
+    if not args.do_train:
+        raise ValidationError(
+            "do_train=False is not supported: a continual run always learns its tasks. To evaluate a model "
+            "without training it use --method zero_shot, and to score a checkpoint `hf-pmi eval --checkpoint ...`."
+        )
 
 
 def check_training_settings(args, trains: bool = True) -> None:
@@ -167,9 +239,7 @@ def check_labels_match_names(train, label_column: str, names: list[str], class_n
             f"class_names out to use the ClassLabel's names."
         )
     labels = _label_array(train, label_column)
-    if labels is None:
-        return  # streaming: labels are only seen while training (the collator names unknown ones)
-    present = np.unique(labels)
+    present = np.array(sorted(_streamed_labels(train, label_column, len(names)))) if labels is None else np.unique(labels)
     unnamed = [int(y) for y in present if not 0 <= y < len(names)]
     if unnamed:
         raise ValidationError(
@@ -182,6 +252,56 @@ def check_labels_match_names(train, label_column: str, names: list[str], class_n
             f"Class(es) {empty} have no training examples (an empty class folder, or more class names than "
             f"labels). Add images for them, or remove them: drop the empty folder or the extra names."
         )
+
+
+def _streamed_labels(train, label_column: str, num_classes: int) -> set[int]:
+    """The labels of a streamed dataset: its label column is read (no image is decoded) until every one of
+    `num_classes` classes has been seen; a class with no row costs one pass over the labels."""
+    seen: set[int] = set()
+    for row in train.select_columns([label_column]):
+        seen.add(int(row[label_column]))
+        if len(seen) >= num_classes:
+            break
+    return seen
+
+
+def _image_problem(value) -> str | None:
+    """What is wrong with an undecoded image (``{"bytes", "path"}`` or None), or None if PIL can read it."""
+    import io
+
+    from PIL import Image
+
+    if value is None or (isinstance(value, dict) and not value.get("bytes") and not value.get("path")):
+        return "the image is missing (None)"
+    data, path = value.get("bytes"), value.get("path")
+    if not data and not os.path.isfile(path):
+        return f"the image file {path} does not exist"
+    try:
+        with Image.open(io.BytesIO(data) if data else path) as image:
+            image.verify()  # reads the whole file: a truncated PNG fails here, not in the middle of a task
+    except Exception as e:
+        name = path or "(stored in the dataset)"
+        return f"the image {name} cannot be read ({type(e).__name__}: {e}): it is truncated or not an image"
+    return None
+
+
+def check_images(ds, image_column: str, split: str) -> None:
+    """Every image of a map-style dataset exists and PIL can read it (one pass over the encoded images, none
+    decoded); the first broken one is named by its row and file. Streamed data is only read while training."""
+    from datasets import Image as ImageFeature
+
+    if not hasattr(ds, "__len__") or not isinstance((ds.features or {}).get(image_column), ImageFeature):
+        return
+    raw = ds.select_columns([image_column]).cast_column(image_column, ImageFeature(decode=False))
+    chunk = 1000  # rows per read: bounded memory whatever the dataset's size
+    for start in range(0, len(raw), chunk):
+        for row, value in enumerate(raw[start : start + chunk][image_column], start):
+            problem = _image_problem(value)
+            if problem:
+                raise ValidationError(
+                    f"Row {row} of the {split} data: {problem}. Fix or drop the broken rows before training, e.g. "
+                    f"`ds = ds.select([i for i in range(len(ds)) if i != {row}])`."
+                )
 
 
 def align_test_labels(test, train, label_column: str, names: list[str]):

@@ -1,9 +1,12 @@
 """Offline demo: 5 tasks x 2 classes of scikit-learn's digits on a small CLIP.
 
 Needs no network: the model, the tokenizer and the data are made locally (`hf_pmi.testing`). As in
-the method's own setting, the CLIP is pre-trained (here on rendered letters, `letters_clip`, ~2 min
-on first use, then cached) and adapted with LoRA; ``--backbone scratch --lora_r 0`` trains a
-random CLIP whole instead, a much harder regime (docs/benchmarks.md).
+the method's own setting, the CLIP is pre-trained (here on rendered letters, `letters_clip`) and
+adapted with LoRA. The default mini backbone ships with hf_pmi (made by ``python -m
+hf_pmi.testing.backbones --export letters``, sha256 verified on load), so the demo starts at once and
+gives the same numbers on every machine; ``--model_size tiny`` pre-trains a tiny one on first use
+(~25 s, then cached). ``--backbone scratch --lora_r 0`` trains a random CLIP whole instead, a much
+harder regime (docs/benchmarks.md).
 
     accelerate launch recipes/clip_digits.py --output_dir runs/digits --method pmi --seed 0
 
@@ -19,6 +22,7 @@ from transformers import set_seed
 from hf_pmi import ContinualCLIP, ContinualTrainer, split_class_incremental
 from hf_pmi.blocks import layers_below_pattern
 from hf_pmi.recipe import parse_run_args, replay_block
+from hf_pmi.validation import require_count
 from hf_pmi.testing import build_clip, build_processor, letters_clip, load_digits_dataset
 
 # Digits tasks are small (~250 images): more epochs with a short warm-up than the reference's 3 epochs /
@@ -38,8 +42,9 @@ DEFAULTS = dict(
 class DigitsArguments:
     backbone: str = field(
         default="letters",
-        metadata={"help": "'letters': a CLIP pre-trained on rendered letters (cached in --backbone_dir), the offline "
-                  "stand-in for a pre-trained CLIP; 'scratch': a randomly initialised CLIP."},
+        metadata={"help": "'letters': a CLIP pre-trained on rendered letters, the offline stand-in for a pre-trained "
+                  "CLIP (the mini one ships with hf_pmi; another size is pre-trained once into --backbone_dir); "
+                  "'scratch': a randomly initialised CLIP."},
     )
     backbone_dir: str | None = field(
         default=None, metadata={"help": "Cache folder of the letters backbone (default: $HF_PMI_CACHE or ~/.cache/hf_pmi)."}
@@ -77,6 +82,8 @@ class DigitsArguments:
 
 def main(argv=None):
     script, args, method_config = parse_run_args(argv, parts=(DigitsArguments,), defaults=DEFAULTS)
+    if script.lora_r is not None:
+        require_count("lora_r", script.lora_r, 0, " (0: train the whole vision tower without LoRA)")
     if script.text_training not in ("all", "projection", "none"):
         raise ValueError(f"--text_training must be all, projection or none, got {script.text_training!r}.")
     if script.backbone not in ("letters", "scratch"):

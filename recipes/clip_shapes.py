@@ -2,8 +2,9 @@
 learning classes from their names only.
 
 Needs no network. The backbone is `hf_pmi.testing.backbones.shapes_clip` (a small CLIP pre-trained with the CLIP objective
-on rendered shapes and captions, text tower included: ~20 min on one CPU thread on first use, then
-cached), adapted with LoRA. The data are the 16 shape-colour pairs it never saw, cut into 5 tasks;
+on rendered shapes and captions, text tower included; with the default ``--pretrain_steps`` it ships with
+hf_pmi, made by ``python -m hf_pmi.testing.backbones --export shapes``, otherwise ~20 min on one CPU
+thread on first use, then cached), adapted with LoRA. The data are the 16 shape-colour pairs it never saw, cut into 5 tasks;
 the last ``--names_only_last`` tasks (default 1) are learned from their class names alone
 (`hf_pmi.names_only`, settings ``--names_only_<field>`` of `NamesOnlyConfig`), with no image; their test
 images are still used to evaluate them.

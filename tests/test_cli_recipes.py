@@ -39,10 +39,31 @@ def world(tmp_path_factory, digits):
     return root
 
 
-def test_hf_pmi_help_lists_the_commands():
+def test_hf_pmi_help_lists_the_commands_and_the_version():
     out = run([sys.executable, "-m", "hf_pmi.cli", "--help"]).stdout
-    assert "train" in out and "eval" in out and "usage: hf-pmi" in out
-    assert "--class_order_file" in run([sys.executable, "-m", "hf_pmi.cli", "train", "--help"]).stdout
+    assert "train" in out and "eval" in out and "usage: hf-pmi" in out and "--version" in out
+    from hf_pmi import __version__
+
+    assert run([sys.executable, "-m", "hf_pmi.cli", "--version"]).stdout.startswith(f"hf-pmi {__version__} (torch ")
+
+
+def test_train_help_reads_by_config_and_pmi_is_the_default_method():
+    text = run([sys.executable, "-m", "hf_pmi.cli", "train", "--help"]).stdout
+    titles = ["recipe (RecipeArguments):", "continual run (ContinualConfig):", "replay training (ReplayConfig):",
+              "inversion (InversionConfig):", "Trainer (transformers.TrainingArguments, with hf_pmi's defaults):"]
+    where = [text.index(t) for t in titles]
+    assert where == sorted(where)  # recipe, continual run, the method's groups, then the Trainer's
+    assert where[0] < text.index("--class_order_file") < where[1] < text.index("--method") < where[2]
+    assert where[2] < text.index("--replay_batch_size") < where[3] < text.index("--inversion_batch_size") < where[4]
+    assert where[4] < text.index("--per_device_train_batch_size")
+    assert text.count("\n") < 800 and text.index("options:") < 200  # a short usage line, not every flag twice
+    from hf_pmi.config import ContinualConfig
+    from hf_pmi.methods.pmi import PMIConfig
+    from hf_pmi.recipe import parse_run_args
+
+    recipe, args, method_config = parse_run_args(["--output_dir", "out"])
+    assert args.method == "pmi" and isinstance(method_config, PMIConfig)
+    assert ContinualConfig(output_dir="out").method == "pmi"
 
 
 def test_cli_train_then_eval_agree(tmp_path, world):

@@ -10,7 +10,7 @@ from hf_pmi.testing import build_clip
 
 
 def test_a_lora_run_on_cpu_warns_about_nothing_avoidable(tmp_path, digits, processor):
-    args = ContinualConfig(output_dir=str(tmp_path / "out"), max_steps=1, per_device_train_batch_size=16,
+    args = ContinualConfig(output_dir=str(tmp_path / "out"), method="finetune", max_steps=1, per_device_train_batch_size=16,
                            disable_tqdm=True)
     assert args.dataloader_pin_memory is torch.cuda.is_available()  # pinned memory only with an accelerator
     tasks = split_class_incremental(digits, num_tasks=2, seed=0)

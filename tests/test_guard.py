@@ -14,7 +14,7 @@ from hf_pmi.testing import build_clip
 
 
 def make_args(tmp_path, **kw):
-    defaults = dict(output_dir=str(tmp_path / "out"), max_steps=6, per_device_train_batch_size=16, warmup_steps=0,
+    defaults = dict(output_dir=str(tmp_path / "out"), method="finetune", max_steps=6, per_device_train_batch_size=16, warmup_steps=0,
                     disable_tqdm=True, logging_steps=100, seed=0, report_to="none")
     defaults.update(kw)
     return ContinualConfig(**defaults)

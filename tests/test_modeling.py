@@ -154,3 +154,32 @@ def test_a_checkpoint_of_a_newer_format_names_the_version_and_the_fix(tmp_path, 
     (tmp_path / "continual_clip.json").write_text(json.dumps(meta))
     with pytest.raises(ValueError, match="format version 99.*upgrade hf_pmi"):
         ContinualCLIP.from_pretrained(tmp_path)
+
+
+def test_a_lora_checkpoint_on_a_local_base_is_self_contained(tmp_path, digits, processor):
+    """The base is written to base/ (no local path in continual_clip.json, adapter_config.json or the card),
+    so the checkpoint loads after the base folder moved away."""
+    from hf_pmi import ContinualConfig, ContinualTrainer, split_class_incremental
+
+    source = tmp_path / "my_local_clip"
+    build_clip("tiny", seed=5).save_pretrained(source)
+    model = ContinualCLIP.from_clip(str(source), lora=LoraConfig(r=4))
+    args = ContinualConfig(output_dir=str(tmp_path / "run"), method="finetune", max_steps=1,
+                           per_device_train_batch_size=16, disable_tqdm=True, seed=0)
+    tasks = split_class_incremental(digits, num_tasks=2, seed=0)
+    ContinualTrainer(model=model, args=args, tasks=tasks, processing_class=processor).train()
+    task = tmp_path / "run" / "task-1"
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        before = ContinualCLIP.from_pretrained(task).eval()(pixel_values=x).logits
+    source.rename(tmp_path / "moved_away")
+    with torch.no_grad():
+        after = ContinualCLIP.from_pretrained(task).eval()(pixel_values=x).logits
+    assert torch.equal(before, after)
+    assert (task / "base" / "model.safetensors").is_file()
+    meta = json.loads((task / "continual_clip.json").read_text())
+    assert meta["base_saved"] and meta["base_model_name_or_path"] is None
+    assert json.loads((task / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"] is None
+    for path in task.rglob("*"):
+        if path.suffix in (".json", ".md"):
+            assert "my_local_clip" not in path.read_text(), path  # no local path anywhere

@@ -17,7 +17,7 @@ from hf_pmi.integrity import weight_checksums
 from hf_pmi.modeling import class_text_embeddings
 from hf_pmi.names_only import (REFERENCE_PRESET, NamesOnlyConfig, boundary_target, make_names_only, names_only_tasks,
                                nearest_classes, project_name, rotate_toward)
-from hf_pmi.routing import routed_probs
+from hf_pmi.routing import ClassRouter, routed_probs
 from hf_pmi.testing import build_clip, build_tokenizer
 
 FAST_PMI = fast_pmi()
@@ -129,8 +129,10 @@ def test_a_routed_model_scores_routed_classes_by_the_raw_clip_and_reloads_bit_ex
     meta = json.loads(router_json.read_text())
     meta["class_ids"] = [1, 2]  # a config that does not match its prototypes is refused, naming both files
     router_json.write_text(json.dumps(meta))
-    with pytest.raises(ValueError, match="holds 1 prototypes"):
+    with pytest.raises(ValueError, match=r"router\.json is corrupt"):  # the checkpoint's checksums see the edit
         ContinualCLIP.from_pretrained(tmp_path / "ckpt")
+    with pytest.raises(ValueError, match="holds 1 prototypes"):  # and the router's own check, on its own
+        ClassRouter.from_pretrained(tmp_path / "ckpt" / "router")
 
 
 def test_reference_preset_gives_the_reference_training_and_explicit_values_win():

@@ -56,6 +56,7 @@ def test_digits_recipe_two_processes_gloo(tmp_path):
     assert set(one) == set(two)
     assert one["counts"] == two["counts"]  # every test example counted once, not once per rank
     assert (double / "task-1" / "continual_state.json").exists()
+    assert not (double / ".hf_pmi_run.lock").exists()  # the main process held the folder and gave it back
 
 
 @pytest.fixture

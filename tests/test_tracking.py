@@ -27,7 +27,7 @@ def test_three_tasks_are_one_tensorboard_run_with_growing_steps(tmp_path, digits
     pytest.importorskip("tensorboard")
     tasks = split_class_incremental(digits, num_tasks=3, seed=0)
     out = tmp_path / "out"
-    args = ContinualConfig(output_dir=str(out), max_steps=4, per_device_train_batch_size=16, warmup_steps=0,
+    args = ContinualConfig(output_dir=str(out), method="finetune", max_steps=4, per_device_train_batch_size=16, warmup_steps=0,
                            logging_steps=2, report_to=["tensorboard"], seed=0, disable_tqdm=False)
     trainer = ContinualTrainer(model=ContinualCLIP.from_clip(build_clip("tiny")), args=args, tasks=tasks,
                                processing_class=processor)
@@ -67,7 +67,7 @@ def test_three_tasks_are_one_tensorboard_run_with_growing_steps(tmp_path, digits
 
 def test_log_level_reaches_the_library_logger(tmp_path, digits, processor, caplog):
     tasks = split_class_incremental(digits, num_tasks=2, seed=0)
-    common = dict(output_dir=str(tmp_path / "out"), max_steps=1, per_device_train_batch_size=16, disable_tqdm=True)
+    common = dict(output_dir=str(tmp_path / "out"), method="finetune", max_steps=1, per_device_train_batch_size=16, disable_tqdm=True)
     ContinualTrainer(model=ContinualCLIP.from_clip(build_clip("tiny")), args=ContinualConfig(**common),
                      tasks=tasks, processing_class=processor).train()
     os.remove(tmp_path / "out" / "task-1" / "continual_state.json")  # task 1 unfinished: resume after task 0

@@ -12,7 +12,7 @@ RESULT_KEYS = {"method", "seed", "class_order", "class_names", "accuracy_matrix"
 
 
 def make_args(tmp_path, **kw):
-    defaults = dict(output_dir=str(tmp_path / "out"), max_steps=4, per_device_train_batch_size=32,
+    defaults = dict(output_dir=str(tmp_path / "out"), method="finetune", max_steps=4, per_device_train_batch_size=32,
                     warmup_steps=0, disable_tqdm=True, logging_steps=100, seed=0)
     defaults.update(kw)
     return ContinualConfig(**defaults)

@@ -25,7 +25,7 @@ def test_trainer_save_push_and_card_with_a_lora_on_a_hub_base(tmp_path, hub_clie
     model = ContinualCLIP.from_clip(BASE, lora=lora)  # downloaded from the local Hub: the base has a Hub id
     tasks = split_class_incremental(digits, num_tasks=2, seed=0)
     tasks.metadata["dataset"] = "imagefolder"  # what a local image folder records: not a dataset id
-    args = ContinualConfig(output_dir=str(tmp_path / "run"), max_steps=2, per_device_train_batch_size=16,
+    args = ContinualConfig(output_dir=str(tmp_path / "run"), method="finetune", max_steps=2, per_device_train_batch_size=16,
                            disable_tqdm=True, hub_model_id=REPO, seed=0)
     trainer = ContinualTrainer(model=model, args=args, tasks=tasks, processing_class=processor)
     with pytest.raises(ValueError, match="train"):
@@ -86,7 +86,7 @@ def test_continual_clip_push_to_hub_is_symmetric_with_from_pretrained(tmp_path, 
 
 def test_save_model_before_training_writes_a_loadable_model(tmp_path, digits, processor):
     tasks = split_class_incremental(digits, num_tasks=2, seed=0)
-    args = ContinualConfig(output_dir=str(tmp_path / "run"), max_steps=1, disable_tqdm=True)
+    args = ContinualConfig(output_dir=str(tmp_path / "run"), method="finetune", max_steps=1, disable_tqdm=True)
     model = ContinualCLIP.from_clip(build_clip("tiny"), ["a", "b"], processor.tokenizer)
     trainer = ContinualTrainer(model=model, args=args, tasks=tasks, processing_class=processor)
     trainer.save_model(str(tmp_path / "early"))
@@ -126,3 +126,19 @@ def test_continuing_keeps_the_checkpoint_method_unless_another_is_named(tmp_path
     assert len(result.accuracy_matrix) == 2
     state = json.loads((tmp_path / "b" / "task-1" / "continual_state.json").read_text())
     assert state["method"] == "lwf" and state["task_id"] == 1
+
+
+def test_a_lora_model_on_a_local_base_pushed_to_the_hub_loads_anywhere(tmp_path, hub_client, processor):
+    """The local base travels in base/: the pushed checkpoint loads after the base folder is gone."""
+    source = tmp_path / "local_base"
+    build_clip("tiny", seed=4).save_pretrained(source)
+    model = ContinualCLIP.from_clip(str(source), ["cat", "dog"], processor.tokenizer, lora=LoraConfig(r=2)).eval()
+    model.push_to_hub("tester/local-base", processor=processor)
+    source.rename(tmp_path / "gone")
+    reloaded = ContinualCLIP.from_pretrained("tester/local-base", cache_dir=str(tmp_path / "cache")).eval()
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(reloaded(pixel_values=x).logits, model(pixel_values=x).logits)
+    files = hub_client.repos["tester/local-base"].files("main")
+    assert "base/model.safetensors" in files and "clip/tokenizer.json" in files  # pipeline-ready clip/
+    assert b"local_base" not in files["adapter/adapter_config.json"] + files["continual_clip.json"]

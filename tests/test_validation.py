@@ -18,6 +18,7 @@ from PIL import Image
 from hf_pmi import ContinualCLIP, ContinualConfig, ContinualTrainer, FeatureBank, split_class_incremental
 from hf_pmi.arguments import flag_dataclasses, from_flags
 from hf_pmi.data import ContinualCollator
+from hf_pmi.integrity import file_checksums
 from hf_pmi.methods import METHODS
 from hf_pmi.testing import build_clip, load_digits_dataset
 from transformers import HfArgumentParser
@@ -45,7 +46,7 @@ def task_folders(out) -> list[str]:
 
 
 def make_args(out, **kw):
-    defaults = dict(output_dir=str(out), max_steps=1, per_device_train_batch_size=16, warmup_steps=0,
+    defaults = dict(output_dir=str(out), method="finetune", max_steps=1, per_device_train_batch_size=16, warmup_steps=0,
                     disable_tqdm=True, logging_steps=100, seed=0, report_to="none")
     defaults.update(kw)
     return ContinualConfig(**defaults)
@@ -264,6 +265,9 @@ def test_checkpoint_whose_class_list_and_prompts_disagree(tmp_path, processor, f
     meta = json.loads(config.read_text())
     meta["class_names"] = meta["class_names"][:-1]
     config.write_text(json.dumps(meta))
+    state = json.loads((out / "task-0" / "continual_state.json").read_text())
+    state["checksums"] = file_checksums(str(out / "task-0"), exclude=("continual_state.json",))  # not a corrupt file:
+    (out / "task-0" / "continual_state.json").write_text(json.dumps(state))  # a writer that disagreed with itself
     refused(tmp_path, r"lists 4 class names and 1 template\(s\) but holds prompts of shape \(5, 1",
             lambda o: run(o, processor, resume=True), out=out)
 
@@ -309,3 +313,123 @@ def test_nan_pixel_in_a_float_image_is_named(processor):
     bad[3, 3] = np.nan
     with pytest.raises(ValueError, match=r"1 non-finite pixel value"):
         ContinualCollator(processor.image_processor, {0: 0})([{"image": Image.fromarray(bad), "label": 0}])
+
+
+# ----- data problems found before any work (issue #20) --------------------------------------------
+def _paths_dataset(tmp_path, digits, n=40):
+    """Digits saved as PNG files, the dataset's image column holding their paths (strings)."""
+    names = digits["train"].features["label"].names
+    rows = digits["train"].select(range(n))
+    paths = []
+    for i, image in enumerate(rows["image"]):
+        paths.append(str(tmp_path / f"digit_{i}.png"))
+        image.save(paths[-1])
+    return Dataset.from_dict({"image": paths, "label": rows["label"]}).cast_column("label", ClassLabel(names=names))
+
+
+def test_an_image_column_of_file_paths_is_read_as_images(tmp_path, digits, processor):
+    data = _paths_dataset(tmp_path, digits, n=200)
+    result = run(tmp_path / "out", processor, data, {"num_tasks": 2, "test_split": None})
+    assert len(result.accuracy_matrix) == 2
+
+
+def test_a_missing_image_file_is_named_with_its_row(tmp_path, digits, processor):
+    data = _paths_dataset(tmp_path, digits, n=200)
+    os.remove(tmp_path / "digit_7.png")
+    refused(tmp_path, r"Row 7 of the training data: the image file .*digit_7\.png does not exist",
+            lambda out: run(out, processor, data, {"num_tasks": 2}))
+
+
+def test_a_none_image_is_named_with_its_row(tmp_path, digits, processor):
+    rows = digits["train"].select(range(200))
+    images = list(rows["image"])
+    images[5] = None
+    data = Dataset.from_dict({"image": images, "label": rows["label"]}, features=rows.features)
+    refused(tmp_path, r"Row 5 of the training data: the image is missing \(None\)",
+            lambda out: run(out, processor, data, {"num_tasks": 2}))
+
+
+def test_a_truncated_png_is_named_with_its_row_and_file(tmp_path, digits, processor):
+    images = tmp_path / "images"
+    for split in ("train", "test"):
+        for name in ("cat", "dog"):
+            (images / split / name).mkdir(parents=True)
+            for i in range(4):
+                digits["train"][i]["image"].save(images / split / name / f"{i}.png")
+    broken = images / "test" / "dog" / "2.png"
+    broken.write_bytes(broken.read_bytes()[:-30])  # a half-copied file: no end of image
+    data = load_dataset("imagefolder", data_dir=str(images))
+    refused(tmp_path, r"Row \d of the test data: the image .*dog/2\.png cannot be read .*truncated",
+            lambda out: run(out, processor, data, {"num_tasks": 2}))
+
+
+def test_an_empty_streamed_class_fails_before_training(tmp_path, digits, processor):
+    train = digits["train"].filter(lambda y: y != 3, input_columns="label").to_iterable_dataset()
+    data = {"train": train, "test": digits["test"].to_iterable_dataset()}
+    from datasets import IterableDatasetDict
+
+    refused(tmp_path, r"Class\(es\) \['three'\] have no training examples",
+            lambda out: run(out, processor, IterableDatasetDict(data), {"num_tasks": 2}))
+
+
+def test_empty_class_names_are_refused(tmp_path, processor):
+    names = ["zero", "", "two", "three", "four", "five", "six", "seven", "eight", " "]
+    refused(tmp_path, r"label\(s\) \[1, 9\] are empty",
+            lambda out: run(out, processor, split={"num_tasks": 2, "class_names": names}))
+
+
+def test_class_names_identical_after_truncation_are_refused_before_the_first_task(tmp_path, processor):
+    long = "a very long class name that the tokenizer cuts before its end, number "
+    names = [long + str(i) for i in range(10)]  # they differ beyond the 32 tokens of the tiny CLIP's prompts
+    refused(tmp_path, r"give identical prompts once the tokenizer cuts them to 32 tokens",
+            lambda out: run(out, processor, split={"num_tasks": 5, "class_names": names}))
+
+
+def test_lora_modules_to_save_that_match_nothing_are_refused():
+    from peft import LoraConfig
+
+    with pytest.raises(ValueError, match=r"modules_to_save \['nosuchmodule'\] match no module"):
+        ContinualCLIP.from_clip(build_clip("tiny"), lora=LoraConfig(r=2, modules_to_save=["nosuchmodule"]))
+
+
+def test_a_negative_lora_rank_is_refused_on_the_command_line(tmp_path):
+    from hf_pmi.recipe import parse_run_args
+
+    with pytest.raises(ValueError, match=r"lora_r=-1 is invalid: it must be an integer >= 0"):
+        parse_run_args(["--output_dir", str(tmp_path), "--lora_r", "-1"])
+
+
+def test_a_processor_of_another_image_size_is_refused_on_continue_and_resume(tmp_path, finished_run):
+    from hf_pmi.testing import build_processor
+
+    big = build_processor(image_size=64)
+    out = copy_run(finished_run, tmp_path)
+    refused(tmp_path, r"makes 64x64 images but the model takes 32x32.*AutoProcessor\.from_pretrained",
+            lambda o: run(o, big, resume=True), out=out)
+    with pytest.raises(ValueError, match=r"makes 64x64 images but the model takes 32x32"):
+        ContinualTrainer.from_pretrained(str(finished_run / "task-1"), tasks=["a new digit"], processing_class=big,
+                                         args=make_args(tmp_path / "continued", method="finetune"))
+
+
+def test_resuming_with_another_model_is_refused(tmp_path, processor, finished_run):
+    from peft import LoraConfig
+
+    out = copy_run(finished_run, tmp_path)
+    for model, match in [(ContinualCLIP.from_clip(build_clip("mini")), r"vision\.hidden_size: checkpoint 32, this run 128"),
+                         (ContinualCLIP.from_clip(build_clip("tiny"), lora=LoraConfig(r=2)), r"lora: checkpoint None")]:
+        trainer = ContinualTrainer(model=model, args=make_args(out), processing_class=processor,
+                                   tasks=split_class_incremental(_digits(), num_tasks=2))
+        with pytest.raises(ValueError, match=match + r".*--model_size"):
+            trainer.train(resume_from_checkpoint=True)
+    assert task_folders(out) == ["task-0"]
+
+
+@pytest.mark.parametrize("setting, match", [
+    ({"eval_strategy": "steps", "eval_steps": 5}, r"eval_strategy='steps'.* evaluates after every task"),
+    ({"save_strategy": "steps", "save_steps": 5}, r"save_strategy='steps' is not supported.*pickled optimizer"),
+    ({"load_best_model_at_end": True}, r"load_best_model_at_end=True is not supported"),
+    ({"do_train": False}, r"do_train=False is not supported.*zero_shot.*hf-pmi eval"),
+])
+def test_training_arguments_the_task_loop_does_not_support_are_refused(tmp_path, setting, match):
+    with pytest.raises(ValueError, match=match):
+        make_args(tmp_path / "out", **setting)

@@ -30,7 +30,6 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .. import faults
 from ..bank import FOLDER_NAME, FeatureBank, SamplingConfig
 from ..blocks import VisionBlocks, layers_below_pattern
 from ..contrastive import SelectionConfig
@@ -162,11 +161,10 @@ class PMI(ReplayMethod):
                                    mode="refresh", init=self.buffer[0], progress=self.show_progress)
                 self.buffer = (refreshed.samples.to(DTYPES[cfg.dtype]), self.buffer[1])
                 seconds, passes = refreshed.report["seconds"], refreshed.report["full_model_passes"]
-        with faults.counting_module_calls("inversion"):  # crash tests only (HF_PMI_KILL_AT)
-            samples, labels, targets, report = synthesize_replay(
-                model, self.bank, classes, self.inversion, self.config.sampling, self.config.selection,
-                mode=self.mode, shuffle=cfg.shuffle, accelerator=self.trainer.accelerator, progress=self.show_progress,
-            )
+        samples, labels, targets, report = synthesize_replay(
+            model, self.bank, classes, self.inversion, self.config.sampling, self.config.selection,
+            mode=self.mode, shuffle=cfg.shuffle, accelerator=self.trainer.accelerator, progress=self.show_progress,
+        )
         samples = samples.to(DTYPES[cfg.dtype])  # kept (and saved) at this precision, so a resumed run replays the same
         if self.buffer is not None:
             samples, labels = torch.cat([self.buffer[0], samples]), torch.cat([self.buffer[1], labels])

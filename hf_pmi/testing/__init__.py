@@ -3,8 +3,8 @@
 Everything here is built locally: small CLIP models from configs with a byte-level tokenizer
 (`clip`); one module per data world: scikit-learn's digits (`digits`), rendered letters
 (`letters`), a procedural shapes world with captions (`shapes`), with their shared dataset helper
-(`datasets`); the CLIPs pre-trained on those worlds (`backbones`) and the cache that trains each
-once (`cache`).
+(`datasets`); the CLIPs pre-trained on those worlds (`backbones`), and `cache`, which loads the
+demos' backbones shipped in ``pretrained/`` (sha256 verified) and pre-trains any other once.
 
 Example:
     >>> from hf_pmi.testing import build_clip, build_processor, load_digits_dataset
@@ -15,7 +15,6 @@ Example:
     ['zero', 'one', 'two']
 """
 
-from .backbones import letters_clip, shapes_clip
 from .cache import cached_pretrained
 from .clip import CLIP_SIZES, build_clip, build_clip_config, build_processor, build_tokenizer, byte_vocab
 from .datasets import images_to_dataset
@@ -29,3 +28,13 @@ __all__ = [
     "letters_clip", "letters_images", "load_digits_dataset", "load_letters_dataset", "load_shapes_dataset",
     "shapes_clip",
 ]
+
+
+def __getattr__(name: str):
+    """`letters_clip` and `shapes_clip`, imported on first use (so that ``python -m hf_pmi.testing.backbones``
+    runs that module once, as __main__)."""
+    if name in ("letters_clip", "shapes_clip"):
+        from . import backbones
+
+        return getattr(backbones, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -8,8 +8,12 @@ task at a time is a different and much harder regime, docs/benchmarks.md):
 - `shapes_clip`: both towers trained with the CLIP objective on the shapes world
   (`hf_pmi.testing.shapes`), so that class names carry meaning offline.
 
-Each is trained by a function of this module the first time it is asked for and then loaded from
-the cache (`hf_pmi.testing.cache`). Run ``python -m hf_pmi.testing.backbones`` to pre-train the
+With their default arguments (the demos' backbones) both ship with hf_pmi, made by this module's
+pre-training functions (``python -m hf_pmi.testing.backbones --export letters`` / ``--export shapes``;
+the files, their sha256 and that command are in ``hf_pmi/testing/pretrained/SHIPPED.json``): they
+load at once, sha256 verified, and give the same numbers on every machine. Any other configuration
+is pre-trained by a function of this module the first time it is asked for and then loaded from the
+cache (`hf_pmi.testing.cache`). Run ``python -m hf_pmi.testing.backbones`` to load (or pre-train) the
 shapes CLIP and print its zero-shot accuracies.
 
 Example (pre-training logs go to stderr, so doctest skips it):
@@ -59,6 +63,8 @@ def letters_clip(size: str = "mini", cache_dir: str | None = None, seed: int = 0
 
 def pretrain_letters_clip(folder: str, size: str, seed: int, epochs: float, per_class: int, image_size: int) -> None:
     """Train the letters CLIP (see `letters_clip`) and save it to `folder`."""
+    import contextlib
+    import io
     import os
     import tempfile
 
@@ -67,10 +73,8 @@ def pretrain_letters_clip(folder: str, size: str, seed: int, epochs: float, per_
     from ..modeling import ContinualCLIP
     from ..trainer import ContinualTrainer
 
-    get_logger().warning(
-        "Pre-training the %s letters CLIP once (%g epochs on 26 x %d rendered letters); it is cached in %s.",
-        size, epochs, per_class, folder,
-    )
+    get_logger().warning("Pre-training the %s letters CLIP (%g epochs on 26 x %d rendered letters).", size, epochs,
+                         per_class)
     clip = build_clip(size, seed=seed, image_size=image_size)
     clip.text_model.requires_grad_(False)
     tasks = split_class_incremental(load_letters_dataset(image_size, train_per_class=per_class), num_tasks=1, seed=None)
@@ -80,7 +84,9 @@ def pretrain_letters_clip(folder: str, size: str, seed: int, epochs: float, per_
             per_device_train_batch_size=64, warmup_steps=20, seed=seed, logging_steps=10**9,  # progress bar, no log lines
         )
         model = ContinualCLIP.from_clip(clip, templates=["{}"])
-        ContinualTrainer(model=model, args=args, tasks=tasks, processing_class=build_processor(image_size)).train()
+        trainer = ContinualTrainer(model=model, args=args, tasks=tasks, processing_class=build_processor(image_size))
+        with contextlib.redirect_stdout(io.StringIO()):  # its task lines would read as the user's run
+            trainer.train()
     clip.save_pretrained(folder)
 
 
@@ -133,10 +139,7 @@ def pretrain_shapes_clip(folder: str, seed: int, steps: int, image_size: int) ->
     from tqdm.auto import tqdm
     from transformers import CLIPModel, get_cosine_schedule_with_warmup
 
-    get_logger().warning(
-        "Pre-training the shapes CLIP once (%d steps of 128 rendered image-caption pairs); it is cached in %s.",
-        steps, folder,
-    )
+    get_logger().warning("Pre-training the shapes CLIP (%d steps of 128 rendered image-caption pairs).", steps)
     torch.manual_seed(seed)
     config = shapes_clip_config(image_size)
     clip = CLIPModel(config).train()
@@ -197,14 +200,41 @@ def zero_shot_accuracy(clip, classes: list[str], per_class: int = 50, candidates
     return float(((img @ txt.t()).argmax(1) == truth).float().mean())
 
 
-def main() -> None:
+EXPORTS = {  # what `--export` ships: the demos' default backbones
+    "letters": lambda: dict(name="letters-clip-mini", train="hf_pmi.testing.backbones:pretrain_letters_clip",
+                            description="mini letters CLIP", size="mini", seed=0, epochs=float(LETTERS_EPOCHS["mini"]),
+                            per_class=100, image_size=32),
+    "shapes": lambda: dict(name="shapes-clip-small", train="hf_pmi.testing.backbones:pretrain_shapes_clip",
+                           description="shapes CLIP", seed=0, steps=PRETRAIN_STEPS, image_size=32),
+}
+
+
+def main(argv: list[str] | None = None) -> None:
     import argparse
 
-    parser = argparse.ArgumentParser(description="Pre-train (once, cached) the shapes CLIP and report its zero-shot accuracy.")
+    parser = argparse.ArgumentParser(
+        description="Pre-train (once, cached) the shapes CLIP and report its zero-shot accuracy; or, with --export, "
+                    "pre-train a demo backbone afresh and ship it in hf_pmi/testing/pretrained/ (weights, sha256, "
+                    "this command).")
     parser.add_argument("--cache_dir", default=None)
     parser.add_argument("--steps", type=int, default=PRETRAIN_STEPS)
     parser.add_argument("--seed", type=int, default=0)
-    a = parser.parse_args()
+    parser.add_argument("--export", choices=sorted(EXPORTS), default=None,
+                        help="Pre-train this backbone with its default arguments and ship it.")
+    a = parser.parse_args(argv)
+    if a.export:
+        import shlex
+        import sys
+
+        from .cache import export_pretrained
+
+        spec = EXPORTS[a.export]()
+        command = shlex.join(["python", "-m", "hf_pmi.testing.backbones", "--export", a.export])
+        t0 = time.time()
+        entry = export_pretrained(spec.pop("name"), spec.pop("train"), spec.pop("description"), command, **spec)
+        print(f"shipped {entry['name']}: {entry['bytes']} bytes, sha256 {entry['sha256']} ({time.time() - t0:.0f} s)",
+              file=sys.stderr)
+        return
     t0 = time.time()
     clip = shapes_clip(a.cache_dir, seed=a.seed, steps=a.steps)
     print(f"load (and pre-train if not cached): {time.time() - t0:.0f} s")
