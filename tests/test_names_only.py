@@ -174,7 +174,7 @@ def test_run_with_a_names_only_last_task(tmp_path, digits, processor):
 
     def run(name, route):
         tasks = make_names_only(split_class_incremental(digits, num_tasks=3, seed=0),
-                                config=dataclasses.replace(FAST_NAMES, route=route))
+                                config=dataclasses.replace(FAST_NAMES, scoring="route" if route else "adapted"))
         torch.manual_seed(0)  # the LoRA weights are drawn before the Trainer seeds anything
         trainer = ContinualTrainer(model=lora_model(), args=args_for(tmp_path, name), tasks=tasks,
                                    processing_class=processor, method_config=FAST_PMI)
