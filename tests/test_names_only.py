@@ -398,3 +398,29 @@ def test_product_scoring_multiplies_the_two_models_and_the_router_keeps_it(tmp_p
     meta["version"] = 1
     (tmp_path / "router" / "router.json").write_text(json.dumps(meta))
     assert ClassRouter.from_pretrained(tmp_path / "router").combine == "route"
+
+
+def test_reference_training_changes_the_adapter_and_the_benchmark_sees_it(tmp_path, checkpoint):
+    """The held-out rows that once read identical to zero-shot came from unchanged predictions, not from
+    unchanged weights: the reference's names-only training moves the adapter (the benchmark reports both)."""
+    import os
+    import sys
+
+    from safetensors.torch import load_file
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+    from names_only import adapter_change, protocol_tasks
+
+    folder, _ = checkpoint
+    config = NamesOnlyConfig(preset="reference", per_class=4, neighbours=2)
+    ContinualTrainer.from_pretrained(str(folder), tasks=names_only_tasks(["a new digit"], config=config),
+                                     args=args_for(tmp_path, "ref"), method_config=FAST_PMI).train()
+    before = load_file(folder / "adapter" / "adapter_model.safetensors")
+    after = load_file(tmp_path / "ref" / "task-2" / "adapter" / "adapter_model.safetensors")
+    assert adapter_change(before, before) == 0.0 and adapter_change(before, after) > 0
+    # the harder held-out protocol: 48 pairs seen in pre-training first, then 12 never-seen ones
+    from hf_pmi.testing.shapes import HELD_OUT, SEEN
+
+    tasks = protocol_tasks("held_out", seed=0, per_class=1, test_per_class=1)
+    assert [len(t.class_ids) for t in tasks] == [12] * 5
+    assert set(tasks.class_names[:48]) == set(SEEN) and set(tasks.class_names[48:]) <= set(HELD_OUT)

@@ -1,9 +1,10 @@
 """`NamesOnlyConfig`: the settings of learning classes from their names (flags ``--names_only_<field>``).
 
-The projection and inversion settings are the reference's; the training differs where measured
-better (docs/names_only.md): a balancing CE that also trains the image tower, a distillation from
-the raw CLIP on samples mixed between new and old classes, and routing the new classes to the raw
-CLIP at inference. ``preset="reference"`` gives the reference's training.
+The projection settings are the reference's; the inversion and training differ (docs/names_only.md
+lists each difference): a balancing CE that also trains the image tower, a distillation from the
+raw CLIP on samples mixed between new and old classes, and scoring the new classes with the raw CLIP
+at inference (``scoring``). ``preset="reference"`` gives the reference's names-only path
+(`REFERENCE_PRESET`).
 
 Example:
     >>> NamesOnlyConfig().boundary_kd > 0, NamesOnlyConfig(preset="reference").boundary_kd

@@ -4,20 +4,23 @@ The method calls, with explicit arguments (the learner never touches the trainer
 
 - `record_raw` after each task learned from images: the raw CLIP's Gaussians and layer statistics of
   its classes go into the feature bank (the material names are later projected from);
-- `prepare` before a names-only task: projection (`hf_pmi.names_only.projection`), inversion through
-  the raw CLIP, routing of the new classes (``route``); returns the `TaskPlan` the trainer applies for
-  this task only (the inverted samples, their collator, the task's learning rate and epochs);
+- `prepare` before a names-only task: projection (`project`, `hf_pmi.names_only.projection`),
+  inversion through the raw CLIP, and how the new classes are scored at inference (``scoring``,
+  `route_names`); returns the `TaskPlan` the trainer applies for this task only (the inverted samples,
+  repeated ``repeats`` times an epoch, their collator, the task's learning rate, epochs, warm-up,
+  schedule and batch size);
 - `compute_loss` during that task: the replay losses with the inverted samples in place of real
-  images, plus the boundary distillation;
+  images (the task's own distillation weights and teacher text where set), plus the boundary
+  distillation;
 - `finish` after it: the new classes' Gaussians (from their inverted samples) go into the bank.
 
 The names-only task trains on inverted maps of the new classes (normalised-feature MSE through the
-raw CLIP, ``a_layer`` 0.02, no TV, refinement lr 0.1) with the replay losses (local CE on the new
-classes, distillation and balancing CE on the old replay), lr 5e-4. Beyond the reference
-(`NamesOnlyConfig`, measured in docs/names_only.md): the balancing CE also trains the image tower,
-a boundary distillation (`boundary_target`) teaches the model, on maps mixed between new samples and
-old replay, the raw CLIP's split between old and new names, and the new classes are routed to the
-raw CLIP at inference (`hf_pmi.routing`).
+raw CLIP, no TV, refinement lr 0.1; statistics weights ``a_layer`` 0.02 or the reference's
+``open_rf``) with the replay losses (local CE on the new classes, distillation and balancing CE on
+the old replay), lr 5e-4. Beyond the reference (`NamesOnlyConfig`, measured in docs/names_only.md):
+the balancing CE also trains the image tower, a boundary distillation (`boundary_target`) teaches
+the model, on maps mixed between new samples and old replay, the raw CLIP's split between old and
+new names, and at inference the new classes are scored with the raw CLIP too (`hf_pmi.routing`).
 """
 
 from __future__ import annotations
