@@ -1,9 +1,9 @@
 """Is the names-only teacher right where the model is wrong? (docs/names_only.md, "the transfer, not the teacher")
 
-    python benchmarks/names_only_teacher.py --seeds 0 1 --output benchmarks/results/names_only_teacher.json
+    python benchmarks/names_only_teacher.py --classes all --seeds 0 1 2 --output benchmarks/results/names_only_teacher.json
 
-Reads the task-3 checkpoints that `benchmarks/names_only.py` (``--classes all``) left in its workdir and
-scores, on the real test images of the new (task 4) and old (tasks 0-3) classes, over all 64 names:
+Reads the task-3 checkpoints that `benchmarks/names_only.py` (same ``--classes``) left in its workdir and
+scores, on the real test images of the new (task 4) and old (tasks 0-3) classes, over all names:
 
 - ``adapted``: the task-3 model with the new names added (zero-shot);
 - ``raw``: the raw (adapter-free) CLIP with its text prototypes;
@@ -25,6 +25,11 @@ batch of 128 test images with its routing on / off (the mean of 3 after a warm-u
 ``modality_gap_cosine``: mean cosine between an old class's mean raw image feature and its text
 prototype (near 1: no gap between the raw CLIP's image and text features).
 
+``oracle_raw`` / ``oracle_routed`` / ``oracle_product``: the raw CLIP, routing and the product with the
+task-3 model, the new classes embedded as the default embeds them but from the mean raw feature of their
+*real* training images (a perfect projection; no names-only method has these images): a ceiling of what
+any class-embedding-based scoring can gain.
+
 A teacher that beats ``adapted`` bounds what distilling it could gain; the names-only training only
 sees inverted maps, so the gap between this and ``unrouted_names_only_new`` (names_only.py: the
 trained model alone) is the loss in the transfer. Routing uses the teacher itself at inference.
@@ -38,28 +43,29 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def run_seed(seed, workdir):
+def run_seed(seed, workdir, classes):
     import torch
     import torch.nn.functional as F
     from datasets import concatenate_datasets
 
-    from hf_pmi import ContinualCLIP, split_class_incremental
+    from hf_pmi import ContinualCLIP
     from hf_pmi.bank import FeatureBank
     from hf_pmi.blocks import VisionBlocks, unwrap_clip
     from hf_pmi.data import ContinualCollator
     from hf_pmi.names_only import (boundary_target, project_name, raw_clip, raw_text_prototypes,
                                    text_space_prototypes)
-    from hf_pmi.routing import routed_probs
+    from hf_pmi.routing import product_probs, routed_probs
     from hf_pmi.testing import build_processor
-    from hf_pmi.testing.shapes import ALL_CLASSES, load_shapes_dataset
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from names_only import protocol_tasks
 
     checkpoint = os.path.join(workdir, f"seed{seed}", "base", "task-3")
     if not os.path.isdir(checkpoint):
-        raise SystemExit(f"No {checkpoint}: run `python benchmarks/names_only.py --seeds {seed} --workdir {workdir}` "
-                         "first.")
+        raise SystemExit(f"No {checkpoint}: run `python benchmarks/names_only.py --classes {classes} --seeds {seed} "
+                         f"--workdir {workdir}` first.")
     processor = build_processor()
-    data = load_shapes_dataset(classes=list(ALL_CLASSES), per_class=60, test_per_class=30)  # names_only.py's defaults
-    tasks = split_class_incremental(data, num_tasks=5, seed=seed)
+    tasks = protocol_tasks(classes, seed)  # names_only.py's defaults
     collate = ContinualCollator(processor.image_processor, tasks.label_map)
     model = ContinualCLIP.from_pretrained(checkpoint).eval()
     bank = FeatureBank.from_pretrained(os.path.join(checkpoint, "feature_bank"))
@@ -83,11 +89,15 @@ def run_seed(seed, workdir):
         return b["pixel_values"], b["labels"], raw
 
     _, new_labels, new_raw = batch(tasks[4].train)
-    real_means = torch.stack([F.normalize(new_raw[new_labels == c], dim=-1).mean(0) for c in range(n_old, 64)])
+    real_means = torch.stack([F.normalize(new_raw[new_labels == c], dim=-1).mean(0)
+                              for c in range(n_old, n_old + len(new_text))])
     result = {"seed": seed, "projected_cosine": F.cosine_similarity(projected, real_means).mean().item(),
               "modality_gap_cosine": F.cosine_similarity(bank.raw_means[:n_old], old_text).mean().item()}
     model.add_classes(tasks[4].class_names, processor.tokenizer)  # the zero-shot model over all names
     projected_classifier = torch.cat([old_text, F.normalize(projected, dim=-1)])
+    # a perfect projection: the new classes' class embeddings from the mean raw feature of their real training
+    # images, built as the default's (modality gap taken off) -- not available to names-only learning
+    oracle_classifier = torch.cat([old_text, text_space_prototypes(real_means, bank.raw_means[:n_old], old_text)])
     routed_checkpoint = os.path.join(workdir, f"seed{seed}", "names_only", "task-4")
     trained, embeddings = None, {}
     if os.path.isdir(routed_checkpoint):
@@ -113,6 +123,10 @@ def run_seed(seed, workdir):
             "teacher_t1": boundary_target(raw_logits, old_logits, n_old),
             "teacher_t2": boundary_target(raw_logits / 2, old_logits / 2, n_old),
             "projected": F.normalize(raw, dim=-1) @ projected_classifier.t(),
+            "oracle_raw": F.normalize(raw, dim=-1) @ oracle_classifier.t(),
+            "oracle_routed": routed_probs(scale * F.normalize(raw, dim=-1) @ oracle_classifier.t(), adapted,
+                                          torch.arange(len(text)) >= n_old),
+            "oracle_product": product_probs(scale * F.normalize(raw, dim=-1) @ oracle_classifier.t(), adapted),
         }
         if trained is not None:
             with torch.no_grad():
@@ -150,13 +164,15 @@ def time_routing(model, pixels, repeats=3):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    parser.add_argument("--workdir", default=os.path.join(ROOT, "runs", "names_only"))
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--classes", choices=["all", "held_out"], default="all")
+    parser.add_argument("--workdir", default=None, help="Default: runs/names_only_<classes> (names_only.py's).")
     parser.add_argument("--output", default=os.path.join(ROOT, "benchmarks", "results", "names_only_teacher.json"))
     a = parser.parse_args()
+    a.workdir = a.workdir or os.path.join(ROOT, "runs", f"names_only_{a.classes}")
     seeds = []
     for seed in a.seeds:
-        seeds.append(run_seed(seed, a.workdir))
+        seeds.append(run_seed(seed, a.workdir, a.classes))
         print(" ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in seeds[-1].items()),
               flush=True)
     report = {"seeds": seeds, "command": " ".join([os.path.relpath(os.path.abspath(__file__), ROOT), *sys.argv[1:]])}

@@ -151,12 +151,15 @@ class FeatureBank:
         tau: float = 1.0,  # reference: tau = 1
         seed: int = 0,
         progress: bool = False,
+        contrastive_keep: str = "pre_step",
+        contrastive_drop_last: bool = False,
     ) -> None:
         """Store the Gaussian (and g_c) of each new class from its real features ``(n_c, P)``.
 
         `class_ids` must continue the bank's numbering (``num_classes, num_classes + 1, ...``);
         earlier classes are never re-estimated. `progress` shows a bar over the classes (the
-        contrastive models take most of the time).
+        contrastive models take most of the time). `contrastive_keep` / `contrastive_drop_last`: how
+        g_c is trained (`hf_pmi.contrastive.train_contrastive`'s ``keep`` / ``drop_last``).
         """
         from tqdm.auto import tqdm
 
@@ -185,7 +188,8 @@ class FeatureBank:
                 target = torch.eye(cov.shape[0]) * cov.diagonal().mean()
                 self._covs.append((1 - self.shrinkage) * cov + self.shrinkage * target)
             if train_contrastive:
-                g = fit_contrastive(f, epochs=contrastive_epochs, lr=contrastive_lr, tau=tau, seed=seed + c)
+                g = fit_contrastive(f, epochs=contrastive_epochs, lr=contrastive_lr, tau=tau, seed=seed + c,
+                                    keep=contrastive_keep, drop_last=contrastive_drop_last)
                 self.contrastive[c] = {k: v.clone() for k, v in g.state_dict().items()}
 
     @property
@@ -245,6 +249,7 @@ class FeatureBank:
         rho: float = 0.5,  # reference: rho = 0.5
         tau: float = 1.0,  # reference: tau = 1
         exact_standardise: bool = False,
+        unbiased_std: bool = False,
     ) -> torch.Tensor:
         """``n`` target features ``(n, P)`` of one class, by CFS or plain Gaussian sampling."""
         if not 0 <= class_id < self.num_classes:
@@ -258,7 +263,7 @@ class FeatureBank:
         if selection == "cfs":
             return sample_class_features(
                 mean, std, self.contrastive_model(class_id), n, boost=boost, batch=batch, rho=rho, tau=tau,
-                generator=generator, exact_standardise=exact_standardise, scale_tril=tril,
+                generator=generator, exact_standardise=exact_standardise, scale_tril=tril, unbiased_std=unbiased_std,
             )
         raise ValueError(f"selection must be 'cfs' or 'gaussian', got {selection!r}.")
 
@@ -272,7 +277,7 @@ class FeatureBank:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``per_class`` targets for each class in `class_ids`: ``(features (n, P), labels (n,))``.
 
-        Extra keyword arguments go to `sample_class` (boost, batch, rho, tau, exact_standardise).
+        Extra keyword arguments go to `sample_class` (boost, batch, rho, tau, exact_standardise, unbiased_std).
         """
         class_ids = [int(c) for c in class_ids]
         feats = [self.sample_class(c, per_class, generator, selection, **kwargs) for c in class_ids]

@@ -19,19 +19,44 @@ Example:
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-from .validation import require, require_count, require_positive
+from .validation import ValidationError, require, require_count, require_positive
 
 # LeakyReLU slope: PyTorch's default (0.01), which the reference uses through nn.LeakyReLU().
 LEAKY_SLOPE = 0.01
 # Below this, a selected set's per-dimension std is treated as zero and left unscaled.
 STD_EPS = 1e-12
+KEEPS = ("pre_step", "post_step")
+
+# The reference's CFS and contrastive models where hf_pmi's defaults differ, as the values of those settings.
+# `SelectionConfig(preset="reference")` applies them to every field left at its default.
+REFERENCE_PRESET: dict[str, Any] = {
+    "unbiased_std": True,  # torch.std of the selected set in the moment compensation
+    "contrastive_keep": "post_step",  # the weights after the step whose (pre-step) batch loss was lowest
+    "contrastive_drop_last": True,  # DataLoader(drop_last=True): only full batches of min(64, n)
+}
+PRESETS = {"reference": REFERENCE_PRESET}
+
+
+def apply_preset(config, presets: dict[str, dict[str, Any]]) -> None:
+    """Set every field of dataclass `config` that is at its default to the value of ``presets[config.preset]``
+    (a field given explicitly at its default value cannot be told apart: the preset sets it)."""
+    if config.preset not in ("", *presets):
+        raise ValidationError(f"{config.flag_prefix}preset must be one of {['', *presets]}, got {config.preset!r}.")
+    if not config.preset:
+        return
+    defaults = {f.name: (f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default)
+                for f in dataclasses.fields(config)}
+    for name, value in presets[config.preset].items():
+        if getattr(config, name) == defaults[name]:
+            setattr(config, name, value)
 
 
 @dataclass
@@ -48,6 +73,12 @@ class SelectionConfig:
     flag_prefix: ClassVar[str] = "cfs_"
     argument_group: ClassVar[str] = "contrastive feature selection (SelectionConfig)"
 
+    preset: str = field(
+        default="",
+        metadata={"help": "'reference': the reference's CFS and contrastive models where hf_pmi differs (unbiased std "
+                  "in the compensation, post-step weights kept, full batches only); fields given explicitly keep "
+                  "their value. '': hf_pmi's defaults."},
+    )
     boost: int = field(default=20, metadata={"help": "CFS selects per_class * boost features, then keeps per_class at random (reference 20)."})
     batch: int = field(default=20, metadata={"help": "CFS acceptance batch b (reference 20)."})
     rho: float = field(default=0.5, metadata={"help": "CFS acceptance ratio: b / rho candidates per round (reference 0.5)."})
@@ -55,8 +86,26 @@ class SelectionConfig:
     exact_standardise: bool = field(
         default=False, metadata={"help": "Exact moment standardisation after CFS instead of the reference formula."}
     )
+    unbiased_std: bool = field(
+        default=False,
+        metadata={"help": "The selected set's std in the moment compensation: population (False) or unbiased, n - 1 "
+                  "(True, reference: torch.std). The class std is the population std either way."},
+    )
+    contrastive_keep: str = field(
+        default="pre_step",
+        metadata={"help": "Weights of a contrastive model kept after training: 'pre_step' (those the lowest batch "
+                  "loss was measured with) or 'post_step' (reference: those right after that batch's step)."},
+    )
+    contrastive_drop_last: bool = field(
+        default=False,
+        metadata={"help": "Contrastive models train on full batches of min(64, n) only (reference: drop_last=True). "
+                  "False: the trailing partial batch too, unless it holds one sample."},
+    )
 
     def __post_init__(self):
+        apply_preset(self, PRESETS)
+        require(self.contrastive_keep in KEEPS, self.flag_prefix + "contrastive_keep", self.contrastive_keep,
+                f"one of {list(KEEPS)}")
         p = self.flag_prefix
         require_count(p + "boost", self.boost)
         require_count(p + "batch", self.batch)
@@ -66,7 +115,11 @@ class SelectionConfig:
     def sample_kwargs(self) -> dict:
         """Keyword arguments of `sample_class_features` (and `FeatureBank.sample_class`)."""
         return dict(boost=self.boost, batch=self.batch, rho=self.rho, tau=self.tau,
-                    exact_standardise=self.exact_standardise)
+                    exact_standardise=self.exact_standardise, unbiased_std=self.unbiased_std)
+
+    def contrastive_kwargs(self) -> dict:
+        """Keyword arguments of `FeatureBank.add_classes` for training the contrastive models."""
+        return dict(contrastive_keep=self.contrastive_keep, contrastive_drop_last=self.contrastive_drop_last)
 
 
 class ContrastiveModel(nn.Module):
@@ -107,11 +160,15 @@ def train_contrastive(
     tau: float = 1.0,  # reference: tau = 1
     batch_size: int = 64,  # reference: batch min(64, n)
     seed: int = 0,
+    keep: str = "pre_step",
+    drop_last: bool = False,
 ) -> ContrastiveModel:
     """Train g_c on one class's real features ``(n, d)`` with the uniformity loss.
 
-    Adam, shuffled batches of ``min(batch_size, n)`` (a trailing batch of one sample is dropped:
-    BatchNorm cannot train on it); the weights with the lowest batch loss seen are kept. With
+    Adam, shuffled batches of ``min(batch_size, n)``: with `drop_last` only full batches (the
+    reference's loader), else also the trailing partial batch unless it holds one sample (BatchNorm
+    cannot train on it). Kept: the weights of the step with the lowest batch loss, as that loss was
+    measured (``keep="pre_step"``) or right after that step (``"post_step"``, the reference). With
     fewer than 2 features there is nothing to spread apart: the initial model is returned.
     Returned in eval mode, on CPU, in float32.
 
@@ -128,6 +185,8 @@ def train_contrastive(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = ContrastiveModel(d)
+    if keep not in KEEPS:
+        raise ValueError(f"keep must be one of {list(KEEPS)}, got {keep!r}.")
     if n < 2:
         return model.eval()
     bs = max(2, min(batch_size, n))
@@ -138,14 +197,17 @@ def train_contrastive(
         order = torch.randperm(n, generator=generator)
         for start in range(0, n, bs):
             idx = order[start : start + bs]
-            if idx.numel() < 2:
+            if idx.numel() < 2 or (drop_last and idx.numel() < bs):
                 continue
             loss = uniformity_loss(model(features[idx]), tau)
-            if loss.item() < best_loss:  # the weights this loss was measured with (pre-update)
+            best = loss.item() < best_loss
+            if best and keep == "pre_step":  # the weights this loss was measured with
                 best_loss, best_state = loss.item(), copy.deepcopy(model.state_dict())
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
+            if best and keep == "post_step":  # the weights right after this batch's step
+                best_loss, best_state = loss.item(), copy.deepcopy(model.state_dict())
     model.load_state_dict(best_state)
     return model.eval()
 
@@ -163,15 +225,23 @@ def _draw(mean, std, n, generator, scale_tril):
     return mean.float().cpu() + noise @ scale_tril.float().cpu().T
 
 
-def compensate_moments(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, exact_standardise: bool = False) -> torch.Tensor:
+def compensate_moments(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, exact_standardise: bool = False,
+                       unbiased_std: bool = False) -> torch.Tensor:
     """Move the first two moments of a selected set ``x`` (n, d) toward the class's.
 
     Reference formula (default): ``(x + (mean - m)) * (std / s)``; exact standardisation:
-    ``(x - m) * std / s + mean``. ``m``, ``s``: per-dimension mean / population std of ``x``.
+    ``(x - m) * std / s + mean``. ``m``, ``s``: per-dimension mean and std of ``x`` (population std,
+    or with `unbiased_std` the n - 1 one, as the reference's ``torch.std``).
     Where ``s`` is zero (a single sample, or a zero-variance dimension) the scale is left at 1.
+
+    Example:
+        >>> x = torch.tensor([[0.0], [2.0]])
+        >>> compensate_moments(x, torch.zeros(1), torch.ones(1), exact_standardise=True, unbiased_std=True)
+        tensor([[-0.7071],
+                [ 0.7071]])
     """
     m = x.mean(dim=0)
-    s = x.std(dim=0, unbiased=False) if x.shape[0] > 1 else torch.zeros_like(m)
+    s = x.std(dim=0, unbiased=unbiased_std) if x.shape[0] > 1 else torch.zeros_like(m)
     scale = torch.where(s > STD_EPS, std / s.clamp_min(STD_EPS), torch.ones_like(s))
     if exact_standardise:
         return (x - m) * scale + mean
@@ -191,6 +261,7 @@ def contrastive_select(
     exact_standardise: bool = False,
     scale_tril: torch.Tensor | None = None,
     compensate: bool = True,
+    unbiased_std: bool = False,
 ) -> torch.Tensor:
     """CFS: ``n`` features of one class, spread out by the contrastive model, moment-compensated.
 
@@ -226,7 +297,7 @@ def contrastive_select(
             embedded = torch.cat([embedded, z[idx]])
     finally:
         model.train(was_training)
-    return compensate_moments(accepted, mean, std, exact_standardise) if compensate else accepted
+    return compensate_moments(accepted, mean, std, exact_standardise, unbiased_std) if compensate else accepted
 
 
 def sample_class_features(
@@ -241,6 +312,7 @@ def sample_class_features(
     generator: torch.Generator | None = None,
     exact_standardise: bool = False,
     scale_tril: torch.Tensor | None = None,
+    unbiased_std: bool = False,
 ) -> torch.Tensor:
     """The reference CLIP recipe: CFS-select ``n * boost`` features, then keep ``n`` at random.
 
@@ -251,7 +323,7 @@ def sample_class_features(
     """
     pool = contrastive_select(
         mean, std, model, n * boost, batch=batch, rho=rho, tau=tau, generator=generator,
-        exact_standardise=exact_standardise, scale_tril=scale_tril,
+        exact_standardise=exact_standardise, scale_tril=scale_tril, unbiased_std=unbiased_std,
     )
     keep = torch.randperm(pool.shape[0], generator=generator)[:n]
     return pool[keep]

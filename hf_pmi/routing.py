@@ -5,11 +5,14 @@ A LoRA model carries its pre-trained CLIP (the adapters disabled). `ClassRouter`
 than the adapted model, each with a class embedding of its own (``prototypes``, one row per routed
 class, in the space of the class text embeddings). Routed, a class gets the raw CLIP's probability
 and the other classes share the rest of the probability as the adapted model splits it among them
-(`routed_probs`). The model applies the router in eval mode and returns the result as
-``routed_logits`` (log-probabilities); its ``logits`` are always the adapted model's.
+(`routed_probs`, ``combine="route"``). With ``combine="product"`` every class gets the product of the
+raw CLIP's probability (over its classifier with the routed rows replaced) and the adapted model's,
+renormalised (`product_probs`: a product of experts, a softer split between routed and other classes).
+The model applies the router in eval mode and returns the result as ``routed_logits``
+(log-probabilities); its ``logits`` are always the adapted model's.
 
-Saved as ``router/router.json`` (the routed class ids) and ``router/router.safetensors`` (the
-prototypes) inside the checkpoint.
+Saved as ``router/router.json`` (the routed class ids and the combination) and
+``router/router.safetensors`` (the prototypes) inside the checkpoint.
 
 Example:
     >>> import torch
@@ -32,7 +35,8 @@ from torch import nn
 ROUTER_FOLDER = "router"
 CONFIG_NAME = "router.json"
 WEIGHTS_NAME = "router.safetensors"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: "combine" (a version-1 file routes)
+COMBINES = ("route", "product")
 # A class with zero probability keeps a finite log-probability, so argmax and CE stay defined.
 MIN_PROB = 1e-30
 
@@ -45,11 +49,27 @@ def routed_probs(raw_logits: torch.Tensor, logits: torch.Tensor, routed: torch.T
     return torch.where(routed, raw, raw.masked_fill(routed, 0.0).sum(1, keepdim=True) * kept)
 
 
+def product_probs(raw_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """Class probabilities (B, C) proportional to the product of the raw CLIP's and the adapted model's.
+
+    Example:
+        >>> raw = torch.log(torch.tensor([[0.5, 0.25, 0.25]]))
+        >>> adapted = torch.log(torch.tensor([[0.25, 0.25, 0.5]]))
+        >>> product_probs(raw, adapted)
+        tensor([[0.4000, 0.2000, 0.4000]])
+    """
+    return F.softmax(F.log_softmax(raw_logits, -1) + F.log_softmax(logits, -1), -1)
+
+
 class ClassRouter(nn.Module):
     """The routed classes of a model and their class embeddings in the raw CLIP (module docstring)."""
 
-    def __init__(self, dim: int, class_ids: list[int] | None = None, prototypes: torch.Tensor | None = None):
+    def __init__(self, dim: int, class_ids: list[int] | None = None, prototypes: torch.Tensor | None = None,
+                 combine: str = "route"):
         super().__init__()
+        if combine not in COMBINES:
+            raise ValueError(f"combine must be one of {list(COMBINES)}, got {combine!r}.")
+        self.combine = combine
         self.class_ids: list[int] = []
         self.register_buffer("prototypes", torch.zeros(0, dim))
         if class_ids:
@@ -79,6 +99,9 @@ class ClassRouter(nn.Module):
 
     def forward(self, raw_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         """Log-probabilities (B, C) from the raw CLIP's logits over `classifier` and the adapted model's `logits`."""
+        if self.combine == "product":
+            return (F.log_softmax(raw_logits.float(), -1) + F.log_softmax(logits.float(), -1)).log_softmax(-1).to(
+                logits.dtype)
         routed = torch.zeros(logits.shape[1], dtype=torch.bool, device=logits.device)
         routed[self.class_ids] = True
         return routed_probs(raw_logits.float(), logits.float(), routed).clamp_min(MIN_PROB).log().to(logits.dtype)
@@ -90,8 +113,8 @@ class ClassRouter(nn.Module):
         save_file({"prototypes": self.prototypes.contiguous().cpu()}, os.path.join(folder, WEIGHTS_NAME),
                   metadata={"format": "pt"})
         with open(os.path.join(folder, CONFIG_NAME), "w") as f:
-            json.dump({"format": "hf_pmi.ClassRouter", "version": FORMAT_VERSION, "class_ids": self.class_ids}, f,
-                      indent=2)
+            json.dump({"format": "hf_pmi.ClassRouter", "version": 1 if self.combine == "route" else FORMAT_VERSION,
+                       "class_ids": self.class_ids, "combine": self.combine}, f, indent=2)
 
     @classmethod
     def from_pretrained(cls, folder: str | os.PathLike) -> "ClassRouter":
@@ -107,4 +130,4 @@ class ClassRouter(nn.Module):
                 f"{folder} routes classes {config['class_ids']} but holds {len(prototypes)} prototypes: the files come "
                 "from different checkpoints or were edited. Reload an intact copy."
             )
-        return cls(prototypes.shape[1], config["class_ids"], prototypes)
+        return cls(prototypes.shape[1], config["class_ids"], prototypes, config.get("combine", "route"))

@@ -176,7 +176,7 @@ def test_run_with_a_names_only_last_task(tmp_path, digits, processor):
 
     def run(name, route):
         tasks = make_names_only(split_class_incremental(digits, num_tasks=3, seed=0),
-                                config=dataclasses.replace(FAST_NAMES, route=route))
+                                config=dataclasses.replace(FAST_NAMES, scoring="route" if route else "adapted"))
         torch.manual_seed(0)  # the LoRA weights are drawn before the Trainer seeds anything
         trainer = ContinualTrainer(model=lora_model(), args=args_for(tmp_path, name), tasks=tasks,
                                    processing_class=processor, method_config=FAST_PMI)
@@ -359,3 +359,70 @@ def test_shapes_recipe_is_reproducible_with_lora(tmp_path):
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     a, b = (load_file(tmp_path / n / "task-1" / "adapter" / "adapter_model.safetensors") for n in ("a", "b"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_product_scoring_multiplies_the_two_models_and_the_router_keeps_it(tmp_path):
+    """scoring="product": every class gets the raw CLIP's probability times the adapted model's, renormalised
+    (a softer old/new split than routing); the router saves its combination (a version-1 file routes)."""
+    from hf_pmi.blocks import VisionBlocks
+    from hf_pmi.names_only.learner import route_names
+    from hf_pmi.routing import ClassRouter, product_probs
+
+    torch.manual_seed(0)
+    model = ContinualCLIP.from_clip(build_clip("tiny"), lora=LoraConfig(r=4, lora_alpha=8),
+                                    class_names=["zero", "one", "two"], tokenizer=build_tokenizer())
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.5)
+    model.eval()
+    pixels = torch.randn(4, 3, 32, 32)
+    prototype = unit(1, model.clip_config.projection_dim, seed=5)
+    route_names(model, [2], prototype, "product")
+    with torch.no_grad():
+        out = model(pixel_values=pixels)
+        with model.clip.disable_adapter():
+            raw = F.normalize(VisionBlocks(model.clip).features(pixels), dim=-1)
+            text = class_text_embeddings(model.clip, model.prompt_ids, model.prompt_mask)
+    text[2] = prototype[0]
+    expected = product_probs(model.logit_scale * raw @ text.t(), out.logits)
+    assert torch.allclose(out.routed_logits.exp(), expected, atol=1e-5)
+    routed = routed_probs(model.logit_scale * raw @ text.t(), out.logits, torch.tensor([False, False, True]))
+    assert not torch.allclose(expected, routed, atol=1e-3)  # not the hard split
+    with pytest.raises(ValueError, match="cannot also use 'route'"):
+        route_names(model, [1], prototype, "route")
+    route_names(model, [1], prototype, "adapted")  # the trained model alone: nothing routed
+    assert model.routed_classes == [2]
+    model.router.save_pretrained(tmp_path / "router")
+    meta = json.loads((tmp_path / "router" / "router.json").read_text())
+    assert meta["combine"] == "product" and meta["version"] == 2
+    assert ClassRouter.from_pretrained(tmp_path / "router").combine == "product"
+    del meta["combine"]
+    meta["version"] = 1
+    (tmp_path / "router" / "router.json").write_text(json.dumps(meta))
+    assert ClassRouter.from_pretrained(tmp_path / "router").combine == "route"
+
+
+def test_reference_training_changes_the_adapter_and_the_benchmark_sees_it(tmp_path, checkpoint):
+    """The held-out rows that once read identical to zero-shot came from unchanged predictions, not from
+    unchanged weights: the reference's names-only training moves the adapter (the benchmark reports both)."""
+    import os
+    import sys
+
+    from safetensors.torch import load_file
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+    from names_only import adapter_change, protocol_tasks
+
+    folder, _ = checkpoint
+    config = NamesOnlyConfig(preset="reference", per_class=4, neighbours=2)
+    ContinualTrainer.from_pretrained(str(folder), tasks=names_only_tasks(["a new digit"], config=config),
+                                     args=args_for(tmp_path, "ref"), method_config=FAST_PMI).train()
+    before = load_file(folder / "adapter" / "adapter_model.safetensors")
+    after = load_file(tmp_path / "ref" / "task-2" / "adapter" / "adapter_model.safetensors")
+    assert adapter_change(before, before) == 0.0 and adapter_change(before, after) > 0
+    # the harder held-out protocol: 48 pairs seen in pre-training first, then 12 never-seen ones
+    from hf_pmi.testing.shapes import HELD_OUT, SEEN
+
+    tasks = protocol_tasks("held_out", seed=0, per_class=1, test_per_class=1)
+    assert [len(t.class_ids) for t in tasks] == [12] * 5
+    assert set(tasks.class_names[:48]) == set(SEEN) and set(tasks.class_names[48:]) <= set(HELD_OUT)

@@ -37,8 +37,9 @@ from ..data import TaskPlan
 from ..inversion import InversionConfig, full_steps, invert
 from ..log import get_logger
 from ..names_only import NamesOnlyLearner, check_bank, is_names_only, validate_tasks
-from ..replay import ReplayConfig
-from ..statistics import collect_statistics_and_features
+from ..replay import ReplayConfig, cropped_batches
+from ..seeding import task_seed
+from ..statistics import collect_layer_statistics, collect_statistics_and_features
 from ..synthesis import BUFFER_NAME, DTYPES, BufferConfig, load_buffer, save_buffer, synthesize_replay
 from .base import MethodConfig, register_method
 from .rehearsal import ReplayMethod
@@ -74,6 +75,7 @@ class PMI(ReplayMethod):
         self.bank = FeatureBank()
         self.last_report: dict | None = None
         self.plan: TaskPlan | None = None
+        self.previous_statistics = None  # replay.statistics_model "previous": this task's, from the model before it
         self.names_only = NamesOnlyLearner.for_run(trainer.model, trainer.tasks, trainer.args.device)
 
     def resolve_inversion(self, config: InversionConfig) -> InversionConfig:
@@ -100,7 +102,7 @@ class PMI(ReplayMethod):
                 f"layers from {k - 2} on"
                 + (f" (`LoraConfig(..., exclude_modules={pattern!r})`, "
                    "`hf_pmi.blocks.layers_below_pattern`; the recipes do it from --inversion_start_block)" if pattern else "")
-                + f", freeze the rest, or choose a lower --inversion_start_block."
+                + ", freeze the rest, or choose a lower --inversion_start_block."
             )
         if any(is_names_only(t) for t in self.tasks):
             validate_tasks(self.tasks, self.unwrapped_model)
@@ -110,10 +112,15 @@ class PMI(ReplayMethod):
         super().before_task(task_id)
         task = self.tasks[task_id]
         self.plan = None
+        self.previous_statistics = None
+        if not is_names_only(task) and self.config.replay.statistics_model == "previous":
+            self.previous_statistics = collect_layer_statistics(
+                self.unwrapped_model, (x for x, _ in self.statistics_batches(task, task_id)), self.show_progress)
         if is_names_only(task):
             self.plan = self.names_only.prepare(
                 self.unwrapped_model, self.bank, task, self.trainer.processing_class.tokenizer, self.inversion,
-                self.mode, self.args.seed, task_id, self.show_progress)
+                self.mode, self.args.seed, task_id, self.show_progress, self.args.per_device_train_batch_size,
+                self.trainer.accelerator.num_processes)
 
     def plan_task(self, task_id: int) -> TaskPlan:
         return self.plan if self.plan is not None else super().plan_task(task_id)
@@ -122,11 +129,11 @@ class PMI(ReplayMethod):
         task = self.tasks[self.task_id]
         if self.teacher is None or not is_names_only(task):
             return super().compute_loss(model, inputs, num_items_in_batch)
-        replay, replay_labels = self.draw_replay()
+        replay, replay_labels = self.draw_replay(task.config.replay_batch_size)
         return self.names_only.compute_loss(
             model, inputs, task.config, self.teacher, replay, replay_labels, self.num_old, self.weights,
             self.config.replay.l_ft, self.config.replay.ft_detach, self.generator, self.unwrapped_model,
-            self.replay_block)
+            self.replay_block, self.config.replay.teacher_text)
 
     # ----- between tasks ---------------------------------------------------------------------------
     def after_task(self, task_id: int) -> dict:
@@ -134,15 +141,25 @@ class PMI(ReplayMethod):
         model = self.unwrapped_model
         train_contrastive = self.config.sampling.selection == "cfs"  # g_c only serves CFS
         if is_names_only(task):
-            report = self.names_only.finish(model, self.bank, task, train_contrastive, self.args.seed, self.replay_block)
+            report = self.names_only.finish(model, self.bank, task, train_contrastive, self.args.seed, self.replay_block,
+                                            self.config.selection.contrastive_kwargs())
             return {**report, **self.synthesize(task.class_ids)}
         model.eval()
         stats, features = collect_statistics_and_features(model, self.real_batches(task.train), self.show_progress)
+        if self.previous_statistics is not None:  # replay.statistics_model "previous"
+            stats, self.previous_statistics = self.previous_statistics, None
+        elif self.config.replay.statistics_crop < 1:
+            stats = collect_layer_statistics(model, (x for x, _ in self.statistics_batches(task, task_id)))
         self.bank.update_statistics(stats)
         self.bank.add_classes(task.class_ids, features, train_contrastive=train_contrastive, seed=self.args.seed,
-                              progress=self.show_progress)
-        self.names_only.record_raw(model, self.bank, task, self.real_batches(task.train))
+                              progress=self.show_progress, **self.config.selection.contrastive_kwargs())
+        self.names_only.record_raw(model, self.bank, task, self.statistics_batches(task, task_id))
         return self.synthesize(task.class_ids)
+
+    def statistics_batches(self, task, task_id: int):
+        """The task's real batches as layer statistics see them (``replay.statistics_crop``: random resized crops)."""
+        return cropped_batches(self.real_batches(task.train), self.config.replay.statistics_crop,
+                               task_seed(self.args.seed, task_id))
 
     def synthesize(self, new_classes: list[int] | None = None) -> dict:
         """Bring the replay buffer up to every class in the bank: invert `new_classes` (with

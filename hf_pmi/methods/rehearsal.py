@@ -44,10 +44,10 @@ class ReplayMethod(ContinualMethod):
             rank = self.trainer.accelerator.process_index
             self.generator = torch.Generator().manual_seed(replay_seed(self.args.seed, task_id, rank))
 
-    def draw_replay(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``replay.batch_size`` samples and their labels, drawn with replacement from the buffer."""
+    def draw_replay(self, size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """`size` (default ``replay.batch_size``) samples and their labels, drawn with replacement from the buffer."""
         samples, labels = self.buffer
-        idx = torch.randint(len(labels), (self.config.replay.batch_size,), generator=self.generator)
+        idx = torch.randint(len(labels), (size or self.config.replay.batch_size,), generator=self.generator)
         return samples[idx.to(samples.device)], labels[idx.to(labels.device)]
 
     def compute_loss(self, model, inputs, num_items_in_batch=None):
@@ -58,7 +58,7 @@ class ReplayMethod(ContinualMethod):
         with torch.no_grad():
             teacher_out = self.teacher(replay_inputs=replay, replay_block=self.replay_block)
         terms = replay_losses(out, teacher_out, inputs["labels"], replay_labels, self.num_old, self.weights,
-                              self.config.replay.l_ft, self.config.replay.ft_detach)
+                              self.config.replay.l_ft, self.config.replay.ft_detach, self.config.replay.teacher_text)
         return sum(terms.values())
 
     def save(self, folder: str) -> None:
