@@ -47,6 +47,7 @@ def test_transformers_resnet_block_split():
     blocks = BNBlocks(hf_resnet(), image_size=32)
     assert blocks.family == "resnet" and blocks.num_blocks == 1 + 3 + 1  # embedder, 3 basic layers, head
     assert blocks.input_shape(1) == (8, 8, 8)  # 7x7 stride-2 conv and max-pooling: 32 -> 8
+    assert blocks.stage_groups() == [(0, 1), (1, 3), (3, 4)]  # depths [2, 1]
 
 
 def test_block_costs_follow_multiply_adds():

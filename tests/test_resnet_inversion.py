@@ -112,3 +112,13 @@ def test_bad_settings_are_refused(trained):
     with pytest.raises(ValueError, match="batch"):
         BNInversionConfig(layer_batch=1)
     assert math.isclose(BNInversionConfig(a_layer=3.0).layer_weight(16), 3.0)
+
+
+def test_stage_chain_has_one_link_per_stage_and_the_same_budget(trained):
+    model, _, feats = trained
+    blocks = BNBlocks(model)
+    assert blocks.stage_groups() == [(0, 1), (1, 2), (2, 3), (3, 4)]  # one block per stage in this tiny model
+    report = invert_bn(model, feats[:8], small(chain="stages")).report
+    assert report["full_model_passes"] == pytest.approx(invert_bn(model, feats[:8], small()).report["full_model_passes"])
+    with pytest.raises(ValueError, match="chain"):
+        BNInversionConfig(chain="layers")

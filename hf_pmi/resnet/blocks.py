@@ -68,10 +68,12 @@ class BNBlocks:
         if inner is not None and hasattr(inner, "stem") and hasattr(inner, "stages"):  # ResNet32
             self.family = "hf_pmi_cifar_resnet"
             stem, residual = inner.stem, [b for stage in inner.stages for b in stage]
+            stage_sizes = [len(stage) for stage in inner.stages]
             self._pool = lambda x: inner.pooler(x).flatten(1)
         elif inner is not None and hasattr(inner, "embedder") and hasattr(inner, "encoder"):  # transformers ResNet
             self.family = "resnet"
             stem, residual = inner.embedder, [layer for stage in inner.encoder.stages for layer in stage.layers]
+            stage_sizes = [len(stage.layers) for stage in inner.encoder.stages]
             self._pool = lambda x: inner.pooler(x).flatten(1)
         else:
             raise TypeError(
@@ -81,6 +83,7 @@ class BNBlocks:
             )
         self.classifier = self.model.classifier
         self.modules: list[nn.Module] = [stem, *residual]
+        self.stage_sizes = stage_sizes
         self.feature_block = len(self.modules) - 1
         self.num_blocks = len(self.modules) + 1
         config = getattr(self.model, "config", None)
@@ -109,6 +112,20 @@ class BNBlocks:
     def features_from(self, start: int, x: torch.Tensor) -> torch.Tensor:
         """Pooled features (the classifier's input) from the input of block `start`."""
         return self.pool(self.forward_from(start, x, end=self.feature_block + 1))
+
+    def stage_groups(self) -> list[tuple[int, int]]:
+        """Block ranges ``[lo, hi)`` of the stem and of each stage: the links of a coarser chain.
+
+        Example:
+            >>> from hf_pmi.resnet import ResNet32Config, ResNet32ForImageClassification
+            >>> BNBlocks(ResNet32ForImageClassification(ResNet32Config(num_labels=2))).stage_groups()
+            [(0, 1), (1, 6), (6, 11), (11, 16)]
+        """
+        groups, lo = [(0, 1)], 1
+        for size in self.stage_sizes:
+            groups.append((lo, lo + size))
+            lo += size
+        return groups
 
     # ----- statistics ----------------------------------------------------------------------------
     def bn_layers(self, i: int) -> list[tuple[str, nn.Module]]:

@@ -86,6 +86,12 @@ class BNInversionConfig:
                   "the block below), 'recorded' (per-channel moments of real block inputs, `collect_block_statistics`), "
                   "or 'none' (N(0, 1) start, no input term)."},
     )
+    chain: str = field(
+        default="blocks",
+        metadata={"help": "Links of the chain: 'blocks' (reference: the stem and every residual block) or 'stages' "
+                  "(beyond the reference: the stem and each stage as one link, so errors compound over 4 links on "
+                  "ResNet-32 instead of 16; a link's step costs its blocks' share of a pass)."},
+    )
     layer_batch: int = field(default=4000, metadata={"help": "Targets inverted together by the chain (reference 4000); BN moments are batch moments."})
     # ----- refinement and random start
     refine_steps: int = field(default=160, metadata={"help": "Full-model steps after the chain (reference 160)."})
@@ -111,6 +117,8 @@ class BNInversionConfig:
     def __post_init__(self):
         if self.mode not in ("pmi", "full"):
             raise ValueError(f"BNInversionConfig.mode must be 'pmi' or 'full', got {self.mode!r}.")
+        if self.chain not in ("blocks", "stages"):
+            raise ValueError(f"chain must be 'blocks' or 'stages', got {self.chain!r}.")
         if self.input_prior not in ("bn", "recorded", "none"):
             raise ValueError(f"input_prior must be 'bn', 'recorded' or 'none', got {self.input_prior!r}.")
         if self.layer_batch < 2 or self.refine_batch < 2:
@@ -223,11 +231,13 @@ class _Objective:
         mean, var = prior
         return mean.view(1, -1, 1, 1) + var.clamp_min(0).sqrt().view(1, -1, 1, 1) * noise
 
-    def block_terms(self, i: int, z: torch.Tensor, target: torch.Tensor):
-        points = [(f"bn{k}", m, "input") for k, (_, m) in enumerate(self.blocks.bn_layers(i))]
+    def block_terms(self, i: int, z: torch.Tensor, target: torch.Tensor, end: int | None = None):
+        """Terms of the link of blocks ``i .. end-1`` (default: block i alone) for its input z."""
+        end = i + 1 if end is None else end
+        points = [(f"bn{j}.{k}", m, "input") for j in range(i, end) for k, (_, m) in enumerate(self.blocks.bn_layers(j))]
         with capture_activations(points) as acts:
-            out = self.blocks.block(i, z)
-        if i == self.blocks.feature_block:
+            out = self.blocks.forward_from(i, z, end=end)
+        if end - 1 == self.blocks.feature_block:
             out = self.blocks.pool(out)
         stat = sum((bn_kl(acts[key], m) for key, m, _ in points), z.new_zeros(()))
         prior = self.prior(i)
@@ -285,15 +295,17 @@ def _optimise(terms: Callable, z: torch.Tensor, steps: int, lr_at: Callable[[int
 
 
 def _chain(obj: _Objective, targets: torch.Tensor, config: BNInversionConfig, generator, tracker, diagnostics):
-    """The per-layer stage on one chunk: blocks feature_block .. 0; returns pixels."""
+    """The per-layer stage on one chunk: links from the top block down to the stem; returns pixels."""
     blocks = obj.blocks
     costs = blocks.block_costs()
-    weight = config.layer_weight(blocks.feature_block + 1)
+    links = blocks.stage_groups() if config.chain == "stages" else [(i, i + 1) for i in range(blocks.feature_block + 1)]
+    weight = config.layer_weight(len(links))
     z_next = targets
-    for i in range(blocks.feature_block, -1, -1):
+    for i, end in reversed(links):
         z, loss, (mse, stat, l_in) = _optimise(
-            lambda v, i=i, t=z_next.detach(): obj.block_terms(i, v, t), obj.start(i, targets.shape[0], generator),
-            config.layer_steps, lambda s: config.layer_lr, weight, config, tracker, f"block{i}", costs[i],
+            lambda v, i=i, end=end, t=z_next.detach(): obj.block_terms(i, v, t, end),
+            obj.start(i, targets.shape[0], generator), config.layer_steps, lambda s: config.layer_lr, weight, config,
+            tracker, f"block{i}", sum(costs[i:end]),
         )
         with torch.no_grad():
             forward_mse = F.mse_loss(blocks.features_from(i, z), targets).item()
