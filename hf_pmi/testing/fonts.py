@@ -11,6 +11,11 @@ is a letter (``"a"`` .. ``"z"``); every image draws, independently:
 - foreground and background colours (at least 0.35 apart in grey level, either may be the darker),
   a colour gradient or speckle noise on the background, and (in 3 images of 10) a slight blur.
 
+How hard: a ResNet-32 (`hf_pmi.resnet`) trained from scratch on 20 letters x 300 images at 16 px
+(SGD, one-cycle lr 0.1, 20 epochs, shifts of up to 2 px) reaches 0.98 test accuracy (50 images per
+letter, another seed), in about 250 s on one CPU thread; it sits at chance for the first ~5 epochs
+while it learns to ignore colour and polarity.
+
 Only fonts that ship with Pillow are used, so the world is the same on every machine with the same
 Pillow version. Rendered at 4x the image size and reduced with a box filter.
 
