@@ -1,7 +1,8 @@
 """One recipe run in a subprocess, as a user runs it, shared by the benchmark scripts.
 
 A run whose ``<out>/results.json`` holds every task of the sequence is reused, not rerun (delete the
-folder to redo it), so a long benchmark that stopped goes on where it was.
+folder to redo it), so a long benchmark that stopped goes on where it was. The arguments of a run are
+kept beside it (``<out>/benchmark_args.json``); a folder that holds a run of other arguments is an error.
 """
 
 import json
@@ -29,7 +30,14 @@ def run_recipe(recipe: str, out: str, args: list[str], label: str = "", threads:
     threads) unless `out` holds a finished run; returns its ``results.json`` plus ``seconds`` (the process's
     wall time, None when reused)."""
     done = finished(out)
+    args_path = os.path.join(out, "benchmark_args.json")
     if done is not None:
+        if os.path.isfile(args_path):
+            with open(args_path) as f:
+                before = json.load(f)
+            if before != list(args):
+                raise RuntimeError(f"{out} holds a run of other arguments ({' '.join(before)}), not {' '.join(args)}: "
+                                   "delete the folder (or pass another --workdir) to run these.")
         return {**done, "seconds": None}
     cmd = [sys.executable, recipe, "--output_dir", out, "--disable_tqdm", "true", "--overwrite_output_dir", "true",
            *args]
@@ -39,5 +47,7 @@ def run_recipe(recipe: str, out: str, args: list[str], label: str = "", threads:
     if proc.returncode != 0:
         raise RuntimeError(f"{label or out} failed ({' '.join(cmd)}):\n{proc.stderr[-3000:]}")
     result = finished(out)
+    with open(args_path, "w") as f:
+        json.dump(list(args), f)
     print(f"{label or out}: A_last {result['a_last']:.3f} ({time.time() - t0:.0f} s)", flush=True)
     return {**result, "seconds": time.time() - t0}

@@ -48,11 +48,11 @@ RECIPES = {
     "digits": ("recipes/clip_digits.py", []),
     "shapes": ("recipes/clip_shapes.py", ["--names_only_last", "0"]),
 }
-# The recipes' inversion budget (both use it): steps per block, coarse-to-fine steps (upsampled at 1/4, 1/2
-# and 3/4 of them) and refinement steps.
+# hf_pmi 0.1's inversion budget of both recipes ("budget 1"): steps per block, coarse-to-fine steps (doubled at
+# 1/4, 1/2 and 3/4 of them) and refinement steps. The recipes' default since is budget 1/4 (`budget_flags(0.25)`).
 RECIPE_BUDGET = {"layer_steps": 50, "first_block_steps": 200, "refine_steps": 100}
 DEEP_BLOCK = 4  # tokens entering encoder layer 2 of the recipes' 4 layers: half the tower is inverted
-# every variant pins the buffer settings it measures, so that a later change of the defaults leaves it as it was
+# every variant pins the buffer and LoRA settings it measures, so that a later change of the defaults leaves it as it was
 KEPT = ["--buffer_incremental", "true", "--buffer_shuffle", "true", "--buffer_refresh_steps", "0", "--buffer_dtype",
         "float32"]
 TODAY = ["--buffer_incremental", "false", "--buffer_shuffle", "false", "--buffer_refresh_steps", "0", "--buffer_dtype",
@@ -69,15 +69,14 @@ def budget_flags(scale: float) -> list[str]:
             "--inversion_upsample_at", *upsample, "--inversion_refine_steps", str(refine)]
 
 
-def _variant(method, budget=1.0, block=1, incremental=True, lora_from=None, extra=KEPT):
-    flags = ["--method", method]
+def _variant(method, budget=1.0, block=1, incremental=True, lora_from=1, extra=KEPT):
+    """`lora_from` 1: LoRA on every layer (hf_pmi 0.1's recipes); DEEP_BLOCK: the upper half (the default since)."""
+    flags = ["--method", method, "--lora_from_block", str(lora_from)]
     if method in ("pmi", "full_inversion"):
         flags += budget_flags(budget) + ["--inversion_start_block", str(block)] + list(extra)
-        if lora_from is not None:
-            flags += ["--lora_from_block", str(lora_from)]
-    return {"method": method, "budget": budget if method in ("pmi", "full_inversion") else None,
-            "replay_block": block if method in ("pmi", "full_inversion") else None,
-            "incremental": incremental if method in ("pmi", "full_inversion") else None, "flags": flags}
+    inverts = method in ("pmi", "full_inversion")
+    return {"method": method, "budget": budget if inverts else None, "replay_block": block if inverts else None,
+            "incremental": incremental if inverts else None, "lora_from_block": lora_from, "flags": flags}
 
 
 VARIANTS = {
@@ -95,12 +94,15 @@ VARIANTS = {
     "block_control_full_inversion_budget_1/4": _variant("full_inversion", 0.25, lora_from=DEEP_BLOCK),
     "block_control_refresh_budget_1/4": _variant("pmi", 0.25, lora_from=DEEP_BLOCK, extra=[
         *KEPT, "--buffer_refresh_steps", str(RECIPE_BUDGET["refine_steps"] // 16)]),
-    f"block_{DEEP_BLOCK}": _variant("pmi", block=DEEP_BLOCK),
-    f"block_{DEEP_BLOCK}_budget_1/4": _variant("pmi", 0.25, block=DEEP_BLOCK),
-    "default": {"method": "pmi", "budget": None, "replay_block": None, "incremental": None, "flags": ["--method", "pmi"]},
-    "finetune": _variant("finetune"),
-    "lwf": _variant("lwf"),
-    "exemplar_replay": _variant("exemplar_replay"),
+    f"block_{DEEP_BLOCK}": _variant("pmi", block=DEEP_BLOCK, lora_from=DEEP_BLOCK),
+    f"block_{DEEP_BLOCK}_budget_1/4": _variant("pmi", 0.25, block=DEEP_BLOCK, lora_from=DEEP_BLOCK),
+    # the recipe as it is: each class inverted once, patch maps, budget 1/4, LoRA on the upper half
+    "default": {"method": "pmi", "budget": 0.25, "replay_block": 1, "incremental": True,
+                "lora_from_block": DEEP_BLOCK, "flags": ["--method", "pmi"]},
+    # the references share the default's LoRA (upper half), so they compare like with like against it
+    "finetune": _variant("finetune", lora_from=DEEP_BLOCK),
+    "lwf": _variant("lwf", lora_from=DEEP_BLOCK),
+    "exemplar_replay": _variant("exemplar_replay", lora_from=DEEP_BLOCK),
 }
 
 
@@ -112,7 +114,8 @@ def run_one(recipe_name, variant, seed, workdir):
                         label=f"{recipe_name} {variant} seed {seed}")
     logs = result["method_logs"]
     return {"recipe": recipe_name, "method": spec["method"], "variant": variant, "budget": spec["budget"],
-            "replay_block": spec["replay_block"], "incremental": spec["incremental"], "seed": seed,
+            "replay_block": spec["replay_block"], "incremental": spec["incremental"],
+            "lora_from_block": spec["lora_from_block"], "seed": seed,
             "a_last": result["a_last"], "a_avg": result["a_avg"],
             "inversion_seconds": sum(log.get("inversion_seconds", 0.0) for log in logs),
             "inversion_passes": sum(log.get("inversion_full_model_passes", 0.0) for log in logs),

@@ -141,6 +141,23 @@ def replay_block(method_config) -> int:
     return inversion.start_block if inversion is not None else 1
 
 
+def lora_block(requested: int | None, method_config, num_layers: int) -> int:
+    """The first vision block a demo recipe's LoRA adapts (block k is encoder layer k - 2).
+
+    `requested` (``--lora_from_block``), else the upper half of the encoder, block ``num_layers // 2 + 2``:
+    with the lower half frozen the demos forget less and their replay needs a quarter of the inversion
+    budget (the Pareto point of ``benchmarks/synthesis_front.py``). Never below the replay block, since
+    replay skips the blocks under it.
+
+    Example:
+        >>> from hf_pmi.methods.pmi import PMIConfig
+        >>> lora_block(None, PMIConfig(), num_layers=4), lora_block(1, PMIConfig(), num_layers=4)
+        (4, 1)
+    """
+    block = requested if requested is not None else num_layers // 2 + 2
+    return max(block, replay_block(method_config))
+
+
 def build_model(recipe: RecipeArguments, block: int = 1):
     """The `ContinualCLIP` (LoRA on the vision tower unless ``lora_r`` is 0) and its processor. With replay
     at vision `block` > 2, LoRA leaves out the encoder layers below it (`hf_pmi.blocks.layers_below_pattern`)."""

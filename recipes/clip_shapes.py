@@ -29,16 +29,16 @@ from transformers import set_seed
 from hf_pmi import ContinualCLIP, ContinualTrainer, split_class_incremental
 from hf_pmi.names_only import NamesOnlyConfig, make_names_only, names_only_tasks
 from hf_pmi.blocks import layers_below_pattern
-from hf_pmi.recipe import parse_run_args, replay_block
+from hf_pmi.recipe import lora_block, parse_run_args
 from hf_pmi.testing import build_processor
 from hf_pmi.testing.backbones import PRETRAIN_STEPS, shapes_clip
 from hf_pmi.testing.shapes import SHAPES_TEMPLATES, load_shapes_dataset
 
-# Small tasks (~200 images) and a CPU-sized inversion budget, as recipes/clip_digits.py.
+# Small tasks (~200 images) and the inversion budget of recipes/clip_digits.py (its Pareto point).
 DEFAULTS = dict(
     method="pmi", num_train_epochs=6, per_device_train_batch_size=32, warmup_steps=10, replay_batch_size=32,
-    inversion_layer_steps=50, inversion_first_block_steps=200, inversion_upsample_at=[50, 100, 150],
-    inversion_refine_steps=100,
+    inversion_layer_steps=12, inversion_first_block_steps=50, inversion_upsample_at=[12, 25, 37],
+    inversion_refine_steps=25,
 )
 
 
@@ -53,8 +53,9 @@ class ShapesArguments:
     lora_r: int = field(default=16, metadata={"help": "LoRA rank on the vision tower."})
     lora_from_block: int | None = field(
         default=None,
-        metadata={"help": "LoRA adapts the encoder layers from this vision block on (block k is encoder layer k - 2). "
-                  "Default: the replay block (--inversion_start_block), so that replay skips frozen layers only."},
+        metadata={"help": "LoRA adapts the encoder layers from this vision block on (block k is encoder layer k - 2; "
+                  "1 adapts all). Default: the upper half of the encoder (block 4 of the 4-layer backbones), the "
+                  "Pareto point of benchmarks/synthesis_front.py; never below --inversion_start_block."},
     )
     images_per_class: int = field(default=60, metadata={"help": "Training images per class (tasks learned from images)."})
     test_images_per_class: int = field(default=30, metadata={"help": "Test images per class."})
@@ -86,7 +87,8 @@ def main(argv=None):
         clip = shapes_clip(script.backbone_dir, steps=script.pretrain_steps)  # pre-training (first use) seeds itself
         lora = LoraConfig(r=script.lora_r, lora_alpha=2 * script.lora_r,
                           target_modules=r".*vision_model.*\.(q_proj|v_proj|fc1|fc2)", modules_to_save=["text_projection"],
-                          exclude_modules=layers_below_pattern(script.lora_from_block or replay_block(method_config)))
+                          exclude_modules=layers_below_pattern(
+                              lora_block(script.lora_from_block, method_config, clip.config.vision_config.num_hidden_layers)))
         set_seed(args.seed)  # LoRA weights are drawn in from_clip, before the Trainer seeds anything
         model = ContinualCLIP.from_clip(clip, templates=SHAPES_TEMPLATES, lora=lora)
         trainer = ContinualTrainer(model=model, args=args, tasks=tasks, processing_class=processor,

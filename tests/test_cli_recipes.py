@@ -56,7 +56,8 @@ def test_train_help_reads_by_config_and_pmi_is_the_default_method():
     assert where[0] < text.index("--class_order_file") < where[1] < text.index("--method") < where[2]
     assert where[2] < text.index("--replay_batch_size") < where[3] < text.index("--inversion_batch_size") < where[4]
     assert where[4] < text.index("--per_device_train_batch_size")
-    assert text.count("\n") < 800 and text.index("options:") < 200  # a short usage line, not every flag twice
+    # a short usage line, not every flag twice: each flag once is ~830 lines (twice would be ~1600)
+    assert text.count("\n") < 1000 and text.index("options:") < 200
     from hf_pmi.config import ContinualConfig
     from hf_pmi.methods.pmi import PMIConfig
     from hf_pmi.recipe import parse_run_args

@@ -415,7 +415,8 @@ def test_reference_training_changes_the_adapter_and_the_benchmark_sees_it(tmp_pa
 
     folder, _ = checkpoint
     config = NamesOnlyConfig(preset="reference", per_class=4, neighbours=2)
-    ContinualTrainer.from_pretrained(str(folder), tasks=names_only_tasks(["a new digit"], config=config),
+    ContinualTrainer.from_pretrained(str(folder), tasks=names_only_tasks(
+        ["a new digit", "another new digit"], config=config),  # two: a CE over one new class has no gradient
                                      args=args_for(tmp_path, "ref"), method_config=FAST_PMI).train()
     before = load_file(folder / "adapter" / "adapter_model.safetensors")
     after = load_file(tmp_path / "ref" / "task-2" / "adapter" / "adapter_model.safetensors")
