@@ -212,7 +212,11 @@ def paper_scale(timing_path):
             seconds = chunk * total_targets * steps["full_model"] / timing["batch"]
             rows.append({"recipe": name, "synthesis": label, "inverted_targets": total_targets, "chunks": total_chunks,
                          "passes_per_chunk": chunk, "full_model_passes": passes, "seconds_one_cpu_thread": seconds})
-    return {"rows": rows, "timing": timing_path, "machine_of_timing": timing.get("machine")}
+    # the kept buffer: `per_class` patch maps (block 1) per class, float32 or bfloat16 (--buffer_dtype)
+    values = default.sampling.per_class * math.prod(blocks.input_shape(1))
+    buffer = {"samples_per_class": default.sampling.per_class, "sample_shape": list(blocks.input_shape(1)),
+              "mb_per_class_float32": values * 4 / 1e6, "mb_per_class_bfloat16": values * 2 / 1e6}
+    return {"rows": rows, "buffer_vitb16": buffer, "timing": timing_path, "machine_of_timing": timing.get("machine")}
 
 
 def main():
@@ -236,6 +240,9 @@ def main():
         for row in report["rows"]:
             print(f"{row['recipe']:>20} | {row['synthesis']:<48} | {row['full_model_passes']:>9.0f} passes | "
                   f"{row['seconds_one_cpu_thread'] / 3600:>7.1f} h")
+        b = report["buffer_vitb16"]
+        print(f"ViT-B/16 replay buffer per class: {b['samples_per_class']} x {b['sample_shape']} = "
+              f"{b['mb_per_class_float32']:.2f} MB float32, {b['mb_per_class_bfloat16']:.2f} MB bfloat16")
         print(f"-> {path}")
         return
     jobs = [(r, v, s) for r in args.recipes for s in args.seeds for v in args.variants]
