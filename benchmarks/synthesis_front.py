@@ -11,9 +11,10 @@ variant sets (`VARIANTS`):
 
 - ``today``: `pmi` as hf_pmi 0.1 ran it: every class inverted again after every task, class by class;
 - ``budget`` (`pmi`, `full_inversion`): each class inverted once (kept), shuffled batches, at the
-  recipe's inversion budget times ``budget`` (1, 1/4, 1/16; `full_inversion` spends the passes of a
+  recipe's inversion budget times ``budget`` (1, 1/2, 1/4, 1/16; `full_inversion` spends the passes of a
   `pmi` batch at the same budget);
 - ``refresh``: as ``budget`` 1, the kept samples refined under each new model;
+- ``samples_10``: twice the kept samples per class at a quarter of the budget (more, rougher samples);
 - ``block``: replay at a deeper vision block k (tokens entering encoder layer k - 2), LoRA on the
   layers from k on; ``block_control``: replay at the patch maps with the same LoRA restriction;
 - ``default``: the recipe as it is (the library's defaults), run on its own;
@@ -90,8 +91,12 @@ VARIANTS = {
     "refresh": _variant("pmi", extra=[*KEPT, "--buffer_refresh_steps", str(RECIPE_BUDGET["refine_steps"] // 4)]),
     "block_control": _variant("pmi", lora_from=DEEP_BLOCK),
     "block_control_budget_1/4": _variant("pmi", 0.25, lora_from=DEEP_BLOCK),
+    "block_control_budget_1/2": _variant("pmi", 0.5, lora_from=DEEP_BLOCK),
     "block_control_budget_1/16": _variant("pmi", 1 / 16, lora_from=DEEP_BLOCK),
     "block_control_full_inversion_budget_1/4": _variant("full_inversion", 0.25, lora_from=DEEP_BLOCK),
+    "block_control_full_inversion_budget_1/2": _variant("full_inversion", 0.5, lora_from=DEEP_BLOCK),
+    # twice the kept samples per class (the reference keeps 5) at a quarter of the budget: more, rougher samples
+    "samples_10_budget_1/4": _variant("pmi", 0.25, lora_from=DEEP_BLOCK, extra=[*KEPT, "--sampling_per_class", "10"]),
     "block_control_refresh_budget_1/4": _variant("pmi", 0.25, lora_from=DEEP_BLOCK, extra=[
         *KEPT, "--buffer_refresh_steps", str(RECIPE_BUDGET["refine_steps"] // 16)]),
     f"block_{DEEP_BLOCK}": _variant("pmi", block=DEEP_BLOCK, lora_from=DEEP_BLOCK),
@@ -143,16 +148,26 @@ def plot(summary, path):
 
     recipes = sorted({k.split("/", 1)[0] for k in summary})
     fig, axes = plt.subplots(1, len(recipes), figsize=(6 * len(recipes), 4.2), squeeze=False)
-    families = {"pmi (kept, shuffled)": "pmi_budget", "full_inversion (kept, shuffled)": "full_inversion_budget",
-                f"pmi, block {DEEP_BLOCK}": f"block_{DEEP_BLOCK}"}
+    families = {  # lines through the budgets of one kind of synthesis
+        "pmi, LoRA on all layers": ["pmi_budget_1", "pmi_budget_1/4", "pmi_budget_1/16"],
+        "full_inversion, LoRA on all layers": ["full_inversion_budget_1", "full_inversion_budget_1/4",
+                                               "full_inversion_budget_1/16"],
+        "pmi, LoRA on the upper half": ["block_control", "block_control_budget_1/2", "block_control_budget_1/4",
+                                        "block_control_budget_1/16"],
+        "full_inversion, LoRA on the upper half": ["block_control_full_inversion_budget_1/2",
+                                                   "block_control_full_inversion_budget_1/4"],
+        f"pmi at block {DEEP_BLOCK}": [f"block_{DEEP_BLOCK}", f"block_{DEEP_BLOCK}_budget_1/4"],
+    }
+    singles = {"today": "s", "refresh": "^", "block_control_refresh_budget_1/4": "v", "samples_10_budget_1/4": "D",
+               "default": "*"}
     for ax, recipe in zip(axes[0], recipes):
-        for label, prefix in families.items():
+        for label, members in families.items():
             points = sorted((e["inversion_seconds"]["mean"], e["a_last"]["mean"], e["a_last"]["std"])
-                            for k, e in summary.items() if k.startswith(f"{recipe}/{prefix}"))
+                            for e in (summary.get(f"{recipe}/{m}") for m in members) if e)
             if points:
                 xs, ys, es = zip(*points)
                 ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=label)
-        for name, marker in (("today", "s"), ("refresh", "^"), ("block_control", "v"), ("default", "*")):
+        for name, marker in singles.items():
             e = summary.get(f"{recipe}/{name}")
             if e:
                 ax.errorbar([e["inversion_seconds"]["mean"]], [e["a_last"]["mean"]], yerr=[e["a_last"]["std"]],
@@ -216,7 +231,7 @@ def paper_scale(timing_path):
     values = default.sampling.per_class * math.prod(blocks.input_shape(1))
     buffer = {"samples_per_class": default.sampling.per_class, "sample_shape": list(blocks.input_shape(1)),
               "mb_per_class_float32": values * 4 / 1e6, "mb_per_class_bfloat16": values * 2 / 1e6}
-    return {"rows": rows, "buffer_vitb16": buffer, "timing": timing_path, "machine_of_timing": timing.get("machine")}
+    return {"rows": rows, "buffer_vitb16": buffer, "timing": os.path.relpath(os.path.abspath(timing_path), ROOT), "machine_of_timing": timing.get("machine")}
 
 
 def main():

@@ -141,7 +141,11 @@ def test_a_format_1_checkpoint_loads_and_routes_as_it_did():
     assert model.routed_classes == [7, 8, 9]
     with torch.no_grad():
         out = model(pixel_values=expected["pixel_values"])
-    torch.testing.assert_close(out.routed_logits, expected["routed_log_probs"], rtol=0, atol=1e-6)
+    # The expected scores were computed on another machine: float32 kernels (BLAS, SIMD width) differ
+    # in the last bits across CPUs (CI measured 2.9e-6 on scores of magnitude ~3), so the tolerance is
+    # a few float32 ulps of that magnitude; a wrong routing or a lost weight moves them by >1e-2.
+    torch.testing.assert_close(out.routed_logits, expected["routed_log_probs"], rtol=1e-5, atol=1e-5)
+    assert torch.equal(out.routed_logits.argmax(-1), expected["routed_log_probs"].argmax(-1))
 
 
 def test_a_checkpoint_of_a_newer_format_names_the_version_and_the_fix(tmp_path, tokenizer):
