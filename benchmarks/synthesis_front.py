@@ -13,7 +13,8 @@ variant sets (`VARIANTS`):
 - ``budget`` (`pmi`, `full_inversion`): each class inverted once (kept), shuffled batches, at the
   recipe's inversion budget times ``budget`` (1, 1/2, 1/4, 1/16; `full_inversion` spends the passes of a
   `pmi` batch at the same budget);
-- ``refresh``: as ``budget`` 1, the kept samples refined under each new model;
+- ``refresh``: as ``budget`` 1, the kept samples refined under each new model (25 refinement steps);
+  ``block_control_refresh[_25]_budget_1/4``: the default's synthesis with 6 (25) such steps;
 - ``samples_10``: twice the kept samples per class at a quarter of the budget (more, rougher samples);
 - ``block``: replay at a deeper vision block k (tokens entering encoder layer k - 2), LoRA on the
   layers from k on; ``block_control``: replay at the patch maps with the same LoRA restriction;
@@ -83,6 +84,7 @@ def _variant(method, budget=1.0, block=1, incremental=True, lora_from=1, extra=K
 VARIANTS = {
     "today": _variant("pmi", incremental=False, extra=TODAY),
     "pmi_budget_1": _variant("pmi"),
+    "pmi_budget_1/2": _variant("pmi", 0.5),
     "pmi_budget_1/4": _variant("pmi", 0.25),
     "pmi_budget_1/16": _variant("pmi", 1 / 16),
     "full_inversion_budget_1": _variant("full_inversion"),
@@ -99,6 +101,8 @@ VARIANTS = {
     "samples_10_budget_1/4": _variant("pmi", 0.25, lora_from=DEEP_BLOCK, extra=[*KEPT, "--sampling_per_class", "10"]),
     "block_control_refresh_budget_1/4": _variant("pmi", 0.25, lora_from=DEEP_BLOCK, extra=[
         *KEPT, "--buffer_refresh_steps", str(RECIPE_BUDGET["refine_steps"] // 16)]),
+    "block_control_refresh_25_budget_1/4": _variant("pmi", 0.25, lora_from=DEEP_BLOCK, extra=[
+        *KEPT, "--buffer_refresh_steps", str(RECIPE_BUDGET["refine_steps"] // 4)]),
     f"block_{DEEP_BLOCK}": _variant("pmi", block=DEEP_BLOCK, lora_from=DEEP_BLOCK),
     f"block_{DEEP_BLOCK}_budget_1/4": _variant("pmi", 0.25, block=DEEP_BLOCK, lora_from=DEEP_BLOCK),
     # the recipe as it is: each class inverted once, patch maps, budget 1/4, LoRA on the upper half
@@ -145,20 +149,22 @@ def plot(summary, path):
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
 
     recipes = sorted({k.split("/", 1)[0] for k in summary})
     fig, axes = plt.subplots(1, len(recipes), figsize=(6 * len(recipes), 4.2), squeeze=False)
     families = {  # lines through the budgets of one kind of synthesis
-        "pmi, LoRA on all layers": ["pmi_budget_1", "pmi_budget_1/4", "pmi_budget_1/16"],
+        "pmi, LoRA on all layers": ["pmi_budget_1", "pmi_budget_1/2", "pmi_budget_1/4", "pmi_budget_1/16"],
         "full_inversion, LoRA on all layers": ["full_inversion_budget_1", "full_inversion_budget_1/4",
                                                "full_inversion_budget_1/16"],
-        "pmi, LoRA on the upper half": ["block_control", "block_control_budget_1/2", "block_control_budget_1/4",
-                                        "block_control_budget_1/16"],
+        "pmi, LoRA on the upper half (budget 1/4: the default)": [
+            "block_control", "block_control_budget_1/2", "default", "block_control_budget_1/16"],
         "full_inversion, LoRA on the upper half": ["block_control_full_inversion_budget_1/2",
                                                    "block_control_full_inversion_budget_1/4"],
         f"pmi at block {DEEP_BLOCK}": [f"block_{DEEP_BLOCK}", f"block_{DEEP_BLOCK}_budget_1/4"],
     }
-    singles = {"today": "s", "refresh": "^", "block_control_refresh_budget_1/4": "v", "samples_10_budget_1/4": "D",
+    singles = {"today": "s", "refresh": "^", "block_control_refresh_budget_1/4": "v",
+               "block_control_refresh_25_budget_1/4": "<", "samples_10_budget_1/4": "D",
                "default": "*"}
     for ax, recipe in zip(axes[0], recipes):
         for label, members in families.items():
@@ -177,9 +183,11 @@ def plot(summary, path):
             e = summary.get(f"{recipe}/{name}")
             if e:
                 ax.axhline(e["a_last"]["mean"], linestyle=":", color="grey")
-                ax.text(ax.get_xlim()[0] if ax.has_data() else 1, e["a_last"]["mean"], f" {name}", fontsize=7,
-                        va="bottom", color="grey")
+                ax.text(0.01, e["a_last"]["mean"], name, fontsize=7, va="bottom", color="grey",
+                        transform=ax.get_yaxis_transform())  # x in axes fractions, y in data
         ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(ScalarFormatter())
+        ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel("total inversion seconds per run (log)")
         ax.set_ylabel("A_last")
         ax.set_title(f"{recipe}: accuracy per synthesis second")
@@ -263,14 +271,16 @@ def main():
     jobs = [(r, v, s) for r in args.recipes for s in args.seeds for v in args.variants]
     with ThreadPoolExecutor(args.jobs) as pool:
         runs = list(pool.map(lambda job: run_one(*job, args.workdir), jobs))
-    previous = []
-    if os.path.exists(args.output):  # other recipes' or variants' rows of an earlier call are kept
+    previous, commands = [], []
+    if os.path.exists(args.output):  # other recipes' or variants' rows of an earlier call are kept, with its command
         with open(args.output) as f:
-            previous = [r for r in json.load(f)["runs"]
-                        if (r["recipe"], r["variant"], r["seed"]) not in {(x["recipe"], x["variant"], x["seed"]) for x in runs}]
+            earlier = json.load(f)
+        fresh = {(x["recipe"], x["variant"], x["seed"]) for x in runs}
+        previous = [r for r in earlier["runs"] if (r["recipe"], r["variant"], r["seed"]) not in fresh]
+        commands = [c for c in earlier.get("commands", []) if c != command] if previous else []
     runs = previous + runs
     summary = summarise(runs)
-    report = {"runs": runs, "summary": summary, "command": command,
+    report = {"runs": runs, "summary": summary, "commands": [*commands, command],
               "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, Python {platform.python_version()}, "
                          f"one torch thread per run, {args.jobs} runs at a time"}
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
