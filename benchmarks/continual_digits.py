@@ -6,6 +6,11 @@
     python benchmarks/continual_digits.py --recipe recipes/clip_shapes.py --names_only_last 0 \
         --methods finetune lwf pmi --output benchmarks/results/continual_shapes.json --workdir runs/continual_shapes
 
+``--settings hf_pmi_0.1`` runs the recipe as hf_pmi 0.1 did (the settings the committed
+``continual_digits.json`` and ``continual_shapes.json`` were measured with): LoRA on every encoder layer,
+and for the inverting methods every class inverted again after every task, class by class, at the full
+budget. The default, ``recipe``, runs the recipe's own defaults.
+
 ``--update`` runs only the given methods and keeps every other run already in ``--output`` (the
 recipe arguments must be the same: the script refuses otherwise).
 
@@ -28,12 +33,23 @@ from concurrent.futures import ThreadPoolExecutor
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 METHODS = ["finetune", "lwf", "feature_replay", "full_inversion", "pmi", "exemplar_replay", "joint"]
+# hf_pmi 0.1's recipe defaults: LoRA on every layer (all methods); synthesis and budget (the inverting ones)
+HF_PMI_0_1 = {"all": ["--lora_from_block", "1"],
+              "inverting": ["--buffer_incremental", "false", "--buffer_shuffle", "false", "--inversion_layer_steps",
+                            "50", "--inversion_first_block_steps", "200", "--inversion_upsample_at", "50", "100",
+                            "150", "--inversion_refine_steps", "100"]}
 
 
-def run_one(method, seed, workdir, recipe, extra):
+def settings_flags(settings: str, method: str) -> list[str]:
+    if settings == "recipe":
+        return []
+    return HF_PMI_0_1["all"] + (HF_PMI_0_1["inverting"] if method in ("pmi", "full_inversion") else [])
+
+
+def run_one(method, seed, workdir, recipe, extra, settings="recipe"):
     out = os.path.join(workdir, f"{method}-seed{seed}")
     cmd = [sys.executable, recipe, "--output_dir", out, "--method", method,
-           "--seed", str(seed), "--disable_tqdm", "true", *extra]
+           "--seed", str(seed), "--disable_tqdm", "true", *settings_flags(settings, method), *extra]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     t0 = time.time()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
@@ -97,6 +113,8 @@ def main():
                         help="The recipe each run calls; arguments this script does not know go to it.")
     parser.add_argument("--jobs", type=int, default=2, help="Runs at a time (one CPU thread each).")
     parser.add_argument("--update", action="store_true", help="Keep the other methods' runs already in --output.")
+    parser.add_argument("--settings", choices=["recipe", "hf_pmi_0.1"], default="recipe",
+                        help="'recipe': the recipe's defaults; 'hf_pmi_0.1': as hf_pmi 0.1 ran it (module docstring).")
     args, extra = parser.parse_known_args()  # anything else goes to the recipe
     recipe = os.path.relpath(os.path.abspath(args.recipe), ROOT)
     command = " ".join([os.path.relpath(sys.argv[0], ROOT), *sys.argv[1:]])
@@ -104,21 +122,23 @@ def main():
     if args.update and os.path.exists(args.output):
         with open(args.output) as f:
             previous = json.load(f)
-        if previous["recipe_args"] != extra or previous.get("recipe", "recipes/clip_digits.py") != recipe:
-            raise SystemExit(f"--update: {args.output} was made with {previous.get('recipe', 'recipes/clip_digits.py')} and "
-                             f"arguments {previous['recipe_args']}, "
-                             f"not {recipe} {extra}; runs with other settings cannot share one table.")
+        # files written before --settings existed were measured with the recipes' defaults of then: hf_pmi 0.1's
+        if (previous["recipe_args"] != extra or previous.get("recipe", "recipes/clip_digits.py") != recipe
+                or previous.get("settings", "hf_pmi_0.1") != args.settings):
+            raise SystemExit(f"--update: {args.output} was made with {previous.get('recipe', 'recipes/clip_digits.py')}, "
+                             f"arguments {previous['recipe_args']} and --settings {previous.get('settings', 'hf_pmi_0.1')}, "
+                             f"not {recipe} {extra} --settings {args.settings}; runs with other settings cannot share one table.")
         kept = [r for r in previous["runs"] if r["method"] not in args.methods]
         commands = previous.get("commands", [previous.get("command")]) + commands
     t0 = time.time()
     jobs = [(m, s) for s in args.seeds for m in args.methods]
     with ThreadPoolExecutor(args.jobs) as pool:
-        runs = kept + list(pool.map(lambda job: run_one(*job, args.workdir, args.recipe, extra), jobs))
+        runs = kept + list(pool.map(lambda job: run_one(*job, args.workdir, args.recipe, extra, args.settings), jobs))
     order = {m: i for i, m in enumerate(METHODS)}
     runs.sort(key=lambda r: (order.get(r["method"], len(order)), r["seed"]))
     summary = summarise(runs)
     report = {"summary": summary, "runs": runs, "seeds": sorted({r["seed"] for r in runs}), "recipe": recipe,
-              "recipe_args": extra,
+              "recipe_args": extra, "settings": args.settings,
               "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, {platform.python_version()}",
               "commands": commands, "total_seconds": time.time() - t0}
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)

@@ -145,9 +145,9 @@ def lora_block(requested: int | None, method_config, num_layers: int) -> int:
     """The first vision block a demo recipe's LoRA adapts (block k is encoder layer k - 2).
 
     `requested` (``--lora_from_block``), else the upper half of the encoder, block ``num_layers // 2 + 2``:
-    with the lower half frozen the demos forget less and their replay needs a quarter of the inversion
-    budget (the Pareto point of ``benchmarks/synthesis_front.py``). Never below the replay block, since
-    replay skips the blocks under it.
+    at a quarter of the inversion budget the demos vary less across seeds with the lower half frozen
+    (``benchmarks/synthesis_front.py``, docs/benchmarks.md). Never below the replay block, since replay
+    skips the blocks under it.
 
     Example:
         >>> from hf_pmi.methods.pmi import PMIConfig

@@ -28,7 +28,7 @@ from hf_pmi.testing import build_clip, build_processor, letters_clip, load_digit
 # Digits tasks are small (~250 images): more epochs with a short warm-up than the reference's 3 epochs /
 # 30 warm-up steps. Inversion budget: 12 steps per block, 50 coarse-to-fine (doubled at 12, 25, 37), 25
 # refinement, about 1/24 of the reference's; with each class inverted once and LoRA on the upper half
-# (--lora_from_block) this was the Pareto point of benchmarks/synthesis_front.py (docs/benchmarks.md). The text tower is random
+# (--lora_from_block) this is the cheapest pmi point of benchmarks/synthesis_front.py (docs/benchmarks.md). The text tower is random
 # (only its projection trains), so digit names have no image-text alignment to fall back on: the
 # balancing CE (text side only, as in the reference) and the logit distillation are weighted up to 1
 # (the reference's CIFAR values are l_ft 0.001 and l_hkd 0.1).
@@ -63,7 +63,7 @@ class DigitsArguments:
         default=None,
         metadata={"help": "LoRA adapts the encoder layers from this vision block on (block k is encoder layer k - 2; "
                   "1 adapts all). Default: the upper half of the encoder (block 4 of the 4-layer backbones), the "
-                  "Pareto point of benchmarks/synthesis_front.py; never below --inversion_start_block."},
+                  "cheapest pmi point of benchmarks/synthesis_front.py; never below --inversion_start_block."},
     )
     model_size: str = field(default="mini", metadata={"help": "Size of the CLIP built from a config: tiny or mini."})
     num_tasks: int = field(default=5, metadata={"help": "Tasks to cut the 10 digit classes into."})

@@ -34,7 +34,7 @@ from hf_pmi.testing import build_processor
 from hf_pmi.testing.backbones import PRETRAIN_STEPS, shapes_clip
 from hf_pmi.testing.shapes import SHAPES_TEMPLATES, load_shapes_dataset
 
-# Small tasks (~200 images) and the inversion budget of recipes/clip_digits.py (its Pareto point).
+# Small tasks (~200 images) and the inversion budget of recipes/clip_digits.py (its default).
 DEFAULTS = dict(
     method="pmi", num_train_epochs=6, per_device_train_batch_size=32, warmup_steps=10, replay_batch_size=32,
     inversion_layer_steps=12, inversion_first_block_steps=50, inversion_upsample_at=[12, 25, 37],
@@ -55,7 +55,7 @@ class ShapesArguments:
         default=None,
         metadata={"help": "LoRA adapts the encoder layers from this vision block on (block k is encoder layer k - 2; "
                   "1 adapts all). Default: the upper half of the encoder (block 4 of the 4-layer backbones), the "
-                  "Pareto point of benchmarks/synthesis_front.py; never below --inversion_start_block."},
+                  "cheapest pmi point of benchmarks/synthesis_front.py; never below --inversion_start_block."},
     )
     images_per_class: int = field(default=60, metadata={"help": "Training images per class (tasks learned from images)."})
     test_images_per_class: int = field(default=30, metadata={"help": "Test images per class."})
