@@ -93,10 +93,11 @@ def protocol_tasks(classes, seed, per_class=60, test_per_class=30):
 def backbone_sha256(cache_dir=None):
     """sha256 of the cached shapes CLIP's ``model.safetensors`` (the backbone every number here comes from)."""
     from hf_pmi.testing.backbones import PRETRAIN_STEPS
-    from hf_pmi.testing.cache import cache_folder
+    from hf_pmi.testing.cache import cache_folder, shipped_folder
 
-    path = os.path.join(cache_folder("shapes-clip-small", cache_dir, seed=0, steps=PRETRAIN_STEPS, image_size=32),
-                        "model.safetensors")
+    kwargs = dict(seed=0, steps=PRETRAIN_STEPS, image_size=32)
+    folder = shipped_folder("shapes-clip-small", **kwargs) or cache_folder("shapes-clip-small", cache_dir, **kwargs)
+    path = os.path.join(folder, "model.safetensors")
     with open(path, "rb") as f:
         return hashlib.sha256(f.read()).hexdigest()
 
