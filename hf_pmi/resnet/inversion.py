@@ -18,13 +18,13 @@ steps, x0.5 at 50 % and 75 % of the steps after the warm-up, alpha_rf 0.25).
 the refinement's settings and, by default, as many full-model passes as "pmi" spends.
 
 ``chain="stages"`` (beyond the reference) makes the stem and each stage one link of the chain.
-Measured on a ResNet-32 trained on `hf_pmi.testing.fonts` (200 targets, 3 inversion seeds, 210
-passes each): the reference's 16-link chain ends at 0.045 +- 0.001, a random start with its own
-210-step schedule at 0.044 +- 0.001 (the chain buys nothing: block errors compound, so its output is
-no better a start than noise), the 4-link chain at 0.035 +- 0.002, which a random start needs about
-300 passes to reach. The reference's input prior (beta, gamma^2 of the block below) is 2-40x
-narrower than real block inputs (most at the top), whose shortcut it ignores; it is degenerate (variance 0) at the
-zero-residual initialisation. ``input_prior="recorded"`` fixes the top blocks but not the compounding.
+Measured by ``benchmarks/inversion_efficiency_resnet.py`` (docs/resnet.md: a ResNet-32 trained on
+`hf_pmi.testing.fonts`, 40 targets, 3 seeds, 210 passes): the chain ends below a random start at equal
+passes and has ``passes_ratio`` 1.6 against a 5x random start, but a random start with its own schedule
+at 1.5x the passes ends lower; the chain's gain is in the BN statistics term, not the features. The
+reference's input prior (beta, gamma^2 of the BN below) is 2-20x narrower than real block inputs,
+whose shortcut it ignores; it is degenerate (variance 0) at the zero-residual initialisation.
+``input_prior="recorded"`` uses the recorded real input moments instead.
 
 "Boost" (reference): a weight doubles, up to 10x (the input term 5x), at every step where its term
 is above its value at the first step. The reported loss, the best-iterate choice and the curves use
