@@ -52,10 +52,14 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from hf_pmi.bank import FeatureBank  # noqa: E402
-from hf_pmi.resnet import ResNet32Config, ResNet32ForImageClassification, collect_block_statistics  # noqa: E402
-from hf_pmi.resnet.inversion import BNInversionConfig, invert_bn, replay_targets  # noqa: E402
-from hf_pmi.testing.fonts import font_letters_images  # noqa: E402
+from hf_pmi.bank import FeatureBank
+from hf_pmi.resnet import (
+    ResNet32Config,
+    ResNet32ForImageClassification,
+    collect_block_statistics,
+)
+from hf_pmi.resnet.inversion import BNInversionConfig, invert_bn, replay_targets
+from hf_pmi.testing.fonts import font_letters_images
 
 # Training recipe of the fonts docstring (0.98 test accuracy after 20 epochs at 16 px): 16 px keeps a
 # pass at ~1/4 of CIFAR's 32 px cost; SGD momentum 0.9, one-cycle to lr 0.1, weight decay 5e-4
@@ -217,12 +221,12 @@ def main(argv=None):
     stats, feats = collect_block_statistics(model, zip(x.split(500), y.split(500)))  # real block-input moments
     bank = FeatureBank(covariance="diag")
     bank.add_classes(sorted(feats), feats, train_contrastive=False)
-    targets, labels = replay_targets(bank, sorted(feats), args.per_class, torch.Generator().manual_seed(args.target_seed),
+    targets, _ = replay_targets(bank, sorted(feats), args.per_class, torch.Generator().manual_seed(args.target_seed),
                                      selection="gaussian")
     n = targets.shape[0]
     print(f"{n} targets ({args.per_class} per class, class Gaussians of training features)", flush=True)
     # one batch for both stages: the chain's and the refinement's BN moments are those of all targets
-    base = dict(layer_batch=n, refine_batch=n)
+    base = {"layer_batch": n, "refine_batch": n}
     rows, randoms = [], {}
     for seed in args.seeds:
         for chain in args.chains:

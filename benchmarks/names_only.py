@@ -95,7 +95,7 @@ def backbone_sha256(cache_dir=None):
     from hf_pmi.testing.backbones import PRETRAIN_STEPS
     from hf_pmi.testing.cache import cache_folder, shipped_folder
 
-    kwargs = dict(seed=0, steps=PRETRAIN_STEPS, image_size=32)
+    kwargs = {"seed": 0, "steps": PRETRAIN_STEPS, "image_size": 32}
     folder = shipped_folder("shapes-clip-small", **kwargs) or cache_folder("shapes-clip-small", cache_dir, **kwargs)
     path = os.path.join(folder, "model.safetensors")
     with open(path, "rb") as f:
