@@ -1,10 +1,10 @@
 """The BatchNorm path: a CIFAR ResNet as a transformers model, its blocks and statistics, per-layer
-inversion on BN running statistics and the R-DFCIL-style replay losses (issue 22, phase 1).
+inversion on BN running statistics, the R-DFCIL-style replay losses and a task loop (issue 22).
 
 Modules: `configuration` / `modeling` (the model), `heads` (growing classifiers, refusals), `blocks`
 (the chain view), `statistics` (BN terms, block-input moments, class features), `inversion` (chain and
-random start), `losses` (replay losses). Standalone for now: nothing here is wired into
-`ContinualTrainer` yet.
+random start), `losses` (replay losses), `continual` (`learn_tasks`: every method's task loop on
+tensors). Not wired into `ContinualTrainer` yet (no checkpoints, Hub branches or resume).
 
 Example:
     >>> from hf_pmi.resnet import ResNet32Config, ResNet32ForImageClassification

@@ -1,0 +1,174 @@
+"""Data-free class-incremental learning of a ResNet trained from scratch (issue 22, the paper's Table 1 path).
+
+    OMP_NUM_THREADS=1 python benchmarks/continual_resnet.py --seeds 0 1 2 --jobs 2   # -> benchmarks/results/continual_resnet.json
+
+World: the offline fonts letters (`hf_pmi.testing.fonts`: 20 letters in many faces, colours and
+backgrounds, 16 px), ``--train_per_class`` training and 50 test images per letter (test images of
+another seed), normalised by the per-channel moments of the first task's training images (all a
+continual learner has at the start). 5 tasks of 4 letters, the class order shuffled by the seed.
+Model: `ResNet32ForImageClassification` (``--blocks_per_stage`` 5: ResNet-32) from scratch, seeded.
+Loop: `hf_pmi.resnet.continual.learn_tasks` (SGD one-cycle to lr 0.1, ``--first_epochs`` (60) on the
+first task: from scratch the net needs them to pass 0.99 on its 4 letters; ``--later_epochs`` (20)
+on the others; head fine-tuning for replay methods; the reference ResNet path's loss weights and
+inversion budget: 50 steps per block, 160 refinement steps).
+Methods: ``finetune``, ``lwf``, ``pmi``, ``full_inversion`` (random start, the same passes),
+``exemplar_replay`` (real images, not data-free) with ``--replay_per_class`` samples per class, and
+``joint`` (`finetune` on one task of all 20 letters, the same first-task epochs: the upper bound).
+
+Each run is one process (one torch thread), ``--jobs`` at a time; finished runs under ``--workdir``
+are reused when their settings match. Writes ``{"runs": [{"method", "seed", "a_last", "a_avg",
+"inversion_seconds", ...}], "summary": {method: mean/std}}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+METHODS = ("finetune", "lwf", "pmi", "full_inversion", "exemplar_replay", "joint")
+NUM_CLASSES, NUM_TASKS, IMAGE_SIZE, TEST_PER_CLASS, DATA_SEED = 20, 5, 16, 50, 1234
+
+
+def run_one(method: str, seed: int, settings: dict) -> dict:
+    """One run in this process; returns its row."""
+    import torch
+
+    from hf_pmi.resnet import ResNet32Config, ResNet32ForImageClassification
+    from hf_pmi.resnet.continual import ResNetContinualConfig, TensorTask, learn_tasks
+    from hf_pmi.testing.fonts import LETTERS, font_letters_images
+
+    torch.set_num_threads(1)
+    g = torch.Generator().manual_seed(seed)
+    order = torch.randperm(NUM_CLASSES, generator=g).tolist()  # order[j]: the letter that becomes class j
+    remap = torch.empty(NUM_CLASSES, dtype=torch.long)
+    remap[torch.tensor(order)] = torch.arange(NUM_CLASSES)
+
+    def tensors(per_class, data_seed):
+        images, labels = font_letters_images(per_class, NUM_CLASSES, IMAGE_SIZE, data_seed)
+        return torch.tensor(images).permute(0, 3, 1, 2).float() / 255.0, remap[torch.tensor(labels)]
+
+    x, y = tensors(settings["train_per_class"], DATA_SEED)
+    xt, yt = tensors(TEST_PER_CLASS, DATA_SEED + 1)
+    per_task = NUM_CLASSES // NUM_TASKS
+    first = y < per_task
+    mean, std = x[first].mean(dim=(0, 2, 3)).view(1, 3, 1, 1), x[first].std(dim=(0, 2, 3)).view(1, 3, 1, 1)
+    x, xt = (x - mean) / std, (xt - mean) / std
+    splits = [list(range(k, k + per_task)) for k in range(0, NUM_CLASSES, per_task)]
+    if method == "joint":
+        splits = [list(range(NUM_CLASSES))]
+    tasks = []
+    for ids in splits:
+        m, mt = (y >= ids[0]) & (y <= ids[-1]), (yt >= ids[0]) & (yt <= ids[-1])
+        tasks.append(TensorTask(ids, x[m], y[m], xt[mt], yt[mt]))
+    torch.manual_seed(seed)
+    model = ResNet32ForImageClassification(ResNet32Config(
+        num_labels=0, image_size=IMAGE_SIZE, blocks_per_stage=settings["blocks_per_stage"]))
+    config = ResNetContinualConfig(method="finetune" if method == "joint" else method, seed=seed,
+                                   epochs=settings["first_epochs"], later_epochs=settings["later_epochs"], replay_per_class=settings["replay_per_class"])
+    t0 = time.perf_counter()
+    result = learn_tasks(model, tasks, config)
+    return {
+        "method": method, "seed": seed, "a_last": result["a_last"], "a_avg": result["a_avg"],
+        "forgetting": result["forgetting"], "inversion_seconds": result["inversion_seconds"],
+        "inversion_passes": result["inversion_passes"], "wall_seconds": time.perf_counter() - t0,
+        "accuracy_matrix": result["accuracy_matrix"], "class_order": [LETTERS[i] for i in order],
+        "inverted_classes": result["inverted_classes"], "settings": settings,
+    }
+
+
+def summarise(runs: list[dict]) -> dict:
+    out = {}
+    for method in METHODS:
+        rows = [r for r in runs if r["method"] == method]
+        if not rows:
+            continue
+        out[method] = {}
+        for key in ("a_last", "a_avg", "inversion_seconds", "wall_seconds"):
+            vals = [r[key] for r in rows]
+            out[method][key] = {"mean": statistics.mean(vals), "std": statistics.pstdev(vals)}
+        out[method]["seeds"] = [r["seed"] for r in rows]
+    return out
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--jobs", type=int, default=2, help="runs at a time (one torch thread each)")
+    parser.add_argument("--train_per_class", type=int, default=300)
+    # from scratch on 4 letters the net needs many more epochs to leave chance than on all 20 (0.36 after 20)
+    parser.add_argument("--first_epochs", type=int, default=60, help="epochs of task 0 (and of joint)")
+    parser.add_argument("--later_epochs", type=int, default=20, help="epochs of tasks 1-4")
+    parser.add_argument("--replay_per_class", type=int, default=20, help="kept samples per old class")
+    parser.add_argument("--blocks_per_stage", type=int, default=5, help="5: ResNet-32")
+    parser.add_argument("--workdir", default="runs/continual_resnet")
+    parser.add_argument("--output", default="benchmarks/results/continual_resnet.json")
+    parser.add_argument("--_run", nargs=2, help=argparse.SUPPRESS)  # internal: method seed, in a child process
+    args = parser.parse_args(argv)
+    settings = {k: getattr(args, k) for k in ("train_per_class", "first_epochs", "later_epochs", "replay_per_class", "blocks_per_stage")}
+    workdir = Path(args.workdir)
+    if args._run:
+        method, seed = args._run[0], int(args._run[1])
+        row = run_one(method, seed, settings)
+        (workdir / f"{method}-{seed}.json").write_text(json.dumps(row, indent=1))
+        return
+    workdir.mkdir(parents=True, exist_ok=True)
+    todo, done = [], {}
+    for seed in args.seeds:
+        for method in args.methods:
+            path = workdir / f"{method}-{seed}.json"
+            if path.exists() and json.loads(path.read_text()).get("settings") == settings:
+                done[(method, seed)] = json.loads(path.read_text())
+            else:
+                todo.append((method, seed))
+    t0, running = time.perf_counter(), []
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    while todo or running:
+        while todo and len(running) < args.jobs:
+            method, seed = todo.pop(0)
+            cmd = [sys.executable, __file__, "--_run", method, str(seed), "--workdir", str(workdir),
+                   *[f"--{k}={v}" for k, v in settings.items()]]
+            with open(workdir / f"{method}-{seed}.log", "w") as log:  # the child keeps its own handle
+                running.append(((method, seed), subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)))
+        time.sleep(2)
+        for item in list(running):
+            (method, seed), proc = item
+            if proc.poll() is None:
+                continue
+            running.remove(item)
+            path = workdir / f"{method}-{seed}.json"
+            if proc.returncode != 0 or not path.exists():
+                raise SystemExit(f"{method} seed {seed} failed (exit {proc.returncode}): see {workdir / f'{method}-{seed}.log'}")
+            done[(method, seed)] = json.loads(path.read_text())
+            r = done[(method, seed)]
+            print(f"{method:>16} seed {seed}: A_last {r['a_last']:.3f}, A_avg {r['a_avg']:.3f}, inversion "
+                  f"{r['inversion_seconds']:.0f} s, {r['wall_seconds']:.0f} s ({time.perf_counter() - t0:.0f} s in all)", flush=True)
+    runs = [done[k] for k in sorted(done, key=lambda k: (METHODS.index(k[0]), k[1]))]
+    output = Path(args.output)
+    previous = json.loads(output.read_text())["runs"] if output.exists() else []
+    keep = [r for r in previous if (r["method"], r["seed"]) not in done and r.get("settings") == settings]
+    runs = keep + runs
+    command = " ".join(["OMP_NUM_THREADS=1 python", os.path.relpath(os.path.abspath(__file__), ROOT), *sys.argv[1:]])
+    result = {"runs": runs, "summary": summarise(runs), "command": command, "settings": settings,
+              "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, Python {platform.python_version()}, "
+                         f"one torch thread per run, {args.jobs} runs at a time"}
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(result, indent=1))
+    for method, s in result["summary"].items():
+        print(f"{method:>16}: A_last {s['a_last']['mean']:.3f} ± {s['a_last']['std']:.3f}, A_avg {s['a_avg']['mean']:.3f}, "
+              f"inversion {s['inversion_seconds']['mean']:.0f} s, wall {s['wall_seconds']['mean']:.0f} s")
+    print(f"-> {output}")
+
+
+if __name__ == "__main__":
+    main()
