@@ -95,3 +95,28 @@ def test_bad_inputs_are_refused_before_any_work():
     tasks[0].y_test = tasks[0].y_test + 2
     with pytest.raises(ValueError, match="test labels hold classes"):
         learn_tasks(tiny_model(), tasks, config("finetune"))
+
+
+def test_a_transformers_resnet_learns_with_pmi_in_the_same_loop():
+    from transformers import ResNetConfig, ResNetForImageClassification
+
+    torch.manual_seed(0)
+    model = ResNetForImageClassification(ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1],
+                                                      num_labels=0, downsample_in_first_stage=False))
+    result = learn_tasks(model, colour_tasks(), config("pmi"))
+    assert model.config.num_labels == 4 and model.classifier[-1].out_features == 4
+    assert result["inverted_classes"] == {0: 1, 1: 1}
+    assert result["accuracy_matrix"][0][0] > 0.9  # chance 0.5
+
+
+def test_models_that_cannot_take_part_are_refused_naming_the_fix():
+    from transformers import BertConfig, BertForSequenceClassification
+
+    text = BertForSequenceClassification(BertConfig(vocab_size=10, hidden_size=8, num_hidden_layers=1,
+                                                    num_attention_heads=1, intermediate_size=8))
+    with pytest.raises(TypeError, match="takes 'input_ids', not images.*AutoModelForImageClassification"):
+        learn_tasks(text, colour_tasks(), config("pmi"))
+    model = tiny_model()
+    model.classifier = nn.Sequential(nn.Linear(16, 4), nn.ReLU())
+    with pytest.raises(TypeError, match="no classifier head that can grow.*give your model such a head"):
+        learn_tasks(model, colour_tasks(), config("finetune"))

@@ -19,8 +19,9 @@ matrix) -> add the new classes to the replay pool. Methods (`METHODS`):
   (not data-free; the reference point for the inverted samples).
 
 Joint training is ``finetune`` on one task holding every class (`benchmarks/continual_resnet.py`).
-Not wired into `ContinualTrainer` yet (no checkpoints, Hub branches or resume here): this is the
-method for the BN family that the trainer integration will call.
+With ``output_dir`` each task is checkpointed (`hf_pmi.resnet.checkpoint`) and an interrupted run
+resumes where it stopped; with ``hub_model_id`` each task is pushed to its own Hub branch. Not wired
+into `ContinualTrainer` (the CLIP trainer): this loop is the BN family's trainer.
 
 Example:
     >>> import torch
@@ -43,7 +44,9 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import math
+import os
 import time
 from dataclasses import dataclass, field
 
@@ -52,6 +55,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..bank import FeatureBank
+from ..checkpoint import latest_task_checkpoint
+from ..integrity import load_safetensors
 from ..metrics import continual_metrics
 from ..statistics import eval_mode
 from .heads import (
@@ -167,8 +172,9 @@ def _shifted(x: torch.Tensor, pad: int, generator: torch.Generator) -> torch.Ten
 @torch.no_grad()
 def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     """Top-1 accuracy over every class the head knows, in eval mode."""
+    device = next(model.parameters()).device
     with eval_mode(model):
-        hits = sum((model(pixel_values=xb).logits.argmax(-1) == yb).sum().item()
+        hits = sum((model(pixel_values=xb.to(device)).logits.argmax(-1).cpu() == yb).sum().item()
                    for xb, yb in zip(x.split(500), y.split(500)))
     return hits / len(y)
 
@@ -176,6 +182,7 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
 class _Learner:
     def __init__(self, model: nn.Module, config: ResNetContinualConfig):
         self.model, self.config = model, config
+        self.device = next(model.parameters()).device  # tasks and the pool stay on the CPU; batches move here
         self.generator = torch.Generator().manual_seed(config.seed)
         self.pool_x: torch.Tensor | None = None  # replayed samples of every old class
         self.pool_y: torch.Tensor | None = None
@@ -189,7 +196,7 @@ class _Learner:
 
     def _replay_batch(self, size: int):
         idx = torch.randint(0, len(self.pool_y), (size,), generator=self.generator)
-        return self.pool_x[idx], self.pool_y[idx]
+        return self.pool_x[idx].to(self.device), self.pool_y[idx].to(self.device)
 
     def train_task(self, task: TensorTask, teacher: nn.Module | None, n_old: int) -> dict[str, float]:
         cfg, model = self.config, self.model
@@ -197,7 +204,7 @@ class _Learner:
         params = list(model.parameters())
         if replay:
             if self.rkd is None:
-                self.rkd = RelationKD(feature_dim(model))
+                self.rkd = RelationKD(feature_dim(model)).to(self.device)
             params += list(self.rkd.parameters())
             w = task_weights(n_old, len(task.class_ids), **cfg.weights)
         epochs = cfg.epochs if teacher is None else cfg.later_epochs
@@ -208,7 +215,7 @@ class _Learner:
         first = last = None
         for _ in range(epochs):
             for idx in self._batches(len(task.y)):
-                x, y = task.x[idx], task.y[idx]
+                x, y = task.x[idx].to(self.device), task.y[idx].to(self.device)
                 if replay:
                     xr, yr = self._replay_batch(len(idx))
                     both = _shifted(torch.cat([x, xr]), cfg.shift, self.generator)
@@ -246,35 +253,64 @@ class _Learner:
         cfg, model = self.config, self.model
         head = _head(model)
         counts = torch.bincount(torch.cat([task.y, self.pool_y]), minlength=head.out_features).float()
-        weights = class_balance_weights(counts)
+        weights = class_balance_weights(counts).to(self.device)
         opt = torch.optim.SGD(head.parameters(), lr=cfg.head_lr, momentum=cfg.momentum)
         with eval_mode(model):
             for _ in range(cfg.head_epochs):
                 for idx in self._batches(len(task.y)):
                     xr, yr = self._replay_batch(len(idx))
                     with torch.no_grad():
-                        _, feats = _forward(model, torch.cat([task.x[idx], xr]))
+                        _, feats = _forward(model, torch.cat([task.x[idx].to(self.device), xr]))
                         t_logits = teacher(pixel_values=xr).logits
                     logits = head(feats)
                     b = len(idx)
-                    terms = finetune_losses(logits[:b], task.y[idx], logits[b:], yr, t_logits, n_old, weights,
+                    terms = finetune_losses(logits[:b], task.y[idx].to(self.device), logits[b:], yr, t_logits, n_old, weights,
                                             l_ce=cfg.weights["l_ce"], w_hkd=w_hkd)
                     opt.zero_grad()
                     sum(terms.values()).backward()
                     opt.step()
 
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """What a resumed run needs besides the model: the pool, the RKD projections, the random state."""
+        tensors = {"generator_state": self.generator.get_state(), "torch_rng_state": torch.get_rng_state()}
+        if self.pool_y is not None:
+            tensors.update(pool_x=self.pool_x, pool_y=self.pool_y)
+        if self.rkd is not None:
+            tensors.update({f"rkd.{k}": v for k, v in self.rkd.state_dict().items()})
+        return tensors
+
+    def state_json(self) -> dict:
+        return {"inverted_classes": self.inverted, "inversion_seconds": self.inversion_seconds,
+                "inversion_passes": self.inversion_passes}
+
+    def load_state(self, state: dict, tensors: dict[str, torch.Tensor], folder: str) -> None:
+        rkd = {k[len("rkd."):]: v for k, v in tensors.items() if k.startswith("rkd.")}
+        if rkd:
+            self.rkd = RelationKD(feature_dim(self.model)).to(self.device)
+            self.rkd.load_state_dict(rkd)
+        if "pool_y" in tensors:
+            self.pool_x, self.pool_y = tensors["pool_x"], tensors["pool_y"]
+        bank = os.path.join(folder, "feature_bank")
+        if os.path.isdir(bank):
+            self.bank = FeatureBank.from_pretrained(bank)
+        self.inverted = {int(c): n for c, n in state["inverted_classes"].items()}
+        self.inversion_seconds, self.inversion_passes = state["inversion_seconds"], state["inversion_passes"]
+        self.generator.set_state(tensors["generator_state"])
+        torch.set_rng_state(tensors["torch_rng_state"])  # last: building the RKD above drew from it
+
     def add_to_pool(self, task: TensorTask) -> None:
         """The replayed samples of the task's classes: inverted once (pmi / full_inversion) or real."""
         cfg = self.config
         if cfg.method in INVERTING:
-            _, feats = collect_block_statistics(self.model, zip(task.x.split(500), task.y.split(500)))
+            _, feats = collect_block_statistics(self.model, zip(task.x.split(500), task.y.split(500)),
+                                                image_size=task.x.shape[-1])
             self.bank.add_classes(task.class_ids, feats, train_contrastive=False)
             targets, labels = replay_targets(self.bank, task.class_ids, cfg.replay_per_class, self.generator,
                                              selection="gaussian")
             inv = dataclasses.replace(cfg.inversion, mode="pmi" if cfg.method == "pmi" else "full",
                                       inversion_seed=cfg.seed * 1000 + task.class_ids[0])
-            result = invert_bn(self.model, targets, inv)
-            x = result.samples.detach()
+            result = invert_bn(self.model, targets, inv, image_size=task.x.shape[-1])  # the data's size, whatever the config says
+            x = result.samples.detach().cpu()
             self.inversion_seconds += result.report["seconds"]
             self.inversion_passes += result.report["full_model_passes"]
             for c in task.class_ids:
@@ -294,24 +330,84 @@ def _head(model: nn.Module) -> nn.Linear:
     return parent[key] if isinstance(key, int) else getattr(parent, key)
 
 
-def learn_tasks(model: nn.Module, tasks: list[TensorTask], config: ResNetContinualConfig | None = None) -> dict:
-    """Learn `tasks` in turn with ``config.method`` (see the module docstring); `model` is trained in place.
+def learn_tasks(model: nn.Module, tasks: list[TensorTask], config: ResNetContinualConfig | None = None, *,
+                output_dir: str | None = None, hub_model_id: str | None = None, hub_token: str | None = None,
+                hub_endpoint: str | None = None) -> dict:
+    """Learn `tasks` in turn with ``config.method`` (see the module docstring); `model` is trained in place,
+    on whatever device it sits (the tasks' tensors stay on the CPU; batches move to the model).
+
+    With `output_dir`, every finished task is saved to ``output_dir/task-{t}`` (`hf_pmi.resnet.checkpoint`:
+    the model, the replay pool, the bank, the state and a card), and a run that finds finished tasks there
+    continues after the last one (same settings and tasks, or a `ValueError` that names the difference),
+    with the same result as a run that was never interrupted. One run at a time writes to `output_dir`
+    (`hf_pmi.lock.RunLock`). With `hub_model_id`, each finished task is pushed to branch ``task-{t}`` of that
+    repo (created first; access is checked before any work) and ``main`` follows the latest.
 
     Returns ``accuracy_matrix`` (row t: accuracy on each seen task after task t), the metrics of
     `hf_pmi.metrics.continual_metrics` (``a_last``, ``a_avg``, ...), ``inversion_seconds`` and
     ``inversion_passes`` (sums over the run), ``inverted_classes`` (class id -> times inverted),
-    ``task_seconds`` and the first/last training loss per task. Every input is checked before any work.
+    ``task_seconds``, the first/last training loss per task and ``pushes`` (the Hub commits). Every input is
+    checked before any work.
     """
     config = config or ResNetContinualConfig()
     require_image_classifier(model)
     if config.method in INVERTING:
         require_batchnorm(model, config.method)
     _check_tasks(tasks, model)
+    if hub_model_id and not output_dir:
+        raise ValueError("hub_model_id needs output_dir: each task is saved there, then pushed.")
+    if hub_model_id:
+        from ..hub import check_hub_access
+
+        check_hub_access(hub_model_id, token=hub_token, endpoint=hub_endpoint)
+    lock = None
+    if output_dir:
+        from ..lock import RunLock
+
+        os.makedirs(output_dir, exist_ok=True)
+        lock = RunLock(output_dir).acquire()
+    try:
+        return _learn(model, tasks, config, output_dir, hub_model_id, hub_token, hub_endpoint)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _settings(config: ResNetContinualConfig, tasks: list[TensorTask]) -> dict:
+    """What a resumed run must share with the run it continues (JSON-normalised)."""
+    settings = {k: v for k, v in dataclasses.asdict(config).items() if k != "progress"}
+    return json.loads(json.dumps({"config": settings, "task_classes": [t.class_ids for t in tasks],
+                                  "train_sizes": [len(t.y) for t in tasks]}))
+
+
+def _learn(model, tasks, config, output_dir, hub_model_id, hub_token, hub_endpoint) -> dict:
+    from .checkpoint import load_task, save_task
+
     torch.manual_seed(config.seed)  # new head rows and RKD projections
     learner = _Learner(model, config)
     matrix: list[list[float | None]] = []
-    losses, task_seconds = [], []
-    for t, task in enumerate(tasks):
+    losses, task_seconds, pushes = [], [], []
+    settings = _settings(config, tasks)
+    first = 0
+    latest = latest_task_checkpoint(output_dir) if output_dir else None
+    if latest is not None:
+        state, tensors = load_task(latest)
+        differ = sorted(k for k in set(settings["config"]) | set(state["settings"]["config"])
+                        if settings["config"].get(k) != state["settings"]["config"].get(k))
+        if differ or state["settings"] != settings:
+            what = f"settings {differ}" if differ else "tasks (classes or training set sizes)"
+            raise ValueError(f"{output_dir} holds a run with other {what} than this one ({latest}). Continue it with "
+                             "the same settings and data, or write this run to another output_dir (or delete the folder "
+                             "to start over).")
+        grow_classifier(model, state["num_labels"] - model.config.num_labels)
+        model.load_state_dict(load_safetensors(os.path.join(latest, "model.safetensors")))
+        learner.load_state(state, tensors, latest)
+        matrix, losses, task_seconds = state["accuracy_matrix"], state["losses"], state["task_seconds"]
+        first = state["task_id"] + 1
+        if config.progress:
+            print(f"[hf_pmi] resuming after task {state['task_id']} from {latest}", flush=True)
+    for t in range(first, len(tasks)):
+        task = tasks[t]
         t0 = time.perf_counter()
         n_old = sum(len(k.class_ids) for k in tasks[:t])
         teacher = None
@@ -327,9 +423,21 @@ def learn_tasks(model: nn.Module, tasks: list[TensorTask], config: ResNetContinu
         if config.progress:
             print(f"[hf_pmi] {config.method} task {t}: accuracy on seen tasks {[round(a, 3) for a in row]}, "
                   f"{task_seconds[-1]:.0f} s (inversion {learner.inversion_seconds:.0f} s so far)", flush=True)
+        if output_dir:
+            metrics = continual_metrics(matrix[: t + 1], [len(k.y_test) for k in tasks])
+            state = {"task_id": t, "num_tasks": len(tasks), "method": config.method, "seed": config.seed,
+                     "num_labels": model.config.num_labels, "task_classes": [k.class_ids for k in tasks],
+                     "settings": settings, "accuracy_matrix": matrix, "a_last": metrics["a_last"],
+                     "a_avg": metrics["a_avg"], "losses": losses, "task_seconds": task_seconds, **learner.state_json()}
+            folder = save_task(output_dir, model, learner.state_tensors(), state, learner.bank, hub_model_id)
+            if hub_model_id:
+                from ..hub import push_task_checkpoint
+
+                result = push_task_checkpoint(folder, hub_model_id, t, token=hub_token, endpoint=hub_endpoint)
+                pushes.append({"task": t, "ok": bool(result), "commit": getattr(result, "commit_sha", None)})
     counts = [len(k.y_test) for k in tasks]
     return {
         "accuracy_matrix": matrix, **continual_metrics(matrix, counts),
         "inversion_seconds": learner.inversion_seconds, "inversion_passes": learner.inversion_passes,
-        "inverted_classes": learner.inverted, "task_seconds": task_seconds, "losses": losses,
+        "inverted_classes": learner.inverted, "task_seconds": task_seconds, "losses": losses, "pushes": pushes,
     }
