@@ -16,16 +16,30 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import numpy as np
 import torch
-from datasets import ClassLabel, Dataset, DatasetDict, IterableDataset, IterableDatasetDict, concatenate_datasets
+from datasets import (
+    ClassLabel,
+    Dataset,
+    DatasetDict,
+    IterableDataset,
+    IterableDatasetDict,
+    concatenate_datasets,
+)
 
 from .images import to_rgb
-from .validation import (align_test_labels, check_class_names, check_images, check_labels_match_names,
-                         check_test_split)
+from .validation import (
+    align_test_labels,
+    check_class_names,
+    check_images,
+    check_labels_match_names,
+    check_test_split,
+)
 
 AnyDataset = Dataset | IterableDataset
 
@@ -109,6 +123,40 @@ class TaskPlan:
     train_dataset: Any
     collator: Callable | None = None
     overrides: dict[str, Any] = field(default_factory=dict)
+
+
+def read_class_order(path: str) -> list[int]:
+    """Label ids from a JSON list or a text file of integers separated by commas or whitespace."""
+    with open(path) as f:
+        text = f.read().strip()
+    try:
+        order = json.loads(text) if text.startswith("[") else [int(t) for t in text.replace(",", " ").split()]
+    except ValueError as e:
+        raise ValueError(f"{path}: a class order is a JSON list or integers separated by commas/whitespace ({e}).") from None
+    return [int(c) for c in order]
+
+
+def load_image_dataset(dataset_name: str | None = None, dataset_config: str | None = None, data_dir: str | None = None,
+                       *, streaming: bool = False, train_split: str = "train", test_split: str = "test",
+                       test_size: float = 0.2, label_column: str = "label", seed: int = 0):
+    """A labelled image dataset from a Hub id or a local image folder (``<data_dir>/{train,test}/<class>/*``,
+    which wins), with a test split held out of `train_split` (stratified by `label_column`, seeded) when it
+    has none and ``test_size > 0``."""
+    from datasets import load_dataset
+
+    if data_dir:
+        if not os.path.isdir(os.path.expanduser(data_dir)):
+            raise FileNotFoundError(f"No image folder at --data_dir {data_dir!r} (resolved to {os.path.abspath(data_dir)}, current "
+                                    f"directory {os.getcwd()}). Check the path, or name a Hub dataset instead.")
+        data = load_dataset("imagefolder", data_dir=data_dir, streaming=streaming)
+    elif dataset_name:
+        data = load_dataset(dataset_name, dataset_config, streaming=streaming)
+    else:
+        raise ValueError("Name the data: --dataset_name <Hub id> or --data_dir <local image folder>.")
+    if isinstance(data, DatasetDict) and test_split not in data and test_size > 0:
+        split = data[train_split].train_test_split(test_size=test_size, seed=seed, stratify_by_column=label_column)
+        data = DatasetDict({train_split: split["train"], test_split: split["test"]})
+    return data
 
 
 def _task_sizes(num_classes, num_tasks, initial_classes, classes_per_task) -> list[int]:

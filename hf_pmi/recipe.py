@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,9 +28,11 @@ from typing import Any
 from .arguments import GroupedArgumentParser, flag_dataclasses, from_flags
 from .blocks import layers_below_pattern
 from .config import DEFAULT_METHOD, ContinualConfig
+from .data import load_image_dataset, read_class_order
 from .methods import method_class
 from .modeling import DEFAULT_LORA_TARGETS
 from .validation import check_local_path, require_count
+
 
 @dataclass
 class RecipeArguments:
@@ -79,17 +80,6 @@ class RecipeArguments:
         require_count("lora_r", self.lora_r, 0, " (0: train the whole model without LoRA)")
 
 
-def read_class_order(path: str) -> list[int]:
-    """Label ids from a JSON list or a text file of integers separated by commas or whitespace."""
-    with open(path) as f:
-        text = f.read().strip()
-    try:
-        order = json.loads(text) if text.startswith("[") else [int(t) for t in text.replace(",", " ").split()]
-    except ValueError as e:
-        raise ValueError(f"{path}: a class order is a JSON list or integers separated by commas/whitespace ({e}).")
-    return [int(c) for c in order]
-
-
 def task_split_kwargs(recipe: RecipeArguments) -> dict:
     """Keyword arguments of `split_class_incremental` from the recipe's flags."""
     order = read_class_order(recipe.class_order_file) if recipe.class_order_file else None
@@ -102,21 +92,9 @@ def task_split_kwargs(recipe: RecipeArguments) -> dict:
 
 def load_data(recipe: RecipeArguments, seed: int = 0):
     """The dataset (a `DatasetDict`), with a held-out test split when it has none."""
-    from datasets import DatasetDict, load_dataset
-
-    if recipe.data_dir:
-        check_local_path(recipe.data_dir, "image folder")
-        data = load_dataset("imagefolder", data_dir=recipe.data_dir, streaming=recipe.streaming)
-    elif recipe.dataset_name:
-        data = load_dataset(recipe.dataset_name, recipe.dataset_config, streaming=recipe.streaming)
-    else:
-        raise ValueError("Name the data: --dataset_name <Hub id> or --data_dir <local image folder>.")
-    if recipe.test_split not in data and isinstance(data, DatasetDict) and recipe.test_size > 0:
-        split = data[recipe.train_split].train_test_split(
-            test_size=recipe.test_size, seed=seed, stratify_by_column=recipe.label_column
-        )
-        data = DatasetDict({recipe.train_split: split["train"], recipe.test_split: split["test"]})
-    return data
+    return load_image_dataset(recipe.dataset_name, recipe.dataset_config, recipe.data_dir, streaming=recipe.streaming,
+                              train_split=recipe.train_split, test_split=recipe.test_split, test_size=recipe.test_size,
+                              label_column=recipe.label_column, seed=seed)
 
 
 def build_tasks(recipe: RecipeArguments, seed: int = 0):

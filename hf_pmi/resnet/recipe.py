@@ -1,0 +1,226 @@
+"""What the ResNet recipes (``recipes/resnet32_cifar100.py``, ``recipes/resnet_tiny_imagenet.py``) share:
+their flags, and one run of `learn_tasks` on a ResNet-32 from scratch.
+
+`parse_args` reads two dataclasses from the command line with `transformers.HfArgumentParser`:
+`ResNetRecipeArguments` (data, class order, image size and normalisation, model, output, Hub) and
+`ResNetTrainingArguments` (flat training flags that become a `ResNetContinualConfig`). `run` loads the
+data (a Hub dataset or a local image folder), cuts it into tasks (`split_class_incremental`), decodes
+them to tensors (`tensor_tasks`), builds the model on ``accelerate.Accelerator().device`` and calls
+`learn_tasks` with a checkpoint per task under ``output_dir/task-{t}`` (a rerun resumes) and, with
+``--push_to_hub``, a Hub branch per task. It prints the accuracy matrix and writes
+``output_dir/results.json``.
+
+Defaults are the reference's ResNet scripts (``RuilinTong/PMI-CFS-DFCL``, ``ResNet-32/scripts/
+task_cont_{cifar100,tiny}_{5,10,20}_task.sh``, the code method.md names), mapped onto `learn_tasks`:
+
+- ``epochs`` 200: ``max_epochs`` of the first task (the reference: SGD lr 0.1, x0.1 at epochs 80 and 120;
+  `learn_tasks`: one-cycle to ``lr``);
+- ``later_epochs`` 160: the sum of the reference's gradual stages ``epochs='20,20,0,0,120'`` (head
+  first, then layers unfrozen, lr 0.1 / 0.05 / 0.005-0.01); `learn_tasks` trains the whole network
+  with one one-cycle schedule to the same ``lr`` on every task (a deviation: the reference's later
+  tasks run at lower rates);
+- ``batch_size`` 128, ``lr`` 0.1 (``base_lr``), ``head_epochs`` 40 and ``head_lr`` 0.005
+  (``finetuning_epochs`` / ``finetuning_lr``); momentum 0.9 and weight decay 5e-4 are
+  `ResNetContinualConfig`'s, equal to the reference's;
+- ``replay_per_class`` (None): the reference's replay buffer grows by ``per_task_samples`` per task
+  (5000 / 2000 / 1000 for 5 / 10 / 20 tasks, both datasets), i.e. that many divided by the classes per
+  task (CIFAR-100: 250 / 200 / 200; Tiny-ImageNet: 125 / 100 / 100); other task counts: 2000 per task;
+- ``l_ft`` (None): 1.5 for 5 and 10 tasks, 1.0 for 20 (``lambda_ft``); the other loss weights are
+  `PMI_RESNET_WEIGHTS` (``lambda_ce`` 0.75, ``lambda_hkd`` 0.15, ``lambda_rkd`` 0.5);
+- inversion: `BNInversionConfig`'s defaults, which are the reference's (50 chain steps at lr 0.8, 160
+  refinement steps at lr 0.4, batches of 4000; Tiny-ImageNet's recipe refines 1000 at a time,
+  ``gen_batch_size``);
+- class order: a permutation drawn with seed 1993 (method.md, LAMDA-PILOT style); the reference reads
+  its own order file, which ``--class_order_file`` can take.
+
+Example:
+    >>> recipe, training = parse_args(["--output_dir", "out", "--num_tasks", "20", "--method", "lwf"])
+    >>> config = training.continual_config(recipe.num_tasks, num_classes=100)
+    >>> config.method, config.epochs, config.replay_per_class, config.weights["l_ft"], config.inversion.refine_steps
+    ('lwf', 200, 200, 1.0, 160)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..validation import check_local_path, check_output_dir_writable
+from .continual import METHODS, ResNetContinualConfig
+from .inversion import BNInversionConfig
+from .losses import PMI_RESNET_WEIGHTS
+
+# The reference's per_task_samples (replayed samples added per task) by number of tasks, both datasets.
+REFERENCE_SAMPLES_PER_TASK = {5: 5000, 10: 2000, 20: 1000}
+OTHER_SAMPLES_PER_TASK = 2000  # task counts the reference has no script for: its 10-task budget, the middle one
+REFERENCE_L_FT = {20: 1.0}  # lambda_ft of the 20-task scripts; 1.5 (PMI_RESNET_WEIGHTS) otherwise
+MIN_IMAGE_SIZE = 4  # two stride-2 stages leave a 1x1 map at 4 px
+
+
+@dataclass
+class ResNetRecipeArguments:
+    """Data, class order, image preprocessing, model and output of a ResNet recipe run."""
+
+    output_dir: str = field(metadata={"help": "Folder of the per-task checkpoints (task-{t}) and results.json; "
+                                      "a rerun with the same flags resumes after the last finished task."})
+    dataset_name: str | None = field(default="uoft-cs/cifar100", metadata={"help": "Hub dataset id (ignored with --data_dir)."})
+    dataset_config: str | None = field(default=None, metadata={"help": "Dataset configuration name."})
+    data_dir: str | None = field(default=None, metadata={"help": "Local image folder <data_dir>/{train,test}/<class>/*.png; "
+                                 "its columns are imagefolder's 'image' and 'label' whatever --image_column/--label_column say."})
+    train_split: str = field(default="train", metadata={"help": "Training split."})
+    test_split: str = field(default="test", metadata={"help": "Test split (Tiny-ImageNet on the Hub: 'valid')."})
+    test_size: float = field(default=0.2, metadata={"help": "Share of the training split held out (stratified, seeded "
+                             "by --seed) when the data has no --test_split; 0 refuses such data instead."})
+    image_column: str = field(default="img", metadata={"help": "Image column (uoft-cs/cifar100: 'img')."})
+    label_column: str = field(default="fine_label", metadata={"help": "Label column, a ClassLabel (uoft-cs/cifar100: 'fine_label')."})
+    num_tasks: int = field(default=5, metadata={"help": "Number of equal tasks (the paper: 5, 10 or 20)."})
+    class_order_seed: int = field(default=1993, metadata={"help": "Seed of the class order (method.md: 1993)."})
+    class_order_file: str | None = field(default=None, metadata={"help": "Class order instead: dataset label ids in "
+                                         "learning order, a JSON list or integers separated by commas/whitespace."})
+    image_size: int = field(default=32, metadata={"help": "Images are resized (bilinear) to this square size."})
+    mean: list[float] = field(default_factory=lambda: [0.5071, 0.4865, 0.4409],
+                              metadata={"help": "Per-channel mean of the normalisation (CIFAR-100's training set)."})
+    std: list[float] = field(default_factory=lambda: [0.2673, 0.2564, 0.2762],
+                             metadata={"help": "Per-channel std of the normalisation (CIFAR-100's training set)."})
+    model_name_or_path: str | None = field(default=None, metadata={"help": "None: a fresh ResNet-32 (seeded by --seed); "
+                                           "else a ResNet32ForImageClassification folder or Hub id (its classes come first)."})
+    blocks_per_stage: int = field(default=5, metadata={"help": "Residual blocks per stage of a fresh model (5: ResNet-32)."})
+    hub_model_id: str | None = field(default=None, metadata={"help": "Hub repo that --push_to_hub pushes to (branch task-{t})."})
+    push_to_hub: bool = field(default=False, metadata={"help": "Push every finished task to --hub_model_id "
+                              "(token and endpoint from HF_TOKEN / HF_ENDPOINT or the cached login)."})
+
+    def __post_init__(self):
+        if self.num_tasks < 1:
+            raise ValueError(f"--num_tasks must be >= 1, got {self.num_tasks}.")
+        if self.image_size < MIN_IMAGE_SIZE:
+            raise ValueError(f"--image_size must be >= {MIN_IMAGE_SIZE} (two stride-2 stages), got {self.image_size}.")
+        if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
+            raise ValueError(f"--mean and --std take 3 values each (RGB), stds > 0; got {self.mean} and {self.std}.")
+        if not 0 <= self.test_size < 1:
+            raise ValueError(f"--test_size is a share of the training split in [0, 1), got {self.test_size}.")
+        if self.push_to_hub and not self.hub_model_id:
+            raise ValueError("--push_to_hub needs --hub_model_id <namespace/name>, the repo to push the tasks to.")
+
+
+@dataclass
+class ResNetTrainingArguments:
+    """Training flags of a ResNet recipe run; `continual_config` turns them into a `ResNetContinualConfig`."""
+
+    method: str = field(default="pmi", metadata={"help": "Continual method.", "choices": list(METHODS)})
+    epochs: int = field(default=200, metadata={"help": "Epochs of the first task (reference max_epochs 200)."})
+    later_epochs: int = field(default=160, metadata={"help": "Epochs of every later task (reference: 20+20+0+0+120 gradual stages)."})
+    head_epochs: int = field(default=40, metadata={"help": "Head fine-tuning epochs after each later task (reference 40)."})
+    batch_size: int = field(default=128, metadata={"help": "Real images per step (reference 128); replay adds as many."})
+    lr: float = field(default=0.1, metadata={"help": "Peak SGD lr of the one-cycle schedule (reference base_lr 0.1)."})
+    head_lr: float = field(default=0.005, metadata={"help": "SGD lr of the head fine-tuning (reference 0.005)."})
+    shift: int = field(default=2, metadata={"help": "Random shift of up to this many pixels per batch (augmentation)."})
+    replay_per_class: int | None = field(default=None, metadata={"help": "Replayed samples per old class; None: the "
+                                         "reference's per-task budget (5000/2000/1000 for 5/10/20 tasks) / classes per task."})
+    l_ft: float | None = field(default=None, metadata={"help": "Weight of the balancing CE; None: 1.5, or 1.0 for 20 tasks (reference)."})
+    inversion_layer_steps: int = field(default=50, metadata={"help": "Adam steps per block of the chain (reference 50)."})
+    inversion_refine_steps: int = field(default=160, metadata={"help": "Full-model refinement steps (reference 160)."})
+    inversion_refine_batch: int = field(default=4000, metadata={"help": "Targets refined together (reference 4000; Tiny-ImageNet 1000)."})
+    seed: int = field(default=0, metadata={"help": "Seed of the model's initialisation, batches, targets and inversion."})
+
+    def continual_config(self, num_tasks: int, num_classes: int) -> ResNetContinualConfig:
+        """The `ResNetContinualConfig` of these flags for `num_classes` classes in `num_tasks` tasks."""
+        replay = self.replay_per_class
+        if replay is None:
+            per_task = REFERENCE_SAMPLES_PER_TASK.get(num_tasks, OTHER_SAMPLES_PER_TASK)
+            replay = max(1, round(per_task * num_tasks / num_classes))
+        l_ft = self.l_ft if self.l_ft is not None else REFERENCE_L_FT.get(num_tasks, PMI_RESNET_WEIGHTS["l_ft"])
+        inversion = BNInversionConfig(layer_steps=self.inversion_layer_steps, refine_steps=self.inversion_refine_steps,
+                                      refine_batch=self.inversion_refine_batch)
+        return ResNetContinualConfig(
+            method=self.method, epochs=self.epochs, later_epochs=self.later_epochs, head_epochs=self.head_epochs,
+            batch_size=self.batch_size, lr=self.lr, head_lr=self.head_lr, shift=self.shift, replay_per_class=replay,
+            weights={**PMI_RESNET_WEIGHTS, "l_ft": l_ft}, inversion=inversion, seed=self.seed)
+
+
+def parse_args(argv: list[str] | None = None, defaults: dict[str, Any] | None = None, prog: str | None = None):
+    """``(ResNetRecipeArguments, ResNetTrainingArguments)`` from `argv` (None: ``sys.argv``), with a recipe's
+    `defaults` (flag name -> value) in place of the dataclasses' own."""
+    from transformers import HfArgumentParser
+
+    parser = HfArgumentParser((ResNetRecipeArguments, ResNetTrainingArguments), prog=prog)
+    known = {f.name for cls in (ResNetRecipeArguments, ResNetTrainingArguments) for f in dataclasses.fields(cls)}
+    unknown = sorted(set(defaults or {}) - known)
+    if unknown:
+        raise ValueError(f"Recipe defaults name unknown flags {unknown}; the flags are {sorted(known)}.")
+    parser.set_defaults(**(defaults or {}))
+    recipe, training = parser.parse_args_into_dataclasses(args=argv)
+    return recipe, training
+
+
+def build_tasks(recipe: ResNetRecipeArguments, seed: int = 0):
+    """`ContinualTasks` of the recipe's data (a held-out test split when it has none and --test_size > 0)."""
+    from ..data import load_image_dataset, read_class_order, split_class_incremental
+
+    image_column, label_column = recipe.image_column, recipe.label_column
+    if recipe.data_dir:
+        image_column, label_column = "image", "label"  # imagefolder's columns
+    data = load_image_dataset(recipe.dataset_name, recipe.dataset_config, recipe.data_dir,
+                              train_split=recipe.train_split, test_split=recipe.test_split,
+                              test_size=recipe.test_size, label_column=label_column, seed=seed)
+    order = read_class_order(recipe.class_order_file) if recipe.class_order_file else None
+    return split_class_incremental(data, num_tasks=recipe.num_tasks, class_order=order, seed=recipe.class_order_seed,
+                                   image_column=image_column, label_column=label_column,
+                                   train_split=recipe.train_split, test_split=recipe.test_split)
+
+
+def build_model(recipe: ResNetRecipeArguments, seed: int):
+    """A fresh ResNet-32 (no classes yet, seeded) or the pretrained ``--model_name_or_path``."""
+    from transformers import set_seed
+
+    from .configuration import ResNet32Config
+    from .modeling import ResNet32ForImageClassification
+
+    if recipe.model_name_or_path is None:
+        set_seed(seed)
+        config = ResNet32Config(blocks_per_stage=recipe.blocks_per_stage, num_labels=0, image_size=recipe.image_size)
+        return ResNet32ForImageClassification(config)
+    model = ResNet32ForImageClassification.from_pretrained(recipe.model_name_or_path)
+    if model.config.image_size != recipe.image_size:
+        raise ValueError(f"{recipe.model_name_or_path} was trained at {model.config.image_size} px but --image_size is "
+                         f"{recipe.image_size}; pass --image_size {model.config.image_size}.")
+    return model
+
+
+def run(recipe: ResNetRecipeArguments, training: ResNetTrainingArguments) -> dict:
+    """Learn the recipe's tasks; prints the accuracy matrix, writes ``results.json`` and returns `learn_tasks`' dict."""
+    from accelerate import Accelerator
+
+    from ..lock import RunLock
+    from ..metrics import format_matrix
+    from .continual import learn_tasks
+    from .data import tensor_tasks
+
+    training.continual_config(recipe.num_tasks, recipe.num_tasks)  # check the flags before any data is read
+    if recipe.model_name_or_path:
+        check_local_path(recipe.model_name_or_path, "model folder")  # a missing folder is not a bad Hub id
+    accelerator = Accelerator()
+    if accelerator.num_processes > 1:
+        raise ValueError("learn_tasks runs in one process: launch with `accelerate launch --num_processes 1`.")
+    check_output_dir_writable(recipe.output_dir)
+    RunLock(recipe.output_dir).check()  # another run writing there is refused before the data is read
+    tasks = build_tasks(recipe, seed=training.seed)
+    model = build_model(recipe, training.seed)
+    if model.config.num_labels:
+        tasks = tasks.continuing(model.config.num_labels, 0)  # the new classes follow the model's own
+    config = training.continual_config(len(tasks), len(tasks.class_order))
+    tensors = tensor_tasks(tasks, recipe.image_size, recipe.mean, recipe.std)
+    model.to(accelerator.device)
+    result = learn_tasks(model, tensors, config, output_dir=recipe.output_dir,
+                         hub_model_id=recipe.hub_model_id if recipe.push_to_hub else None)
+    path = os.path.join(recipe.output_dir, "results.json")
+    record = {"recipe": dataclasses.asdict(recipe), "config": dataclasses.asdict(config), "device": str(accelerator.device),
+              "class_order": tasks.class_order, "class_names": tasks.class_names, **result}
+    with open(path, "w") as f:
+        json.dump(record, f, indent=2, default=str)
+    print(f"\n{config.method} (seed {config.seed}), accuracy (%) after task i on task j:\n"
+          f"{format_matrix(result['accuracy_matrix'])}")
+    print(f"A_last {result['a_last']:.4f}  A_avg {result['a_avg']:.4f}  forgetting {result['forgetting']:.4f}  -> {path}")
+    return result

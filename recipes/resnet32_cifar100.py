@@ -1,0 +1,26 @@
+"""ResNet-32 from scratch on CIFAR-100, 5 equal tasks of 20 classes: the paper's ResNet path (PMI, Table 1).
+
+    accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no \\
+        recipes/resnet32_cifar100.py --output_dir runs/resnet32-cifar100-pmi
+
+Other splits: ``--num_tasks 10`` or ``--num_tasks 20`` (replay budget and l_ft follow the reference's
+scripts for each); baselines: ``--method finetune | lwf | full_inversion | exemplar_replay``. Defaults and
+their sources (the reference's ``task_cont_cifar100_*_task.sh``, method.md): `hf_pmi.resnet.recipe`.
+Data: ``uoft-cs/cifar100`` (columns img / fine_label), normalised with CIFAR-100's per-channel mean and
+std; offline, any image folder works: ``--data_dir path/to/images`` (<class>/ folders under train/ and test/).
+A rerun with the same ``--output_dir`` resumes after the last finished task.
+"""
+
+from hf_pmi.resnet.recipe import parse_args, run
+
+# uoft-cs/cifar100's columns; 32 px images; 5 tasks (the paper: 5 / 10 / 20)
+DEFAULTS = {"dataset_name": "uoft-cs/cifar100", "image_column": "img", "label_column": "fine_label", "image_size": 32,
+            "num_tasks": 5}
+
+
+def main(argv=None):
+    return run(*parse_args(argv, DEFAULTS))
+
+
+if __name__ == "__main__":
+    main()
