@@ -90,7 +90,8 @@ class ContinualTrainer(ContinualHubMixin, Trainer):
         if not isinstance(model, ContinualCLIP):
             raise TypeError(
                 f"model must be a ContinualCLIP, got {type(model).__name__}; wrap a CLIPModel with "
-                f"`ContinualCLIP.from_clip(clip)`."
+                f"`ContinualCLIP.from_clip(clip)`. An image classifier with BatchNorm (a ResNet) learns with "
+                f"`hf_pmi.resnet.continual.learn_tasks` instead (or recipes/resnet32_cifar100.py)."
             )
         if not isinstance(tasks, ContinualTasks):
             raise TypeError("tasks must come from `split_class_incremental(...)`.")

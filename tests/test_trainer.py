@@ -97,6 +97,15 @@ def test_unknown_method_is_refused_before_training(tmp_path, digits, processor):
     assert not (tmp_path / "task-0").exists()
 
 
+def test_a_resnet_given_to_the_clip_trainer_is_pointed_to_its_own_loop(tmp_path, digits, processor):
+    from hf_pmi.resnet import ResNet32Config, ResNet32ForImageClassification
+
+    tasks = split_class_incremental(digits, num_tasks=2)
+    with pytest.raises(TypeError, match="must be a ContinualCLIP, got ResNet32ForImageClassification.*learn_tasks"):
+        ContinualTrainer(model=ResNet32ForImageClassification(ResNet32Config(num_labels=0)), args=make_args(tmp_path),
+                         tasks=tasks, processing_class=processor)
+
+
 def test_streaming_tasks_need_max_steps(tmp_path, digits, processor):
     tasks = split_class_incremental(digits["train"].to_iterable_dataset(), num_tasks=2)
     with pytest.raises(ValueError, match="max_steps"):
