@@ -120,3 +120,16 @@ def test_models_that_cannot_take_part_are_refused_naming_the_fix():
     model.classifier = nn.Sequential(nn.Linear(16, 4), nn.ReLU())
     with pytest.raises(TypeError, match="no classifier head that can grow.*give your model such a head"):
         learn_tasks(model, colour_tasks(), config("finetune"))
+
+
+def test_a_transformers_resnet_with_classes_of_its_own_continues_after_them():
+    from transformers import ResNetConfig, ResNetForImageClassification
+
+    torch.manual_seed(0)
+    model = ResNetForImageClassification(ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1],
+                                                      num_labels=2, downsample_in_first_stage=False))
+    tasks = colour_tasks()[1:]  # classes 2, 3: after the model's own 0, 1
+    learn_tasks(model, tasks, config("finetune", epochs=1))
+    assert model.classifier[-1].out_features == 4
+    with pytest.raises(ValueError, match=r"Task 0 has classes \[0, 1\]; they must be 4, 5"):
+        learn_tasks(model, colour_tasks()[:1], config("finetune", epochs=1))

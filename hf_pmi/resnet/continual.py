@@ -53,14 +53,16 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.utils import SAFE_WEIGHTS_NAME
 
 from ..bank import FeatureBank
 from ..checkpoint import latest_task_checkpoint
 from ..integrity import load_safetensors
 from ..metrics import continual_metrics
 from ..statistics import eval_mode
+from .checkpoint import BANK_DIR, load_task, save_task
 from .heads import (
-    classifier_linear,
+    classifier_layer,
     feature_dim,
     grow_classifier,
     require_batchnorm,
@@ -130,8 +132,8 @@ class ResNetContinualConfig:
 
 
 def _check_tasks(tasks: list[TensorTask], model: nn.Module) -> None:
-    classifier_linear(model)  # a head that can grow, or a TypeError naming the fix
-    seen = model.config.num_labels if isinstance(getattr(model, "classifier", None), nn.Linear) else 0
+    head = classifier_layer(model)  # a head that can grow, or a TypeError naming the fix
+    seen = head.out_features if isinstance(head, nn.Linear) else 0  # the model's own classes come first
     for t, task in enumerate(tasks):
         if task.class_ids != list(range(seen, seen + len(task.class_ids))) or not task.class_ids:
             raise ValueError(f"Task {t} has classes {task.class_ids}; they must be {seen}, {seen + 1}, ... (contiguous, "
@@ -145,10 +147,8 @@ def _check_tasks(tasks: list[TensorTask], model: nn.Module) -> None:
 
 def _features_hook(model: nn.Module):
     """Capture the classifier's input (the pooled features) at every forward."""
-    parent, key = classifier_linear(model)
-    layer = parent[key] if isinstance(key, int) else getattr(parent, key)
     store = {}
-    return store, layer.register_forward_pre_hook(lambda _m, args: store.__setitem__("f", args[0]))
+    return store, classifier_layer(model).register_forward_pre_hook(lambda _m, args: store.__setitem__("f", args[0]))
 
 
 def _forward(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -211,6 +211,7 @@ class _Learner:
         steps = math.ceil(len(task.y) / cfg.batch_size)
         opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=True)
         sched = torch.optim.lr_scheduler.OneCycleLR(opt, cfg.lr, epochs=epochs, steps_per_epoch=steps)
+        head = classifier_layer(model)
         model.train()
         first = last = None
         for _ in range(epochs):
@@ -224,7 +225,7 @@ class _Learner:
                         t_logits, t_feats = _forward(teacher, both)
                     b = len(idx)
                     terms = replay_losses(logits[:b], y, feats[:b], t_feats[:b], logits[b:], yr, feats[b:],
-                                          t_logits[b:], _head(model), self.rkd, n_old, w)
+                                          t_logits[b:], head, self.rkd, n_old, w)
                     loss = sum(terms.values())
                 else:
                     x = _shifted(x, cfg.shift, self.generator)
@@ -251,7 +252,7 @@ class _Learner:
         """R-DFCIL's head fine-tuning: class-balanced CE on real plus replayed samples and the hard KD;
         the body frozen and in eval mode (its BN statistics stay those of the main epochs)."""
         cfg, model = self.config, self.model
-        head = _head(model)
+        head = classifier_layer(model)
         counts = torch.bincount(torch.cat([task.y, self.pool_y]), minlength=head.out_features).float()
         weights = class_balance_weights(counts).to(self.device)
         opt = torch.optim.SGD(head.parameters(), lr=cfg.head_lr, momentum=cfg.momentum)
@@ -290,7 +291,7 @@ class _Learner:
             self.rkd.load_state_dict(rkd)
         if "pool_y" in tensors:
             self.pool_x, self.pool_y = tensors["pool_x"], tensors["pool_y"]
-        bank = os.path.join(folder, "feature_bank")
+        bank = os.path.join(folder, BANK_DIR)
         if os.path.isdir(bank):
             self.bank = FeatureBank.from_pretrained(bank)
         self.inverted = {int(c): n for c, n in state["inverted_classes"].items()}
@@ -323,11 +324,6 @@ class _Learner:
             return
         self.pool_x = x if self.pool_x is None else torch.cat([self.pool_x, x])
         self.pool_y = labels if self.pool_y is None else torch.cat([self.pool_y, labels])
-
-
-def _head(model: nn.Module) -> nn.Linear:
-    parent, key = classifier_linear(model)
-    return parent[key] if isinstance(key, int) else getattr(parent, key)
 
 
 def learn_tasks(model: nn.Module, tasks: list[TensorTask], config: ResNetContinualConfig | None = None, *,
@@ -381,8 +377,6 @@ def _settings(config: ResNetContinualConfig, tasks: list[TensorTask]) -> dict:
 
 
 def _learn(model, tasks, config, output_dir, hub_model_id, hub_token, hub_endpoint) -> dict:
-    from .checkpoint import load_task, save_task
-
     torch.manual_seed(config.seed)  # new head rows and RKD projections
     learner = _Learner(model, config)
     matrix: list[list[float | None]] = []
@@ -400,7 +394,7 @@ def _learn(model, tasks, config, output_dir, hub_model_id, hub_token, hub_endpoi
                              "the same settings and data, or write this run to another output_dir (or delete the folder "
                              "to start over).")
         grow_classifier(model, state["num_labels"] - model.config.num_labels)
-        model.load_state_dict(load_safetensors(os.path.join(latest, "model.safetensors")))
+        model.load_state_dict(load_safetensors(os.path.join(latest, SAFE_WEIGHTS_NAME)))
         learner.load_state(state, tensors, latest)
         matrix, losses, task_seconds = state["accuracy_matrix"], state["losses"], state["task_seconds"]
         first = state["task_id"] + 1

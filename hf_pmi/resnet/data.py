@@ -78,7 +78,7 @@ def _split_tensors(ds, image_column, label_column, label_map, size, mean, std, w
     if not pixels:
         raise ValueError(f"{where[0].upper()}{where[1:]} holds no rows: every task needs training and test images. "
                          "Check the split's labels, or choose a class order / number of tasks without empty classes.")
-    x =  torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2).float().div_(255.0)  # (N, 3, H, W) in [0, 1]
+    x = torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2).float().div_(255.0)  # (N, 3, H, W) in [0, 1]
     x = x.sub_(torch.tensor(mean).view(1, 3, 1, 1)).div_(torch.tensor(std).view(1, 3, 1, 1))
     return x.contiguous(), torch.tensor(labels, dtype=torch.long)
 

@@ -48,6 +48,11 @@ def _get(parent, key):
     return parent[key] if isinstance(key, int) else getattr(parent, key)
 
 
+def classifier_layer(model: nn.Module) -> nn.Module:
+    """The growable head layer itself (an ``nn.Linear``, or ``nn.Identity`` before the first class)."""
+    return _get(*classifier_linear(model))
+
+
 def _set(parent, key, module):
     if isinstance(key, int):
         parent[key] = module
@@ -62,8 +67,7 @@ def feature_dim(model: nn.Module) -> int:
         return config.feature_dim
     if getattr(config, "hidden_sizes", None):
         return config.hidden_sizes[-1]
-    parent, key = classifier_linear(model)
-    layer = _get(parent, key)
+    layer = classifier_layer(model)
     if isinstance(layer, nn.Linear):
         return layer.in_features
     raise TypeError(f"Cannot tell the feature size of {type(model).__name__}: its config has no hidden_sizes.")
