@@ -209,6 +209,9 @@ def main(argv=None):
     parser.add_argument("--per_class", type=int, default=2, help="targets per class (BN moments are over the batch)")
     parser.add_argument("--target_seed", type=int, default=0, help="seed of the targets' draw")
     parser.add_argument("--chains", nargs="+", default=["blocks", "stages"], choices=("blocks", "stages"))
+    parser.add_argument("--input_prior", default="bn", choices=("bn", "recorded", "none"),
+                        help="the chain's prior of a block's input (BNInversionConfig.input_prior; reference: bn)")
+    parser.add_argument("--a_layer", type=float, default=None, help="the chain's KL weight (None: the reference's formula)")
     parser.add_argument("--random_budget", type=float, default=5.0, help="random start budget, x the run's passes")
     parser.add_argument("--own_schedule", type=float, default=1.5,
                         help="budget (x the run's passes) of a random start with its own, unstretched schedule")
@@ -230,7 +233,8 @@ def main(argv=None):
     rows, randoms = [], {}
     for seed in args.seeds:
         for chain in args.chains:
-            cfg = BNInversionConfig(mode="pmi", chain=chain, inversion_seed=seed, **base)
+            cfg = BNInversionConfig(mode="pmi", chain=chain, inversion_seed=seed, input_prior=args.input_prior,
+                                    a_layer=args.a_layer, **base)
             run = invert_bn(model, targets, cfg, input_stats=stats).report
             print(f"[seed {seed}, {chain}] {run['full_model_passes']:.1f} passes, {run['seconds']:.0f} s: start "
                   f"{run['start_loss']:.4f}, final {run['final_loss']:.4f} (feature MSE {run['final_feature_mse']:.4f})",
@@ -266,6 +270,7 @@ def main(argv=None):
         "targets": {"count": n, "per_class": args.per_class, "seed": args.target_seed,
                     "source": "diagonal class Gaussians of the training images' pooled features"},
         "inversion": {k: v for k, v in BNInversionConfig(**base).to_dict().items() if k not in ("mode", "chain")},
+        "chain_prior": {"input_prior": args.input_prior, "a_layer": args.a_layer},
         "random_budget": args.random_budget, "own_schedule": args.own_schedule, "seeds": args.seeds, "total_seconds": time.perf_counter() - t_start,
         "note": "passes_ratio = passes a random start (refinement settings, random_budget x the run's passes) needs to "
                 "reach the run's final loss / the run's passes; > 1: the per-layer chain pays for itself",

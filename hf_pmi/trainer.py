@@ -6,6 +6,12 @@ and schedule) -> evaluate every seen task (a row of the accuracy matrix) -> ``me
 ``output_dir/results.json``. Task begin/end events reach callbacks that define
 ``on_task_begin`` / ``on_task_end``.
 
+Given an image classifier with BatchNorm instead of a `ContinualCLIP` (`ResNet32ForImageClassification`,
+transformers' `ResNetForImageClassification`, any `AutoModelForImageClassification` model whose head is a
+final linear layer), the trainer runs the BN family's loop (`hf_pmi.resnet.runner`): the same tasks,
+output folders, resume, Hub branches, callbacks and `ContinualResult`, with the schedule and replay
+settings of a `hf_pmi.resnet.continual.ResNetContinualConfig` given as ``method_config``.
+
 Example:
     >>> from hf_pmi import ContinualCLIP, ContinualConfig, ContinualTrainer, split_class_incremental
     >>> from hf_pmi.testing import build_clip, build_processor, load_digits_dataset
@@ -48,6 +54,7 @@ from .model_card import write_model_card
 from .modeling import CONFIG_NAME as CLIP_CONFIG_NAME
 from .modeling import ContinualCLIP
 from .names_only import is_names_only, names_only_tasks
+from .resnet.checkpoint import FORMAT as BN_TASK_FORMAT
 from .resolve import resolve_pretrained_folder
 from .resume import (
     check_resume_consistency, check_same_model, dataset_fingerprint, prepare_output_dir, restore_trainable,
@@ -64,16 +71,19 @@ __all__ = ["ContinualResult", "ContinualTrainer", "latest_task_checkpoint"]
 
 
 class ContinualTrainer(ContinualHubMixin, Trainer):
-    """Trains a `ContinualCLIP` on `ContinualTasks`, one task after another.
+    """Trains a `ContinualCLIP` (or an image classifier with BatchNorm) on `ContinualTasks`, one task after another.
 
     Args:
-        model: the `ContinualCLIP` to train (its classes grow with the tasks).
+        model: the `ContinualCLIP` to train (its classes grow with the tasks), or an image classifier with
+            BatchNorm whose head grows (see the module docstring; methods finetune, lwf, pmi, full_inversion,
+            exemplar_replay).
         args: a `ContinualConfig`; ``args.method`` picks the method from `hf_pmi.methods.METHODS`.
         tasks: from `split_class_incremental`.
-        processing_class: a `CLIPProcessor` (image processor + tokenizer).
+        processing_class: a `CLIPProcessor` (image processor + tokenizer); for an image classifier, an
+            image processor (its mean and std; default ImageNet's) or None.
         method_config: the settings of ``args.method``, an instance of its config class
             (``hf_pmi.methods.METHODS[args.method].config_class``, e.g. `hf_pmi.methods.pmi.PMIConfig`);
-            default: that class's defaults.
+            default: that class's defaults. For an image classifier: a `ResNetContinualConfig`.
     """
 
     def __init__(
@@ -87,14 +97,12 @@ class ContinualTrainer(ContinualHubMixin, Trainer):
     ):
         if not isinstance(args, ContinualConfig):
             raise TypeError(f"args must be a ContinualConfig, got {type(args).__name__}.")
-        if not isinstance(model, ContinualCLIP):
-            raise TypeError(
-                f"model must be a ContinualCLIP, got {type(model).__name__}; wrap a CLIPModel with "
-                f"`ContinualCLIP.from_clip(clip)`. An image classifier with BatchNorm (a ResNet) learns with "
-                f"`hf_pmi.resnet.continual.learn_tasks` instead (or recipes/resnet32_cifar100.py)."
-            )
         if not isinstance(tasks, ContinualTasks):
             raise TypeError("tasks must come from `split_class_incremental(...)`.")
+        self.bn_run = None
+        if not isinstance(model, ContinualCLIP):  # an image classifier with BatchNorm: the BN family's loop
+            self._init_batchnorm(model, args, tasks, processing_class, method_config, **kwargs)
+            return
         method_cls = method_class(args.method)  # an unknown name fails before any work
         check_output_dir_writable(args.output_dir)  # before the Trainer creates it (it would fail unclearly)
         image_processor = getattr(processing_class, "image_processor", None)
@@ -126,6 +134,28 @@ class ContinualTrainer(ContinualHubMixin, Trainer):
         self.task_seconds: list[float] = []
         self.method_logs: list[dict] = []
 
+    def _init_batchnorm(self, model, args, tasks, processing_class, method_config, **kwargs) -> None:
+        """A ResNet (any image classifier with a growable head): trained by `hf_pmi.resnet.runner.BNRun`."""
+        from .resnet.continual import own_classes
+        from .resnet.runner import BNRun
+
+        try:
+            own = own_classes(model)
+        except TypeError as e:
+            raise TypeError(
+                f"model must be a ContinualCLIP (wrap a CLIPModel with `ContinualCLIP.from_clip(clip)`) or an image "
+                f"classifier whose head can grow (ResNet32ForImageClassification, transformers' ResNet); got "
+                f"{type(model).__name__}: {e}"
+            ) from None
+        check_output_dir_writable(args.output_dir)
+        if tasks[0].class_ids[0] != own:  # the new classes follow the model's own
+            tasks = tasks.continuing(own, tasks.task_offset)
+        super().__init__(model=model, args=args, processing_class=processing_class, **kwargs)
+        set_verbosity(args.get_process_log_level())
+        self.callback_handler = ContinualCallbackHandler.from_handler(self.callback_handler)
+        self.tasks = tasks
+        self.bn_run = BNRun(self, self.model, tasks, processing_class, method_config)
+
     def _validate(self) -> None:
         """Everything that can be checked before the first step (settings, model, tasks, the method's own)."""
         check_training_settings(self.args, trains=self.method.trains)
@@ -151,6 +181,11 @@ class ContinualTrainer(ContinualHubMixin, Trainer):
         ``--resume_from_checkpoint true`` works in every recipe. An `output_dir` holding finished
         tasks is refused unless resuming or ``args.overwrite_output_dir``.
         """
+        if self.bn_run is not None:  # its loop locks output_dir itself
+            try:
+                return self.bn_run.train(resume_from_checkpoint, self._task_event)
+            finally:
+                self.callback_handler.finish(self.args, self.state, self.control)
         if resume_from_checkpoint is None:
             resume_from_checkpoint = self.args.resume_from_checkpoint
         resume_from_checkpoint = resume_request(resume_from_checkpoint)
@@ -292,10 +327,12 @@ class ContinualTrainer(ContinualHubMixin, Trainer):
             >>> trainer = ContinualTrainer.from_pretrained("me/clip-cub200-pmi", tasks=new_tasks, args=args,
             ...                                            revision="task-9")  # doctest: +SKIP
         """
-        if not isinstance(tasks, ContinualTasks):  # class names only: learned data-free (hf_pmi.names_only)
-            tasks = names_only_tasks(tasks)
         folder = resolve_pretrained_folder(path_or_repo_id, revision=revision)
         state = read_state(folder)
+        if state.get("format") == BN_TASK_FORMAT:  # a task of a BatchNorm classifier's run
+            return cls._continue_batchnorm(folder, state, path_or_repo_id, tasks, args, processing_class, **kwargs)
+        if not isinstance(tasks, ContinualTasks):  # class names only: learned data-free (hf_pmi.names_only)
+            tasks = names_only_tasks(tasks)
         verify_checksums(folder, state.get("checksums"))
         model = ContinualCLIP.from_pretrained(folder)
         restore_trainable(model, state.get("trainable_parameters"), folder)
@@ -319,6 +356,37 @@ class ContinualTrainer(ContinualHubMixin, Trainer):
         trainer.accuracy_matrix = [row[:done] + [None] * len(tasks) for row in state["accuracy_matrix"]]
         trainer.counts = state["counts"][:done] + [0] * len(tasks)
         trainer.method.load(folder)
+        return trainer
+
+    @classmethod
+    def _continue_batchnorm(cls, folder, state, source, tasks, args, processing_class, method_config=None, **kwargs):
+        """`from_pretrained` for a BN-family task folder: its model, processor and settings; the run loads its
+        replay pool and bank (`hf_pmi.resnet.continual.learn_tasks`, ``start_from``)."""
+        import dataclasses
+
+        from transformers import AutoImageProcessor, AutoModelForImageClassification
+
+        from .resnet.checkpoint import load_task
+        from .resnet.continual import ResNetContinualConfig
+
+        if not isinstance(tasks, ContinualTasks):
+            raise ValueError("Learning classes from their names only needs a CLIP checkpoint; a BatchNorm classifier "
+                             "learns new classes from images: pass tasks from `split_class_incremental(...)`.")
+        load_task(folder)  # every file's checksum, before anything is built from it
+        model = AutoModelForImageClassification.from_pretrained(folder)
+        clash = sorted(set(model.config.id2label.values()) & set(tasks.class_names))
+        if clash:
+            raise ValueError(f"Class name(s) {clash} already exist in {source}: a continued run learns new classes "
+                             f"only. Drop them from the new data or rename them.")
+        if processing_class is None and os.path.isfile(os.path.join(folder, "preprocessor_config.json")):
+            processing_class = AutoImageProcessor.from_pretrained(folder)
+        args = continued_args(args, state, source)
+        if method_config is None:  # the continued run's own settings, with this run's method and seed
+            method_config = dataclasses.replace(ResNetContinualConfig.from_dict(state["settings"]["config"]),
+                                                method=args.method, seed=args.seed)
+        trainer = cls(model=model, args=args, tasks=tasks.continuing(model.config.num_labels, state["task_id"] + 1),
+                      processing_class=processing_class, method_config=method_config, **kwargs)
+        trainer.bn_run.start_from = folder
         return trainer
 
     # ----- loss and evaluation -----------------------------------------------------------------

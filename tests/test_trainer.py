@@ -97,13 +97,11 @@ def test_unknown_method_is_refused_before_training(tmp_path, digits, processor):
     assert not (tmp_path / "task-0").exists()
 
 
-def test_a_resnet_given_to_the_clip_trainer_is_pointed_to_its_own_loop(tmp_path, digits, processor):
-    from hf_pmi.resnet import ResNet32Config, ResNet32ForImageClassification
-
+def test_a_bare_clip_model_is_refused_naming_both_families(tmp_path, digits, processor):
     tasks = split_class_incremental(digits, num_tasks=2)
-    with pytest.raises(TypeError, match="must be a ContinualCLIP, got ResNet32ForImageClassification.*learn_tasks"):
-        ContinualTrainer(model=ResNet32ForImageClassification(ResNet32Config(num_labels=0)), args=make_args(tmp_path),
-                         tasks=tasks, processing_class=processor)
+    with pytest.raises(TypeError, match=r"must be a ContinualCLIP \(wrap a CLIPModel with `ContinualCLIP.from_clip"
+                                        r"\(clip\)`\) or an image classifier whose head can grow.*got CLIPModel"):
+        ContinualTrainer(model=build_clip("tiny"), args=make_args(tmp_path), tasks=tasks, processing_class=processor)
 
 
 def test_streaming_tasks_need_max_steps(tmp_path, digits, processor):

@@ -4,8 +4,8 @@ inversion on BN running statistics, the R-DFCIL-style replay losses and a task l
 Modules: `configuration` / `modeling` (the model), `heads` (growing classifiers, refusals), `blocks`
 (the chain view), `statistics` (BN terms, block-input moments, class features), `inversion` (chain and
 random start), `losses` (replay losses), `continual` (`learn_tasks`: every method's task loop on
-tensors), `checkpoint` (per-task folders, resume, the card). This family has its own loop; it is not
-wired into the CLIP `ContinualTrainer`.
+tensors), `checkpoint` (per-task folders, resume, the card), `runner` (the loop behind `ContinualTrainer`
+when it is given such a model).
 
 Example:
     >>> from hf_pmi.resnet import ResNet32Config, ResNet32ForImageClassification

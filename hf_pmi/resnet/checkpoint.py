@@ -7,6 +7,7 @@
 - ``feature_bank/``: the class Gaussians (inverting methods);
 - ``continual_state.json`` (`hf_pmi.checkpoint.STATE_NAME`): settings, tasks, accuracy matrix, timings
   and the sha256 of every other safetensors and JSON file, verified before anything is loaded;
+- ``preprocessor_config.json``: the image processor, when the run was given one;
 - ``README.md`` and ``accuracy_matrix.png``: the model card.
 
 The folder is written as ``task-{t}.tmp`` and renamed into place, so a crash leaves either the whole
@@ -46,12 +47,15 @@ CARD_TEMPLATE = "resnet_continual.md"
 
 
 def save_task(output_dir: str, model, tensors: dict[str, torch.Tensor], state: dict, bank=None,
-              repo_id: str | None = None) -> str:
-    """Write finished task ``state["task_id"]`` into ``output_dir/task-{t}`` atomically; returns the folder."""
+              repo_id: str | None = None, processor=None) -> str:
+    """Write finished task ``state["task_id"]`` into ``output_dir/task-{t}`` atomically; returns the folder.
+    With `processor` (an image processor) the folder also serves ``pipeline("image-classification", folder)``."""
     folder = os.path.join(output_dir, f"task-{state['task_id']}")
     tmp = folder + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
+    if processor is not None:
+        processor.save_pretrained(tmp)
     save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, os.path.join(tmp, REPLAY_STATE_NAME),
               metadata={"format": "pt"})
     if bank is not None and bank.num_classes:

@@ -20,8 +20,9 @@ matrix) -> add the new classes to the replay pool. Methods (`METHODS`):
 
 Joint training is ``finetune`` on one task holding every class (`benchmarks/continual_resnet.py`).
 With ``output_dir`` each task is checkpointed (`hf_pmi.resnet.checkpoint`) and an interrupted run
-resumes where it stopped; with ``hub_model_id`` each task is pushed to its own Hub branch. Not wired
-into `ContinualTrainer` (the CLIP trainer): this loop is the BN family's trainer.
+resumes where it stopped; with ``hub_model_id`` each task is pushed to its own Hub branch; with
+``start_from`` a finished task's run goes on with new classes, data-free. `ContinualTrainer` runs this
+loop when it is given such a model (`hf_pmi.resnet.runner`: datasets in, callbacks, `ContinualResult`).
 
 Example:
     >>> import torch
@@ -48,6 +49,7 @@ import json
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -93,6 +95,7 @@ class TensorTask:
     y: torch.Tensor
     x_test: torch.Tensor
     y_test: torch.Tensor
+    class_names: list[str] | None = None  # the head's id2label for these classes (default "LABEL_i")
 
 
 @dataclass
@@ -120,6 +123,13 @@ class ResNetContinualConfig:
     seed: int = field(default=0, metadata={"help": "Seed of initialisation, batches, targets and inversion."})
     progress: bool = field(default=True, metadata={"help": "Print one line per task."})
 
+    @classmethod
+    def from_dict(cls, values: dict) -> "ResNetContinualConfig":
+        """The config recorded in a task folder's state (``settings.config``), nested inversion settings included."""
+        values = dict(values)
+        values["inversion"] = BNInversionConfig(**values.get("inversion", {}))
+        return cls(**values)
+
     def __post_init__(self):
         if self.method not in METHODS:
             raise ValueError(f"Unknown method {self.method!r}: choose one of {METHODS}.")
@@ -131,13 +141,20 @@ class ResNetContinualConfig:
             raise ValueError(f"weights lacks {sorted(missing)}; give all of l_ce, l_hkd, l_rkd, l_ft.")
 
 
+def own_classes(model: nn.Module) -> int:
+    """Classes the model's head already has (0 before the first task); a head that cannot grow is a TypeError."""
+    head = classifier_layer(model)
+    return head.out_features if isinstance(head, nn.Linear) else 0
+
+
 def _check_tasks(tasks: list[TensorTask], model: nn.Module) -> None:
-    head = classifier_layer(model)  # a head that can grow, or a TypeError naming the fix
-    seen = head.out_features if isinstance(head, nn.Linear) else 0  # the model's own classes come first
+    seen = own_classes(model)  # the model's own classes come first
     for t, task in enumerate(tasks):
         if task.class_ids != list(range(seen, seen + len(task.class_ids))) or not task.class_ids:
             raise ValueError(f"Task {t} has classes {task.class_ids}; they must be {seen}, {seen + 1}, ... (contiguous, "
                              "after the earlier tasks' and the model's own classes).")
+        if task.class_names is not None and len(task.class_names) != len(task.class_ids):
+            raise ValueError(f"Task {t} has {len(task.class_names)} class names for {len(task.class_ids)} classes.")
         for name, labels in (("training", task.y), ("test", task.y_test)):
             bad = sorted(set(labels.unique().tolist()) - set(task.class_ids))
             if bad:
@@ -284,7 +301,9 @@ class _Learner:
         return {"inverted_classes": self.inverted, "inversion_seconds": self.inversion_seconds,
                 "inversion_passes": self.inversion_passes}
 
-    def load_state(self, state: dict, tensors: dict[str, torch.Tensor], folder: str) -> None:
+    def load_state(self, state: dict, tensors: dict[str, torch.Tensor], folder: str, resume: bool = True) -> None:
+        """The pool, relation-KD projections and bank of a finished task; `resume` also its counters and random
+        state (a resumed run goes on as if never stopped; a continued one draws from its own seed)."""
         rkd = {k[len("rkd."):]: v for k, v in tensors.items() if k.startswith("rkd.")}
         if rkd:
             self.rkd = RelationKD(feature_dim(self.model)).to(self.device)
@@ -294,6 +313,8 @@ class _Learner:
         bank = os.path.join(folder, BANK_DIR)
         if os.path.isdir(bank):
             self.bank = FeatureBank.from_pretrained(bank)
+        if not resume:
+            return
         self.inverted = {int(c): n for c, n in state["inverted_classes"].items()}
         self.inversion_seconds, self.inversion_passes = state["inversion_seconds"], state["inversion_passes"]
         self.generator.set_state(tensors["generator_state"])
@@ -328,16 +349,26 @@ class _Learner:
 
 def learn_tasks(model: nn.Module, tasks: list[TensorTask], config: ResNetContinualConfig | None = None, *,
                 output_dir: str | None = None, hub_model_id: str | None = None, hub_token: str | None = None,
-                hub_endpoint: str | None = None) -> dict:
+                hub_endpoint: str | None = None, start_from: str | None = None, processor=None,
+                events: Callable[[str, int, dict], None] | None = None) -> dict:
     """Learn `tasks` in turn with ``config.method`` (see the module docstring); `model` is trained in place,
     on whatever device it sits (the tasks' tensors stay on the CPU; batches move to the model).
 
     With `output_dir`, every finished task is saved to ``output_dir/task-{t}`` (`hf_pmi.resnet.checkpoint`:
-    the model, the replay pool, the bank, the state and a card), and a run that finds finished tasks there
-    continues after the last one (same settings and tasks, or a `ValueError` that names the difference),
-    with the same result as a run that was never interrupted. One run at a time writes to `output_dir`
-    (`hf_pmi.lock.RunLock`). With `hub_model_id`, each finished task is pushed to branch ``task-{t}`` of that
-    repo (created first; access is checked before any work) and ``main`` follows the latest.
+    the model, the replay pool, the bank, the state, a card and `processor` if given), and a run that finds
+    finished tasks there continues after the last one (same settings and tasks, or a `ValueError` that names
+    the difference), with the same result as a run that was never interrupted. One run at a time writes to
+    `output_dir` (`hf_pmi.lock.RunLock`). With `hub_model_id`, each finished task is pushed to branch
+    ``task-{t}`` of that repo (created first; access is checked before any work) and ``main`` follows the latest.
+    With `output_dir` the last task's classes are inverted too, so that a checkpoint holds samples of every
+    class it knows.
+
+    `start_from` continues a finished run data-free: a task folder of it, whose model `model` is (loaded
+    with ``from_pretrained``); its replay pool, relation-KD projections and bank are loaded, its classes
+    are the old ones (the teacher distils them from the first new task on) and the new tasks are numbered
+    after its tasks (folders, branches and accuracy-matrix columns; earlier columns stay None).
+    `events(name, task, info)` is called with ``"on_task_begin"`` and ``"on_task_end"`` (info: the matrix,
+    test counts, the task folder, the losses and seconds of every task so far).
 
     Returns ``accuracy_matrix`` (row t: accuracy on each seen task after task t), the metrics of
     `hf_pmi.metrics.continual_metrics` (``a_last``, ``a_avg``, ...), ``inversion_seconds`` and
@@ -350,6 +381,7 @@ def learn_tasks(model: nn.Module, tasks: list[TensorTask], config: ResNetContinu
     if config.method in INVERTING:
         require_batchnorm(model, config.method)
     _check_tasks(tasks, model)
+    start = _start_state(model, config, start_from) if start_from else None
     if hub_model_id and not output_dir:
         raise ValueError("hub_model_id needs output_dir: each task is saved there, then pushed.")
     if hub_model_id:
@@ -363,75 +395,101 @@ def learn_tasks(model: nn.Module, tasks: list[TensorTask], config: ResNetContinu
         os.makedirs(output_dir, exist_ok=True)
         lock = RunLock(output_dir).acquire()
     try:
-        return _learn(model, tasks, config, output_dir, hub_model_id, hub_token, hub_endpoint)
+        return _learn(model, tasks, config, output_dir, (hub_model_id, hub_token, hub_endpoint), start_from, start,
+                      processor, events or (lambda *_: None))
     finally:
         if lock is not None:
             lock.release()
 
 
-def _settings(config: ResNetContinualConfig, tasks: list[TensorTask]) -> dict:
+def _start_state(model: nn.Module, config: ResNetContinualConfig, folder: str) -> tuple[dict, dict]:
+    """The state and tensors of the finished task `folder` a run continues, checked against `model` and `config`."""
+    state, tensors = load_task(folder)
+    if state["num_labels"] != own_classes(model):
+        raise ValueError(f"The model has {own_classes(model)} classes but {folder} was saved with {state['num_labels']}: "
+                         f"load the model from that folder (`from_pretrained({folder!r})`) before continuing from it.")
+    replays = ("exemplar_replay", *INVERTING)
+    real = {state["method"] == "exemplar_replay", config.method == "exemplar_replay"}
+    if config.method in replays and state["method"] in replays and len(real) > 1:
+        raise ValueError(f"{folder} was learnt with {state['method']!r}; its replay pool holds "
+                         f"{'real images' if state['method'] == 'exemplar_replay' else 'inverted samples'}, which "
+                         f"{config.method!r} cannot replay as its own. Continue with {state['method']!r}, or with "
+                         "'finetune' / 'lwf' (no replay).")
+    return state, tensors
+
+
+def _settings(config: ResNetContinualConfig, tasks: list[TensorTask], offset: int) -> dict:
     """What a resumed run must share with the run it continues (JSON-normalised)."""
     settings = {k: v for k, v in dataclasses.asdict(config).items() if k != "progress"}
     return json.loads(json.dumps({"config": settings, "task_classes": [t.class_ids for t in tasks],
-                                  "train_sizes": [len(t.y) for t in tasks]}))
+                                  "train_sizes": [len(t.y) for t in tasks], "task_offset": offset}))
 
 
-def _learn(model, tasks, config, output_dir, hub_model_id, hub_token, hub_endpoint) -> dict:
+def _learn(model, tasks, config, output_dir, hub, start_from, start, processor, events) -> dict:
     torch.manual_seed(config.seed)  # new head rows and RKD projections
     learner = _Learner(model, config)
+    own = own_classes(model)  # classes of the model (or the run it continues) before these tasks
+    offset = start[0]["task_id"] + 1 if start else 0  # tasks of the run it continues
+    earlier = [list(c) for c in start[0]["task_classes"][:offset]] if start else []
     matrix: list[list[float | None]] = []
     losses, task_seconds, pushes = [], [], []
-    settings = _settings(config, tasks)
+    settings = _settings(config, tasks, offset)
     first = 0
     latest = latest_task_checkpoint(output_dir) if output_dir else None
+    if latest is not None and int(os.path.basename(latest).split("-")[1]) < offset:
+        latest = None  # the continued run's own folders, in the same output_dir: nothing of this run yet
     if latest is not None:
         state, tensors = load_task(latest)
         differ = sorted(k for k in set(settings["config"]) | set(state["settings"]["config"])
                         if settings["config"].get(k) != state["settings"]["config"].get(k))
         if differ or state["settings"] != settings:
-            what = f"settings {differ}" if differ else "tasks (classes or training set sizes)"
+            what = f"settings {differ}" if differ else "tasks (classes, training set sizes or the run continued)"
             raise ValueError(f"{output_dir} holds a run with other {what} than this one ({latest}). Continue it with "
                              "the same settings and data, or write this run to another output_dir (or delete the folder "
                              "to start over).")
-        grow_classifier(model, state["num_labels"] - model.config.num_labels)
+        grow_classifier(model, state["num_labels"] - own_classes(model))
         model.load_state_dict(load_safetensors(os.path.join(latest, SAFE_WEIGHTS_NAME)))
         learner.load_state(state, tensors, latest)
         matrix, losses, task_seconds = state["accuracy_matrix"], state["losses"], state["task_seconds"]
-        first = state["task_id"] + 1
+        first = state["task_id"] + 1 - offset
         if config.progress:
             print(f"[hf_pmi] resuming after task {state['task_id']} from {latest}", flush=True)
+    elif start:
+        learner.load_state(*start, start_from, resume=False)
+    counts = [0] * offset + [len(k.y_test) for k in tasks]
     for t in range(first, len(tasks)):
-        task = tasks[t]
+        task, g = tasks[t], offset + t
+        events("on_task_begin", g, {})
         t0 = time.perf_counter()
-        n_old = sum(len(k.class_ids) for k in tasks[:t])
-        teacher = None
-        if t > 0:
-            teacher = copy.deepcopy(model).eval().requires_grad_(False)
-        grow_classifier(model, len(task.class_ids), generator=learner.generator)
+        n_old = own + sum(len(k.class_ids) for k in tasks[:t])
+        teacher = copy.deepcopy(model).eval().requires_grad_(False) if n_old else None
+        grow_classifier(model, len(task.class_ids), names=task.class_names, generator=learner.generator)
         losses.append(learner.train_task(task, teacher, n_old))
         row = [accuracy(model, k.x_test, k.y_test) for k in tasks[: t + 1]]
-        matrix.append(row + [None] * (len(tasks) - t - 1))
-        if t < len(tasks) - 1:
+        matrix.append([None] * offset + row + [None] * (len(tasks) - t - 1))
+        if t < len(tasks) - 1 or output_dir:  # a saved last task keeps samples of its classes too (to continue from)
             learner.add_to_pool(task)
         task_seconds.append(time.perf_counter() - t0)
         if config.progress:
-            print(f"[hf_pmi] {config.method} task {t}: accuracy on seen tasks {[round(a, 3) for a in row]}, "
+            print(f"[hf_pmi] {config.method} task {g}: accuracy on seen tasks {[round(a, 3) for a in row]}, "
                   f"{task_seconds[-1]:.0f} s (inversion {learner.inversion_seconds:.0f} s so far)", flush=True)
+        folder = None
         if output_dir:
-            metrics = continual_metrics(matrix[: t + 1], [len(k.y_test) for k in tasks])
-            state = {"task_id": t, "num_tasks": len(tasks), "method": config.method, "seed": config.seed,
-                     "num_labels": model.config.num_labels, "task_classes": [k.class_ids for k in tasks],
+            metrics = continual_metrics(matrix[: t + 1], counts)
+            state = {"task_id": g, "num_tasks": offset + len(tasks), "method": config.method, "seed": config.seed,
+                     "num_labels": model.config.num_labels, "task_classes": earlier + [k.class_ids for k in tasks],
                      "settings": settings, "accuracy_matrix": matrix, "a_last": metrics["a_last"],
                      "a_avg": metrics["a_avg"], "losses": losses, "task_seconds": task_seconds, **learner.state_json()}
-            folder = save_task(output_dir, model, learner.state_tensors(), state, learner.bank, hub_model_id)
-            if hub_model_id:
+            folder = save_task(output_dir, model, learner.state_tensors(), state, learner.bank, hub[0], processor)
+            if hub[0]:
                 from ..hub import push_task_checkpoint
 
-                result = push_task_checkpoint(folder, hub_model_id, t, token=hub_token, endpoint=hub_endpoint)
-                pushes.append({"task": t, "ok": bool(result), "commit": getattr(result, "commit_sha", None)})
-    counts = [len(k.y_test) for k in tasks]
+                result = push_task_checkpoint(folder, hub[0], g, token=hub[1], endpoint=hub[2])
+                pushes.append({"task": g, "ok": bool(result), "commit": getattr(result, "commit_sha", None)})
+        events("on_task_end", g, {"accuracy_matrix": matrix, "counts": counts, "folder": folder, "losses": losses,
+                                  "task_seconds": task_seconds})
     return {
-        "accuracy_matrix": matrix, **continual_metrics(matrix, counts),
+        "accuracy_matrix": matrix, **continual_metrics(matrix, counts), "counts": counts, "task_offset": offset,
         "inversion_seconds": learner.inversion_seconds, "inversion_passes": learner.inversion_passes,
         "inverted_classes": learner.inverted, "task_seconds": task_seconds, "losses": losses, "pushes": pushes,
     }

@@ -104,5 +104,5 @@ def tensor_tasks(tasks: ContinualTasks, image_size: int, mean: Sequence[float], 
                               f"task {task.task_id}'s training data", progress)
         x_test, y_test = _split_tensors(task.test, tasks.image_column, tasks.label_column, label_map, image_size,
                                         mean, std, f"task {task.task_id}'s test data", progress)
-        out.append(TensorTask(list(task.class_ids), x, y, x_test, y_test))
+        out.append(TensorTask(list(task.class_ids), x, y, x_test, y_test, list(task.class_names)))
     return out

@@ -1,14 +1,13 @@
 """What the ResNet recipes (``recipes/resnet32_cifar100.py``, ``recipes/resnet_tiny_imagenet.py``) share:
-their flags, and one run of `learn_tasks` on a ResNet-32 from scratch.
+their flags, and one `ContinualTrainer` run on a ResNet-32 from scratch.
 
 `parse_args` reads two dataclasses from the command line with `transformers.HfArgumentParser`:
 `ResNetRecipeArguments` (data, class order, image size and normalisation, model, output, Hub) and
 `ResNetTrainingArguments` (flat training flags that become a `ResNetContinualConfig`). `run` loads the
-data (a Hub dataset or a local image folder), cuts it into tasks (`split_class_incremental`), decodes
-them to tensors (`tensor_tasks`), builds the model on ``accelerate.Accelerator().device`` and calls
-`learn_tasks` with a checkpoint per task under ``output_dir/task-{t}`` (a rerun resumes) and, with
-``--push_to_hub``, a Hub branch per task. It prints the accuracy matrix and writes
-``output_dir/results.json``.
+data (a Hub dataset or a local image folder), cuts it into tasks (`split_class_incremental`), builds the
+model and runs `ContinualTrainer` on it (the BN family's loop, `hf_pmi.resnet.runner`) with a checkpoint
+per task under ``output_dir/task-{t}`` (a rerun resumes) and, with ``--push_to_hub``, a Hub branch per
+task. It prints the accuracy matrix and writes ``output_dir/results.json``.
 
 Defaults are the reference's ResNet scripts (``RuilinTong/PMI-CFS-DFCL``, ``ResNet-32/scripts/
 task_cont_{cifar100,tiny}_{5,10,20}_task.sh``, the code method.md names), mapped onto `learn_tasks`:
@@ -190,37 +189,39 @@ def build_model(recipe: ResNetRecipeArguments, seed: int):
 
 
 def run(recipe: ResNetRecipeArguments, training: ResNetTrainingArguments) -> dict:
-    """Learn the recipe's tasks; prints the accuracy matrix, writes ``results.json`` and returns `learn_tasks`' dict."""
-    from accelerate import Accelerator
+    """Learn the recipe's tasks with `ContinualTrainer`; prints the accuracy matrix, writes ``results.json``
+    (the `ContinualResult`, the flags, the loop's config and the inversion counts) and returns that record."""
+    from transformers import ViTImageProcessorPil
+    from transformers.image_utils import PILImageResampling
 
+    from ..config import ContinualConfig
     from ..lock import RunLock
     from ..metrics import format_matrix
-    from .continual import learn_tasks
-    from .data import tensor_tasks
+    from ..trainer import ContinualTrainer
 
     training.continual_config(recipe.num_tasks, recipe.num_tasks)  # check the flags before any data is read
     if recipe.model_name_or_path:
         check_local_path(recipe.model_name_or_path, "model folder")  # a missing folder is not a bad Hub id
-    accelerator = Accelerator()
-    if accelerator.num_processes > 1:
-        raise ValueError("learn_tasks runs in one process: launch with `accelerate launch --num_processes 1`.")
     check_output_dir_writable(recipe.output_dir)
     RunLock(recipe.output_dir).check()  # another run writing there is refused before the data is read
+    # a rerun with the same flags resumes after the last finished task (none: it starts)
+    args = ContinualConfig(output_dir=recipe.output_dir, method=training.method, seed=training.seed,
+                           push_to_hub=recipe.push_to_hub, hub_model_id=recipe.hub_model_id, resume_from_checkpoint="true",
+                           report_to="none")
     tasks = build_tasks(recipe, seed=training.seed)
     model = build_model(recipe, training.seed)
-    if model.config.num_labels:
-        tasks = tasks.continuing(model.config.num_labels, 0)  # the new classes follow the model's own
     config = training.continual_config(len(tasks), len(tasks.class_order))
-    tensors = tensor_tasks(tasks, recipe.image_size, recipe.mean, recipe.std)
-    model.to(accelerator.device)
-    result = learn_tasks(model, tensors, config, output_dir=recipe.output_dir,
-                         hub_model_id=recipe.hub_model_id if recipe.push_to_hub else None)
+    processor = ViTImageProcessorPil(size={"height": recipe.image_size, "width": recipe.image_size},
+                                     image_mean=list(recipe.mean), image_std=list(recipe.std),
+                                     resample=PILImageResampling.BILINEAR)
+    trainer = ContinualTrainer(model=model, args=args, tasks=tasks, processing_class=processor, method_config=config)
+    result = trainer.train()
     path = os.path.join(recipe.output_dir, "results.json")
-    record = {"recipe": dataclasses.asdict(recipe), "config": dataclasses.asdict(config), "device": str(accelerator.device),
-              "class_order": tasks.class_order, "class_names": tasks.class_names, **result}
+    record = {**result.to_dict(), "recipe": dataclasses.asdict(recipe), "config": dataclasses.asdict(config),
+              "device": str(trainer.args.device), **trainer.bn_run.inversion}
     with open(path, "w") as f:
         json.dump(record, f, indent=2, default=str)
     print(f"\n{config.method} (seed {config.seed}), accuracy (%) after task i on task j:\n"
-          f"{format_matrix(result['accuracy_matrix'])}")
-    print(f"A_last {result['a_last']:.4f}  A_avg {result['a_avg']:.4f}  forgetting {result['forgetting']:.4f}  -> {path}")
-    return result
+          f"{format_matrix(result.accuracy_matrix)}")
+    print(f"A_last {result.a_last:.4f}  A_avg {result.a_avg:.4f}  forgetting {result.forgetting:.4f}  -> {path}")
+    return record
