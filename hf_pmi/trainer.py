@@ -336,12 +336,7 @@ class ContinualTrainer(ContinualHubMixin, Trainer):
         verify_checksums(folder, state.get("checksums"))
         model = ContinualCLIP.from_pretrained(folder)
         restore_trainable(model, state.get("trainable_parameters"), folder)
-        clash = sorted(set(model.class_names) & set(tasks.class_names))
-        if clash:
-            raise ValueError(
-                f"Class name(s) {clash} already exist in {path_or_repo_id}: a continued run learns new classes only. "
-                f"Drop them from the new data or rename them."
-            )
+        _refuse_known_classes(model.class_names, tasks, path_or_repo_id)
         if processing_class is None:
             from transformers import AutoProcessor
 
@@ -366,18 +361,14 @@ class ContinualTrainer(ContinualHubMixin, Trainer):
 
         from transformers import AutoImageProcessor, AutoModelForImageClassification
 
-        from .resnet.checkpoint import load_task
         from .resnet.continual import ResNetContinualConfig
 
         if not isinstance(tasks, ContinualTasks):
             raise ValueError("Learning classes from their names only needs a CLIP checkpoint; a BatchNorm classifier "
                              "learns new classes from images: pass tasks from `split_class_incremental(...)`.")
-        load_task(folder)  # every file's checksum, before anything is built from it
+        verify_checksums(folder, state.get("checksums"))  # before anything is built from it (the run loads the pool)
         model = AutoModelForImageClassification.from_pretrained(folder)
-        clash = sorted(set(model.config.id2label.values()) & set(tasks.class_names))
-        if clash:
-            raise ValueError(f"Class name(s) {clash} already exist in {source}: a continued run learns new classes "
-                             f"only. Drop them from the new data or rename them.")
+        _refuse_known_classes(model.config.id2label.values(), tasks, source)
         if processing_class is None and os.path.isfile(os.path.join(folder, "preprocessor_config.json")):
             processing_class = AutoImageProcessor.from_pretrained(folder)
         args = continued_args(args, state, source)
@@ -519,6 +510,14 @@ class ContinualTrainer(ContinualHubMixin, Trainer):
             print(f"[hf_pmi] Resuming from {folder}: {state['task_id'] + 1} of {self.num_total_tasks} tasks "
                   f"finished, continuing with task {state['task_id'] + 1}.", flush=True)
         return state["task_id"]
+
+
+def _refuse_known_classes(known, tasks: ContinualTasks, source: str) -> None:
+    """A continued run learns new classes only: names the checkpoint already has are refused."""
+    clash = sorted(set(known) & set(tasks.class_names))
+    if clash:
+        raise ValueError(f"Class name(s) {clash} already exist in {source}: a continued run learns new classes only. "
+                         f"Drop them from the new data or rename them.")
 
 
 def task_file_checksums(folder: str) -> dict[str, str]:

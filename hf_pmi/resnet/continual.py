@@ -426,6 +426,7 @@ def _settings(config: ResNetContinualConfig, tasks: list[TensorTask], offset: in
 
 
 def _learn(model, tasks, config, output_dir, hub, start_from, start, processor, events) -> dict:
+    hub_model_id, hub_token, hub_endpoint = hub
     torch.manual_seed(config.seed)  # new head rows and RKD projections
     learner = _Learner(model, config)
     own = own_classes(model)  # classes of the model (or the run it continues) before these tasks
@@ -480,11 +481,11 @@ def _learn(model, tasks, config, output_dir, hub, start_from, start, processor, 
                      "num_labels": model.config.num_labels, "task_classes": earlier + [k.class_ids for k in tasks],
                      "settings": settings, "accuracy_matrix": matrix, "a_last": metrics["a_last"],
                      "a_avg": metrics["a_avg"], "losses": losses, "task_seconds": task_seconds, **learner.state_json()}
-            folder = save_task(output_dir, model, learner.state_tensors(), state, learner.bank, hub[0], processor)
-            if hub[0]:
+            folder = save_task(output_dir, model, learner.state_tensors(), state, learner.bank, hub_model_id, processor)
+            if hub_model_id:
                 from ..hub import push_task_checkpoint
 
-                result = push_task_checkpoint(folder, hub[0], g, token=hub[1], endpoint=hub[2])
+                result = push_task_checkpoint(folder, hub_model_id, g, token=hub_token, endpoint=hub_endpoint)
                 pushes.append({"task": g, "ok": bool(result), "commit": getattr(result, "commit_sha", None)})
         events("on_task_end", g, {"accuracy_matrix": matrix, "counts": counts, "folder": folder, "losses": losses,
                                   "task_seconds": task_seconds})

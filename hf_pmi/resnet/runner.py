@@ -47,7 +47,7 @@ from ..checkpoint import RESULTS_NAME, ContinualResult, latest_task_checkpoint, 
 from ..metrics import continual_metrics
 from ..resume import prepare_output_dir, resume_request
 from ..tracking import summary_line, task_metrics
-from .continual import INVERTING, METHODS, ResNetContinualConfig, learn_tasks, own_classes
+from .continual import INVERTING, METHODS, ResNetContinualConfig, learn_tasks
 from .heads import require_batchnorm, require_image_classifier
 
 # ContinualConfig fields this loop does not read, and the ResNetContinualConfig field that takes their role
@@ -113,8 +113,7 @@ class BNRun:
         require_image_classifier(model)
         args = trainer.args
         self.trainer, self.model, self.tasks, self.args = trainer, model, tasks, args
-        self.config = bn_config(args, method_config)
-        own_classes(model)  # a head that can grow, or a TypeError naming the fix
+        self.config = bn_config(args, method_config)  # the head was checked by the trainer (it can grow)
         if self.config.method in INVERTING:
             require_batchnorm(model, self.config.method)
         if trainer.accelerator.num_processes > 1:
