@@ -38,7 +38,7 @@ DEFAULT_METHOD = "pmi"  # the library's method: the method of a run that names n
 class ContinualConfig(TrainingArguments):
     # what `hf-pmi train --help` shows first (hf_pmi.arguments.GroupedArgumentParser); the rest is the Trainer's
     flag_groups: ClassVar[dict] = {"continual run (ContinualConfig)": (
-        "method", "output_dir", "overwrite_output_dir", "resume_from_checkpoint", "seed", "push_to_hub",
+        "method", "head", "output_dir", "overwrite_output_dir", "resume_from_checkpoint", "seed", "push_to_hub",
         "hub_model_id")}
     default_flag_group: ClassVar[str] = "Trainer (transformers.TrainingArguments, with hf_pmi's defaults)"
 
@@ -48,6 +48,19 @@ class ContinualConfig(TrainingArguments):
                   f"feature_replay, lwf, finetune, exemplar_replay, joint, zero_shot); its settings are the flags of "
                   f"its config (`--method <name> --help` lists them). Default: {DEFAULT_METHOD}, or the checkpoint's "
                   f"method when continuing one."},
+    )
+    head: str | None = field(
+        default=None,
+        metadata={"help": "Classifier the model predicts with (`hf_pmi.heads`): 'text' (CLIP's class-name embeddings), "
+                  "'ncm' (nearest class mean of the pooled image features) or 'ranpac' (ridge regression on a fixed "
+                  "random projection of them). 'ncm' / 'ranpac' keep per-class statistics only, added as each task "
+                  "is learned and saved with every checkpoint. Default: the method's own ('ranpac' for the methods "
+                  "ncm / ranpac keep theirs), a continued checkpoint's, else 'text'."},
+    )
+    head_projection_dim: int = field(
+        default=2000,
+        metadata={"help": "Random projection size of the 'ranpac' head (its Gram matrix takes 8 * M^2 bytes per "
+                  "checkpoint: 32 MB for 2000; RanPAC uses 10000)."},
     )
     output_dir: str | None = field(
         default=None,
@@ -105,6 +118,12 @@ class ContinualConfig(TrainingArguments):
         self.method_given = self.method is not None  # a continued run keeps the checkpoint's method otherwise
         if self.method is None:
             self.method = DEFAULT_METHOD
+        if self.head is not None:
+            from .heads import check_head_name
+
+            check_head_name(self.head)
+        if self.head_projection_dim < 1:
+            raise ValueError(f"--head_projection_dim must be >= 1, got {self.head_projection_dim}.")
 
         if self.remove_unused_columns:
             raise ValueError(

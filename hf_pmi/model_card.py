@@ -282,6 +282,8 @@ def _context(state: dict, heatmap: str | None) -> dict:
         "base_model_display": base_display,
         "dataset_display": f"`{state['dataset']}`" if state.get("dataset") else "not recorded",
         "method_summary": _cell(name),
+        "head": state.get("head") or "text",
+        "head_display": HEAD_DISPLAY.get(state.get("head") or "text", _cell(state.get("head"))),
         "method_description": description,
         "method_items": items,
         "data_free": state.get("data_free"),
@@ -304,6 +306,14 @@ def _context(state: dict, heatmap: str | None) -> dict:
         "license_display": f"`{license_id}`" + (f" ({state['license_source']})" if state.get("license_source") else "")
         if license_id else None,
     }
+
+
+HEAD_DISPLAY = {
+    "text": "the CLIP text head (cosine of the image features to each class name's prompt embedding)",
+    "ncm": "`ncm`, nearest class mean of the pooled image features (`head/`, class statistics only)",
+    "ranpac": "`ranpac`, ridge regression on a fixed random projection of the pooled image features (`head/`, "
+              "class statistics only)",
+}
 
 
 def render_model_card(state: dict, template_path: str | os.PathLike | None = None) -> str:

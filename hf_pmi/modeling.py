@@ -26,7 +26,9 @@ A checkpoint folder holds:
   (`PeftModel.from_pretrained(base, path, subfolder="adapter")` on the base model);
 - ``base/``: the frozen base under the adapter, a plain `CLIPModel`, whenever that base has no Hub
   id (a local folder, a CLIP built from a config): the checkpoint loads wherever it is moved or pushed;
-- ``router/``: the `ClassRouter`, when classes are routed.
+- ``router/``: the `ClassRouter`, when classes are routed;
+- ``head/``: the classifier head's statistics, when the model predicts with one (`hf_pmi.heads`: ``ncm``,
+  ``ranpac``); in eval mode the model then also returns ``head_logits``.
 
 Example:
     >>> from hf_pmi import ContinualCLIP
@@ -59,6 +61,7 @@ from .integrity import (CheckpointFileError, file_checksums, load_safetensors, r
                         verify_checksums)
 from .model_card import write_adapter_card
 from .resolve import hub_api, hub_repo_id, resolve_pretrained_folder
+from .heads import HEAD_FOLDER, ContinualHead
 from .routing import ROUTER_FOLDER, ClassRouter
 from .validation import (ValidationError, check_checkpoint_prompts, check_class_names, check_distinct_prompts,
                          check_local_path, check_templates)
@@ -69,7 +72,7 @@ CONFIG_NAME = "continual_clip.json"
 PROMPTS_NAME = "class_prompts.safetensors"
 # 1: routed classes in continual_clip.json / class_prompts.safetensors; 2: in router/.
 FORMAT_VERSION = 2
-COMPONENTS = ("clip", "adapter", "base", ROUTER_FOLDER)  # the model's subfolders of a checkpoint
+COMPONENTS = ("clip", "adapter", "base", ROUTER_FOLDER, HEAD_FOLDER)  # the model's subfolders of a checkpoint
 
 
 @dataclass
@@ -78,22 +81,32 @@ class ContinualCLIPOutput(ModelOutput):
 
     ``logits`` / ``image_embeds`` are those of the real images (``pixel_values``), ``replay_*``
     those of the replayed patch maps, ``text_embeds`` the normalised class embeddings (C, P);
-    ``routed_logits`` the routed log-probabilities of the real images (eval mode with a router).
+    ``pooled_embeds`` / ``replay_pooled_embeds`` the pooled features (before the projection) that a
+    classifier head reads; ``head_logits`` the head's scores of the real images (eval mode with a head,
+    `hf_pmi.heads`); ``routed_logits`` the routed log-probabilities of the real images (eval mode with a
+    router).
     """
 
     loss: torch.Tensor | None = None
     logits: torch.Tensor | None = None
     routed_logits: torch.Tensor | None = None
+    head_logits: torch.Tensor | None = None
     replay_logits: torch.Tensor | None = None
     image_embeds: torch.Tensor | None = None
     replay_image_embeds: torch.Tensor | None = None
+    pooled_embeds: torch.Tensor | None = None
+    replay_pooled_embeds: torch.Tensor | None = None
     text_embeds: torch.Tensor | None = None
     logit_scale: torch.Tensor | None = None
 
     @property
     def prediction_logits(self) -> torch.Tensor | None:
-        """What to predict with: ``routed_logits`` when the model routed, else ``logits``."""
-        return self.routed_logits if self.routed_logits is not None else self.logits
+        """What to predict with: ``routed_logits`` when the model routed, else ``head_logits`` when it has a
+        classifier head, else ``logits``."""
+        for logits in (self.routed_logits, self.head_logits):
+            if logits is not None:
+                return logits
+        return self.logits
 
 
 def class_text_embeddings(clip: nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> torch.Tensor:
@@ -126,6 +139,7 @@ class ContinualCLIP(nn.Module):
         self.register_buffer("prompt_ids", torch.zeros(0, len(self.templates), length, dtype=torch.long))
         self.register_buffer("prompt_mask", torch.zeros(0, len(self.templates), length, dtype=torch.long))
         self.router = ClassRouter(self.clip_config.projection_dim)
+        self.head: ContinualHead | None = None  # None: the text head (`hf_pmi.heads`)
         self._text_cache: torch.Tensor | None = None
         self._raw_classifier: torch.Tensor | None = None
         base = unwrap_clip(self.clip)
@@ -196,6 +210,39 @@ class ContinualCLIP(nn.Module):
     def routed_classes(self) -> list[int]:
         """Class ids scored by the raw CLIP at inference (`route_classes`)."""
         return list(self.router.class_ids)
+
+    @property
+    def feature_dim(self) -> int:
+        """Size of the pooled features a classifier head reads (the vision tower's hidden size)."""
+        return self.clip_config.vision_config.hidden_size
+
+    @property
+    def head_name(self) -> str:
+        """The classifier the model predicts with: ``text`` or the head's name (`hf_pmi.heads`)."""
+        return "text" if self.head is None else self.head.name
+
+    def set_head(self, head: ContinualHead | None) -> None:
+        """Predict with `head` (a `hf_pmi.heads.ContinualHead` on `feature_dim` features; None: the text head).
+        Routed classes (names only) have no image statistics: a model that routes keeps the text head."""
+        if head is not None and len(self.router):
+            raise ValueError(
+                f"This model routes classes {self.routed_classes} learned from their names only; they have no image "
+                f"statistics for the {head.name} head. Use head='text' for names-only classes."
+            )
+        if head is not None and head.feature_dim != self.feature_dim:
+            raise ValueError(f"The head reads {head.feature_dim}-dim features but the model's are {self.feature_dim}.")
+        self.head = head.to(self.prompt_ids.device) if head is not None else None
+
+    @torch.no_grad()
+    def pooled_features(self, pixel_values: torch.Tensor | None = None, replay_inputs: torch.Tensor | None = None,
+                        replay_block: int = 1) -> torch.Tensor:
+        """The pooled features (B, hidden) of images or replayed inputs: what a classifier head reads."""
+        blocks = self.blocks
+        if pixel_values is not None:
+            x = blocks.forward_from(0, pixel_values, end=replay_block)
+        else:
+            x = replay_inputs.to(blocks.embeddings.patch_embedding.weight.dtype)
+        return blocks.post_layernorm(blocks.forward_from(replay_block, x, end=blocks.num_blocks - 1)[:, 0])
 
     @contextlib.contextmanager
     def raw_clip(self):
@@ -318,18 +365,26 @@ class ContinualCLIP(nn.Module):
             inputs.append(replay_inputs.to(blocks.embeddings.patch_embedding.weight.dtype))
         if not inputs:
             raise ValueError("Pass `pixel_values` and/or `replay_inputs`.")
-        feats = F.normalize(blocks.forward_from(replay_block, torch.cat(inputs)), dim=-1)
+        hidden = blocks.forward_from(replay_block, torch.cat(inputs), end=blocks.num_blocks - 1)
+        pooled = blocks.post_layernorm(hidden[:, 0])
+        feats = F.normalize(blocks.visual_projection(pooled), dim=-1)
         text = self.text_embeddings()
         scale = self.logit_scale
         logits = scale * feats @ text.t()
         n = inputs[0].shape[0] if pixel_values is not None else 0
         image_logits = logits[:n] if pixel_values is not None else None
-        routed = None
+        routed = head_logits = None
         if image_logits is not None and len(self.router) and not self.training and self.has_adapters:
             routed = self._route(inputs[0], replay_block, image_logits)
+        if image_logits is not None and self.head is not None and not self.training:
+            self.head.check_ready(self.num_classes)
+            head_logits = self.head(pooled[:n].detach())
         out = ContinualCLIPOutput(
             logits=image_logits,
             routed_logits=routed,
+            head_logits=head_logits,
+            pooled_embeds=pooled[:n] if pixel_values is not None else None,
+            replay_pooled_embeds=pooled[n:] if replay_inputs is not None else None,
             replay_logits=logits[n:] if replay_inputs is not None else None,
             image_embeds=feats[:n] if pixel_values is not None else None,
             replay_image_embeds=feats[n:] if replay_inputs is not None else None,
@@ -383,6 +438,8 @@ class ContinualCLIP(nn.Module):
                   os.path.join(save_directory, PROMPTS_NAME), metadata={"format": "pt"})
         if len(self.router):
             self.router.save_pretrained(os.path.join(save_directory, ROUTER_FOLDER))
+        if self.head is not None:
+            self.head.save_pretrained(os.path.join(save_directory, HEAD_FOLDER))
         checksums = {PROMPTS_NAME: sha256_file(os.path.join(save_directory, PROMPTS_NAME))}
         for name in COMPONENTS:
             if os.path.isdir(os.path.join(save_directory, name)):
@@ -495,6 +552,8 @@ class ContinualCLIP(nn.Module):
             model.route_classes(router.class_ids, router.prototypes)
         elif meta.get("routed_classes"):  # format 1: the routed classes beside the prompts
             _route_format_1(model, meta["routed_classes"], prompts.get("routed_prototypes"), folder)
+        if os.path.isdir(os.path.join(folder, HEAD_FOLDER)):
+            model.set_head(ContinualHead.from_pretrained(os.path.join(folder, HEAD_FOLDER)))
         return model
 
 

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from .contrastive import apply_preset
-from .validation import require, require_count, require_weight
+from .validation import require, require_count, require_positive, require_weight
 
 TEACHER_TEXTS = ("teacher", "student")
 STATISTICS_MODELS = ("current", "previous")
@@ -85,6 +85,29 @@ class ReplayConfig:
         metadata={"help": "Smallest area fraction of a random resized crop applied to each image before layer "
                   "statistics are collected (1: none; reference 0.9, its training loader's RandomResizedCrop)."},
     )
+    l_fd: float = field(
+        default=0.0,
+        metadata={"help": "Weight of a feature distillation on replayed samples: the mean squared difference of the "
+                  "pooled image features (what a classifier head reads) of the student and the teacher (0: none, "
+                  "the reference). It keeps old classes' features where a head's statistics were taken."},
+    )
+    l_fd_real: float = field(
+        default=0.0,
+        metadata={"help": "Weight of the same feature distillation on the task's real images (no replay needed; one "
+                  "more teacher pass per step). 0: none."},
+    )
+    later_learning_rate: float | None = field(
+        default=None,
+        metadata={"help": "Learning rate of the tasks that replay (every task after the first); None: the run's "
+                  "--learning_rate. A slow learner (SLCA) moves old classes' features less, so a classifier head's "
+                  "statistics stay valid."},
+    )
+    head_drift: bool = field(
+        default=True,
+        metadata={"help": "Before a task's classes join a classifier head (`--head ncm|ranpac`), move the old classes' "
+                  "statistics by the mean displacement of their replay samples' pooled features from the teacher to "
+                  "the trained model (drift compensation). False: statistics stay as they were taken."},
+    )
     grid_samples: int = field(
         default=64, metadata={"help": "Replayed samples rendered to `task-{t}/replay_samples.png` (0: no grid)."}
     )
@@ -100,8 +123,10 @@ class ReplayConfig:
         require_count(p + "batch_size", self.batch_size,
                       meaning=": every real batch is joined by this many replayed samples (a method without replay, "
                               "e.g. --method finetune, trains without them)")
-        for name in ("l_ce", "l_hkd", "l_tkd", "l_ft"):
+        for name in ("l_ce", "l_hkd", "l_tkd", "l_ft", "l_fd", "l_fd_real"):
             require_weight(p + name, getattr(self, name))
+        if self.later_learning_rate is not None:
+            require_positive(p + "later_learning_rate", self.later_learning_rate, " (a learning rate)")
         require_count(p + "grid_samples", self.grid_samples, minimum=0, meaning=" (0: no grid)")
 
 
@@ -124,8 +149,10 @@ def replay_losses(
     l_ft: float,
     ft_detach: bool = True,
     teacher_text: str = "teacher",
+    l_fd: float = 0.0,
 ) -> dict[str, torch.Tensor]:
-    """The four terms for one batch (already weighted; their sum is the loss).
+    """The four terms for one batch (already weighted; their sum is the loss), and with ``l_fd > 0`` a fifth:
+    the mean squared difference of the student's and the teacher's pooled features of the replayed samples.
 
     ``out`` is the student's `ContinualCLIPOutput` for real images plus replayed samples;
     ``teacher_out`` the frozen teacher's for the replayed samples (``replay_logits``,
@@ -153,7 +180,10 @@ def replay_losses(
     if ft_detach:
         replay_img, img = replay_img.detach(), img.detach()
     ft = F.cross_entropy(s * replay_img @ text.t(), replay_labels) + F.cross_entropy(s * img @ text.t(), labels)
-    return {"ce": weights["ce"] * ce, "hkd": weights["hkd"] * hkd, "tkd": weights["tkd"] * tkd, "ft": l_ft * ft}
+    terms = {"ce": weights["ce"] * ce, "hkd": weights["hkd"] * hkd, "tkd": weights["tkd"] * tkd, "ft": l_ft * ft}
+    if l_fd:
+        terms["fd"] = l_fd * (out.replay_pooled_embeds - teacher_out.replay_pooled_embeds).pow(2).mean()
+    return terms
 
 
 def crop_box(height: int, width: int, scale: float, generator: torch.Generator,

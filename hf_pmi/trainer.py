@@ -44,6 +44,7 @@ from .config import ContinualConfig
 from .data import ContinualCollator, ContinualTasks, TaskPlan
 from .evaluation import task_accuracies
 from .guard import DivergenceGuard, check_loss, check_weights
+from .heads import TEXT, build_head
 from .hub import check_hub_access, push_task_checkpoint
 from .lock import RunLock
 from .integrity import file_checksums, read_json, sha256_file, verify_checksums
@@ -115,6 +116,7 @@ class ContinualTrainer(ContinualHubMixin, Trainer):
         self.tasks = tasks
         self.method = method_cls(self, method_config)
         self._validate()  # every setting and input, before any work
+        self._setup_head()
         self._run_lock = RunLock(args.output_dir)
         self._on_main_process(self._run_lock.check)  # another run writing to output_dir: refused before any work
         self.dataset_fingerprint = dataset_fingerprint(tasks)
@@ -173,6 +175,46 @@ class ContinualTrainer(ContinualHubMixin, Trainer):
             )
         self.method.validate()
 
+    def _setup_head(self) -> None:
+        """The classifier head the model predicts with (`hf_pmi.heads`): ``args.head``, else a continued model's,
+        else the method's own. Checked before any work: a continued model's old classes have statistics for its
+        own head only, and names-only classes (no image) only work with the text head."""
+        model = self.accelerator.unwrap_model(self.model)
+        name = self.args.head or (model.head_name if model.head is not None else self.method.default_head)
+        if model.head_name != TEXT and name != model.head_name and model.num_classes:
+            raise ValueError(
+                f"The model predicts with the {model.head_name} head, whose statistics cover its {model.num_classes} "
+                f"classes; a {name} head would know none of them. Continue with head={model.head_name!r} (or leave "
+                f"`head` unset)."
+            )
+        if name != TEXT and any(is_names_only(t) for t in self.tasks):
+            raise ValueError(f"Names-only tasks have no image to collect the {name} head's statistics from: use "
+                             f"head='text' (the CLIP text head) for them.")
+        if name != TEXT and model.head is None:
+            if model.num_classes and self.tasks.task_offset:
+                raise ValueError(
+                    f"The {name} head learns a class from its images as its task is trained, and the continued "
+                    f"model's {model.num_classes} classes have no statistics: continue with head='text', or start the "
+                    f"run from the first task with head={name!r}."
+                )
+            model.set_head(build_head(name, model.feature_dim, projection_dim=self.args.head_projection_dim,
+                                      seed=self.args.seed))
+
+    def _update_head(self, t: int) -> None:
+        """Add task `t`'s classes to the head: the pooled features of its training images through the model as
+        trained (each process sees all of them, so every process holds the same head); the method first moves
+        the old classes' statistics to the current features where it can (``refresh_head``)."""
+        model = self.accelerator.unwrap_model(self.model)
+        if model.head is None:
+            return
+        model.eval()
+        self.method.refresh_head(model)
+        feats, labels = [], []
+        for pixel_values, y in self.method.real_batches(self.tasks[t].train):
+            feats.append(model.pooled_features(pixel_values))
+            labels.append(y)
+        model.head.update(torch.cat(feats), torch.cat(labels))
+
     # ----- the task loop -----------------------------------------------------------------------
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs) -> ContinualResult:
         """Learn every task in turn; `resume_from_checkpoint=True` continues after the last finished one.
@@ -221,11 +263,12 @@ class ContinualTrainer(ContinualHubMixin, Trainer):
                 self._add_task_classes(t)
                 self._task_event("on_task_begin", t)
                 self.method.before_task(t)
-                if self.method.trains:
+                if self.method.trains_task(t):
                     with self._task_scope(self.method.plan_task(t)):
                         self.optimizer, self.lr_scheduler = None, None  # a fresh optimizer and schedule per task
                         super().train(**kwargs)
                     check_weights(self.accelerator.unwrap_model(self.model), self.current_task, "after training")
+                self._update_head(t)
                 self._evaluate_seen_tasks(t)
                 self.method_logs.append(self.method.after_task(t) or {})
                 self.task_seconds.append(time.time() - t0)

@@ -109,6 +109,7 @@ def card_state(trainer, g: int, result, folder: str) -> dict:
         "lora": {k: lora.get(k) for k in ("r", "lora_alpha", "target_modules", "modules_to_save")} if lora else None,
         "dataset": dataset,
         "method": {"name": trainer.args.method, "description": (type(trainer.method).__doc__ or "").strip()},
+        "head": model.head_name,
         # original label ids in learning order; a continued run's earlier classes come from another dataset
         "class_order": tasks.class_order if tasks.task_offset == 0 else None,
         "class_names": model.class_names,

@@ -65,6 +65,11 @@ class DigitsArguments:
                   "1 adapts all). Default: the upper half of the encoder (block 4 of the 4-layer backbones), the "
                   "cheapest pmi point of benchmarks/synthesis_front.py; never below --inversion_start_block."},
     )
+    data_dir: str | None = field(
+        default=None,
+        metadata={"help": "A local image folder (<data_dir>/{train,test}/<class name>/*.png) to learn instead of "
+                  "scikit-learn's digits, e.g. the MNIST images that benchmarks/heads.py writes."},
+    )
     model_size: str = field(default="mini", metadata={"help": "Size of the CLIP built from a config: tiny or mini."})
     num_tasks: int = field(default=5, metadata={"help": "Tasks to cut the 10 digit classes into."})
     image_size: int = field(default=32, metadata={"help": "Digits are upscaled from 8x8 to this size."})
@@ -90,7 +95,12 @@ def main(argv=None):
         raise ValueError(f"--text_training must be all, projection or none, got {script.text_training!r}.")
     if script.backbone not in ("letters", "scratch"):
         raise ValueError(f"--backbone must be letters or scratch, got {script.backbone!r}.")
-    data = load_digits_dataset(image_size=script.image_size)
+    if script.data_dir:
+        from hf_pmi.data import load_image_dataset
+
+        data = load_image_dataset(data_dir=script.data_dir)
+    else:
+        data = load_digits_dataset(image_size=script.image_size)
     tasks = split_class_incremental(data, num_tasks=script.num_tasks, seed=args.seed)
     if script.backbone == "letters":  # one pre-trained model for every seed, as one CLIP checkpoint would be
         clip = letters_clip(script.model_size, cache_dir=script.backbone_dir, image_size=script.image_size)

@@ -90,6 +90,7 @@ class ContinualMethod:
     data_free = True  # False for methods that keep or revisit real data of earlier tasks
     trains = True  # False for methods that never update the model (zero-shot)
     learns_from_names = False  # True for methods that learn names-only tasks (`hf_pmi.names_only`)
+    default_head = "text"  # the classifier head when ``args.head`` names none (`hf_pmi.heads`)
 
     def __init__(self, trainer, config: MethodConfig | None = None):
         self.trainer = trainer
@@ -128,12 +129,21 @@ class ContinualMethod:
     def before_task(self, task_id: int) -> None:
         pass
 
+    def trains_task(self, task_id: int) -> bool:
+        """Whether task `task_id` is trained (default: every task of a method that trains)."""
+        return self.trains
+
     def plan_task(self, task_id: int) -> TaskPlan:
         """What task `task_id` trains on (default: its own training data)."""
         return TaskPlan(self.tasks[task_id].train)
 
     def compute_loss(self, model, inputs, num_items_in_batch=None):
         return model(pixel_values=inputs["pixel_values"], labels=inputs["labels"]).loss
+
+    def refresh_head(self, model) -> None:
+        """Before task `task_id`'s classes join the model's classifier head: move the old classes' statistics to
+        the features of the model as now trained, where the method has the means to (replay methods: their
+        samples through the teacher and the model). Default: the statistics stay as they were taken."""
 
     def after_task(self, task_id: int) -> dict:
         """Work between tasks (statistics, feature bank, replay synthesis); returns numbers to log."""
@@ -154,7 +164,12 @@ class ContinualMethod:
     # helpers shared by distillation methods
     def snapshot_teacher(self):
         """A frozen copy of the current model (the teacher for the next task)."""
-        teacher = copy.deepcopy(self.unwrapped_model).eval()
+        model = self.unwrapped_model
+        head, model.head = getattr(model, "head", None), None  # the teacher gives features and logits, not head scores
+        try:
+            teacher = copy.deepcopy(model).eval()
+        finally:
+            model.head = head
         teacher.requires_grad_(False)
         return teacher
 

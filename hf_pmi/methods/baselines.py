@@ -1,4 +1,7 @@
-"""Reference points every other method is read against: `finetune`, `joint`, `zero_shot`."""
+"""Reference points every other method is read against: `finetune`, `joint`, `zero_shot`, the
+frozen-backbone heads `ncm` and `ranpac` (no training, no synthesis: the pre-trained features with a
+classifier head that keeps class statistics, `hf_pmi.heads`), and `aper` (adapt on the first task, then
+freeze, with such a head)."""
 
 from __future__ import annotations
 
@@ -25,3 +28,31 @@ class ZeroShot(ContinualMethod):
     """No training: classify by class name only (meaningful only with a pre-trained CLIP)."""
 
     trains = False
+
+
+@register_method("ncm")
+class NearestClassMean(ContinualMethod):
+    """Frozen backbone, nearest class mean of the pooled features (SimpleCIL). No training, no synthesis."""
+
+    trains = False
+    default_head = "ncm"
+
+
+@register_method("ranpac")
+class RanPAC(ContinualMethod):
+    """Frozen backbone, ridge regression on a fixed random ReLU projection of the pooled features (RanPAC
+    without its first-session adaptation). No training, no synthesis."""
+
+    trains = False
+    default_head = "ranpac"
+
+
+@register_method("aper")
+class FirstSessionAdaptation(ContinualMethod):
+    """APER's (and RanPAC's) first-session adaptation: train on the first task only, then keep the backbone
+    frozen, so a classifier head's statistics (default ``ranpac``) stay exact. No synthesis."""
+
+    default_head = "ranpac"
+
+    def trains_task(self, task_id: int) -> bool:
+        return task_id == 0 and self.tasks.task_offset == 0

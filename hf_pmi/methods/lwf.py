@@ -22,10 +22,16 @@ class LwFConfig(MethodConfig):
 
     temperature: float = field(default=2.0, metadata={"help": "Distillation temperature (Li & Hoiem use 2)."})
     alpha: float = field(default=1.0, metadata={"help": "Weight of the distillation term."})
+    l_fd: float = field(
+        default=0.0,
+        metadata={"help": "Weight of a feature distillation on the task's images: the mean squared difference of the "
+                  "student's and the previous model's pooled image features, what a classifier head reads (0: none)."},
+    )
 
     def __post_init__(self):
         require_positive(self.flag_prefix + "temperature", self.temperature)
         require_weight(self.flag_prefix + "alpha", self.alpha)
+        require_weight(self.flag_prefix + "l_fd", self.l_fd)
 
 
 @register_method("lwf", config=LwFConfig)
@@ -41,9 +47,11 @@ class LwF(ContinualMethod):
         if self.teacher is None:
             return out.loss
         with torch.no_grad():
-            old = self.teacher(pixel_values=inputs["pixel_values"]).logits[:, : self.num_old]
+            teacher_out = self.teacher(pixel_values=inputs["pixel_values"])
         T = self.config.temperature
-        kd = F.kl_div(
-            F.log_softmax(out.logits[:, : self.num_old] / T, dim=-1), F.softmax(old / T, dim=-1), reduction="batchmean"
-        )
-        return out.loss + self.config.alpha * T * T * kd  # T^2 keeps the gradient scale of Hinton et al.
+        kd = F.kl_div(F.log_softmax(out.logits[:, : self.num_old] / T, dim=-1),
+                      F.softmax(teacher_out.logits[:, : self.num_old] / T, dim=-1), reduction="batchmean")
+        loss = out.loss + self.config.alpha * T * T * kd  # T^2 keeps the gradient scale of Hinton et al.
+        if self.config.l_fd:
+            loss = loss + self.config.l_fd * (out.pooled_embeds - teacher_out.pooled_embeds).pow(2).mean()
+        return loss

