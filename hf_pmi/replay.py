@@ -32,6 +32,9 @@ REFERENCE_PRESET: dict[str, Any] = {
     "teacher_text": "student",  # the teacher's logits over the student's old-class text features
     "statistics_model": "previous",  # layer statistics of the model before the task (task 0: the raw CLIP) ...
     "statistics_crop": 0.9,  # ... on the training loader, augmented by RandomResizedCrop(scale=(0.9, 1))
+    "l_fd": 0.0,  # no feature distillation (hf_pmi's, for a classifier head: docs/benchmarks.md "Heads") ...
+    "l_fd_real": 0.0,
+    "later_lr_scale": 1.0,  # ... and one learning rate for every task
 }
 PRESETS = {"reference": REFERENCE_PRESET}
 
@@ -86,21 +89,21 @@ class ReplayConfig:
                   "statistics are collected (1: none; reference 0.9, its training loader's RandomResizedCrop)."},
     )
     l_fd: float = field(
-        default=0.0,
+        default=100.0,
         metadata={"help": "Weight of a feature distillation on replayed samples: the mean squared difference of the "
-                  "pooled image features (what a classifier head reads) of the student and the teacher (0: none, "
-                  "the reference). It keeps old classes' features where a head's statistics were taken."},
+                  "pooled image features (what a classifier head reads) of the student and the teacher (reference: "
+                  "0, none). It keeps old classes' features where a head's statistics were taken (benchmarks/heads.py)."},
     )
     l_fd_real: float = field(
-        default=0.0,
+        default=100.0,
         metadata={"help": "Weight of the same feature distillation on the task's real images (no replay needed; one "
-                  "more teacher pass per step). 0: none."},
+                  "more teacher pass per step; reference: 0, none)."},
     )
-    later_learning_rate: float | None = field(
-        default=None,
-        metadata={"help": "Learning rate of the tasks that replay (every task after the first); None: the run's "
-                  "--learning_rate. A slow learner (SLCA) moves old classes' features less, so a classifier head's "
-                  "statistics stay valid."},
+    later_lr_scale: float = field(
+        default=0.1,
+        metadata={"help": "The tasks that replay (every task after the first) train at --learning_rate times this "
+                  "(reference: 1). A slower learner (SLCA) moves the old classes' features less, so a classifier "
+                  "head's statistics stay valid (benchmarks/heads.py)."},
     )
     head_drift: bool = field(
         default=True,
@@ -125,8 +128,7 @@ class ReplayConfig:
                               "e.g. --method finetune, trains without them)")
         for name in ("l_ce", "l_hkd", "l_tkd", "l_ft", "l_fd", "l_fd_real"):
             require_weight(p + name, getattr(self, name))
-        if self.later_learning_rate is not None:
-            require_positive(p + "later_learning_rate", self.later_learning_rate, " (a learning rate)")
+        require_positive(p + "later_lr_scale", self.later_lr_scale, " (a factor of --learning_rate)")
         require_count(p + "grid_samples", self.grid_samples, minimum=0, meaning=" (0: no grid)")
 
 

@@ -176,22 +176,24 @@ class ContinualTrainer(ContinualHubMixin, Trainer):
         self.method.validate()
 
     def _setup_head(self) -> None:
-        """The classifier head the model predicts with (`hf_pmi.heads`): ``args.head``, else a continued model's,
-        else the method's own. Checked before any work: a continued model's old classes have statistics for its
-        own head only, and names-only classes (no image) only work with the text head."""
+        """The classifier head the model predicts with (`hf_pmi.heads`): ``args.head``; unset, a continued model's
+        own, else the method's (`text` for names-only tasks: they have no image to take statistics from). Checked
+        before any work: a continued model's old classes have statistics for its own head only."""
         model = self.accelerator.unwrap_model(self.model)
-        name = self.args.head or (model.head_name if model.head is not None else self.method.default_head)
+        names_only = any(is_names_only(t) for t in self.tasks)
+        continued = self.tasks.task_offset > 0 or model.head is not None
+        name = self.args.head or (model.head_name if continued else TEXT if names_only else self.method.default_head)
         if model.head_name != TEXT and name != model.head_name and model.num_classes:
             raise ValueError(
                 f"The model predicts with the {model.head_name} head, whose statistics cover its {model.num_classes} "
                 f"classes; a {name} head would know none of them. Continue with head={model.head_name!r} (or leave "
                 f"`head` unset)."
             )
-        if name != TEXT and any(is_names_only(t) for t in self.tasks):
+        if name != TEXT and names_only:
             raise ValueError(f"Names-only tasks have no image to collect the {name} head's statistics from: use "
                              f"head='text' (the CLIP text head) for them.")
         if name != TEXT and model.head is None:
-            if model.num_classes and self.tasks.task_offset:
+            if self.tasks.task_offset:
                 raise ValueError(
                     f"The {name} head learns a class from its images as its task is trained, and the continued "
                     f"model's {model.num_classes} classes have no statistics: continue with head='text', or start the "
