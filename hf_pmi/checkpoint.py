@@ -17,11 +17,11 @@ Example:
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import asdict, dataclass, field
 
 from .integrity import read_json
+from .integrity import write_json as integrity_write_json
 from .metrics import format_matrix
 
 STATE_NAME = "continual_state.json"
@@ -64,11 +64,10 @@ class ContinualResult:
 
 
 def write_json(path: str, obj) -> None:
-    """Write `obj` as JSON to `path` atomically (a temporary file renamed into place)."""
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
+    """Write `obj` as JSON to `path` atomically (a temporary file renamed into place). A task state
+    (``continual_state.json``) is sealed: it records its own sha256, verified whenever it is read
+    (`hf_pmi.integrity.read_json`), since it lists the checksums of every other file."""
+    integrity_write_json(path, obj, seal=os.path.basename(path) == STATE_NAME)
 
 
 def read_state(folder: str) -> dict:

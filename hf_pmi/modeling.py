@@ -56,7 +56,7 @@ from .blocks import VisionBlocks, unwrap_clip
 from .checkpoint import task_checksums
 from .export import base_state_dict, is_peft, merged_clip, peft_deprecations_silenced
 from .integrity import (CheckpointFileError, file_checksums, load_safetensors, read_json, sha256_file, unreadable,
-                        verify_checksums)
+                        verify_checksums, write_json)
 from .model_card import write_adapter_card
 from .resolve import hub_api, hub_repo_id, resolve_pretrained_folder
 from .routing import ROUTER_FOLDER, ClassRouter
@@ -398,8 +398,7 @@ class ContinualCLIP(nn.Module):
             "clip_merged": True,  # clip/ holds the merged model; the LoRA base is in base/ (or base_model_name_or_path)
             "checksums": dict(sorted(checksums.items())),  # verified by from_pretrained (hf_pmi.integrity)
         }
-        with open(os.path.join(save_directory, CONFIG_NAME), "w") as f:
-            json.dump(meta, f, indent=2, default=str)
+        write_json(os.path.join(save_directory, CONFIG_NAME), meta, seal=True)  # its own sha256, verified on load
 
     def push_to_hub(
         self,
