@@ -20,7 +20,7 @@ from __future__ import annotations
 import os
 from dataclasses import asdict, dataclass, field
 
-from .integrity import read_json
+from .integrity import read_json, verify_checksums
 from .integrity import write_json as integrity_write_json
 from .metrics import format_matrix
 
@@ -87,6 +87,53 @@ def task_checksums(folder: str) -> dict[str, str] | None:
             return None
     recorded = read_state(task).get("checksums") or {}
     return {rel[len(prefix):]: digest for rel, digest in recorded.items() if rel.startswith(prefix)}
+
+
+def verify_task_folder(path_or_repo_id, revision: str | None = None, *, token=None, cache_dir=None,
+                       subfolder: str | None = None) -> bool:
+    """Verify what a model loader reads from a finished task folder (a local folder or a Hub repo at
+    `revision`) against the checksums its ``continual_state.json`` records: ``config.json`` (classes,
+    ``id2label``), the weights and ``preprocessor_config.json``, and the state itself (it is sealed).
+    Returns False, checking nothing, where there is no task state (a plain model folder or repo).
+
+    hf_pmi's own loaders call it (e.g. `hf_pmi.resnet.ResNet32ForImageClassification.from_pretrained`,
+    which ``AutoModelForImageClassification`` and ``pipeline("image-classification", ...)`` use). Call it
+    before loading a task folder with a class hf_pmi does not own (e.g. transformers' ``ResNetForImageClassification``).
+
+    Raises:
+        hf_pmi.integrity.ChecksumError: a file differs from the one written with the task, naming it and the fix.
+
+    Example:
+        >>> verify_task_folder("runs/task-3")  # doctest: +SKIP
+        True
+    """
+    path = os.fspath(path_or_repo_id)
+    if os.path.isdir(path):
+        folder = os.path.join(path, subfolder) if subfolder else path
+        if not os.path.isfile(os.path.join(folder, STATE_NAME)):
+            return False
+        recorded = read_state(folder).get("checksums") or {}
+        verify_checksums(folder, {rel: digest for rel, digest in recorded.items() if "/" not in rel})
+        return True
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import (EntryNotFoundError, HFValidationError, RepositoryNotFoundError,
+                                        RevisionNotFoundError)
+
+    kwargs = {"revision": revision, "token": token, "cache_dir": cache_dir, "subfolder": subfolder}
+    try:
+        state_file = hf_hub_download(path, STATE_NAME, **kwargs)
+    except (EntryNotFoundError, HFValidationError, RepositoryNotFoundError, RevisionNotFoundError):
+        return False  # not a task of an hf_pmi run, or no such repo: the model loader says what is wrong
+    folder = os.path.dirname(state_file)
+    recorded = {rel: digest for rel, digest in (read_state(folder).get("checksums") or {}).items()
+                if "/" not in rel and not rel.startswith("replay_state")}  # what a model loader reads
+    for rel in recorded:
+        try:
+            hf_hub_download(path, rel, **kwargs)  # into the same snapshot; the model loader reuses it
+        except EntryNotFoundError:
+            pass  # verify_checksums names the missing file
+    verify_checksums(folder, recorded)
+    return True
 
 
 def finished_tasks(output_dir: str) -> list[str]:
