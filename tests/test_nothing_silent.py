@@ -67,3 +67,75 @@ def test_verify_task_folder_serves_transformers_own_classes(resnet_task):
         verify_task_folder(resnet_task)
     os.remove(os.path.join(resnet_task, "continual_state.json"))
     assert verify_task_folder(resnet_task) is False
+
+
+# ----- LoRA bases: a relative local path is a path; a Hub base is pinned; no pickle is read from the Hub ----------
+from hub_server import hub_client, hub_server  # noqa: E402,F401  (fixtures)
+
+
+def _logits(model, processor):
+    torch.manual_seed(0)
+    return model(pixel_values=torch.randn(2, 3, 32, 32)).logits
+
+
+def test_a_lora_model_on_a_relative_local_base_keeps_the_base(tmp_path, monkeypatch, processor):
+    from peft import LoraConfig
+
+    from hf_pmi import ContinualCLIP
+    from hf_pmi.testing import build_clip
+
+    monkeypatch.chdir(tmp_path)
+    build_clip("tiny").save_pretrained("base")  # "base" is a valid Hub id too
+    model = ContinualCLIP.from_clip("base", ["cat", "dog"], processor.tokenizer, lora=LoraConfig(r=2))
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    model.save_pretrained(tmp_path / "ckpt")
+    meta = json.loads((tmp_path / "ckpt" / "continual_clip.json").read_text())
+    assert meta["base_model_name_or_path"] is None and meta["base_saved"], meta
+    assert (tmp_path / "ckpt" / "base" / "model.safetensors").is_file()
+    reloaded = ContinualCLIP.from_pretrained(tmp_path / "ckpt")
+    torch.testing.assert_close(_logits(reloaded.eval(), processor), _logits(model.eval(), processor))
+
+
+def _upload(api, repo, folder, message):
+    api.create_repo(repo, exist_ok=True)
+    return api.upload_folder(repo_id=repo, folder_path=str(folder), commit_message=message).oid
+
+
+def test_a_lora_checkpoint_on_a_hub_base_loads_the_commit_it_was_trained_on(tmp_path, hub_client, processor):
+    from huggingface_hub import HfApi
+    from peft import LoraConfig
+
+    from hf_pmi import ContinualCLIP
+    from hf_pmi.testing import build_clip
+
+    api = HfApi(endpoint=hub_client.url)
+    torch.manual_seed(1)
+    build_clip("tiny").save_pretrained(tmp_path / "v1")
+    first = _upload(api, "me/base", tmp_path / "v1", "v1")
+    model = ContinualCLIP.from_clip("me/base", ["cat", "dog"], processor.tokenizer, lora=LoraConfig(r=2)).eval()
+    model.save_pretrained(tmp_path / "ckpt")
+    meta = json.loads((tmp_path / "ckpt" / "continual_clip.json").read_text())
+    assert meta["base_model_name_or_path"] == "me/base" and meta["base_model_revision"] == first
+    torch.manual_seed(2)
+    build_clip("tiny").save_pretrained(tmp_path / "v2")  # the base repo changes after training
+    _upload(api, "me/base", tmp_path / "v2", "v2")
+    reloaded = ContinualCLIP.from_pretrained(tmp_path / "ckpt").eval()
+    assert reloaded.base_model_revision == first
+    torch.testing.assert_close(_logits(reloaded, processor), _logits(model, processor))
+
+
+def test_a_hub_base_with_only_pickled_weights_is_refused(tmp_path, hub_client):
+    from huggingface_hub import HfApi
+
+    from hf_pmi import ContinualCLIP
+    from hf_pmi.resolve import UnsafeCheckpointError
+    from hf_pmi.testing import build_clip
+
+    clip = build_clip("tiny")
+    (tmp_path / "bin").mkdir()
+    clip.config.save_pretrained(tmp_path / "bin")
+    torch.save(clip.state_dict(), tmp_path / "bin" / "pytorch_model.bin")
+    _upload(HfApi(endpoint=hub_client.url), "me/pickled", tmp_path / "bin", "bin only")
+    with pytest.raises(UnsafeCheckpointError, match=r"pytorch_model\.bin, a pickle file.*save_pretrained"):
+        ContinualCLIP.from_clip("me/pickled")
