@@ -40,14 +40,15 @@ class ContinualResult:
     counts: list[int]
     a_last: float
     a_avg: float
-    forgetting: float
-    bwt: float
+    forgetting: float | None  # None: no earlier task was evaluated (a continued checkpoint's run)
+    bwt: float | None
     all_seen_accuracy: list[float]
     old_class_accuracy: list[float | None]
     new_class_accuracy: list[float]
     wall_seconds: float
     task_seconds: list[float] = field(default_factory=list)
     method_logs: list[dict] = field(default_factory=list)
+    unevaluated_tasks: list[int] = field(default_factory=list)  # seen tasks A_last does not cover
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -30,6 +30,7 @@ from .blocks import layers_below_pattern
 from .config import DEFAULT_METHOD, ContinualConfig
 from .data import load_image_dataset, read_class_order
 from .methods import method_class
+from .metrics import a_last_scope, format_metric
 from .modeling import DEFAULT_LORA_TARGETS
 from .validation import check_local_path, require_count
 
@@ -215,6 +216,7 @@ def run_recipe(recipe: RecipeArguments, args, method_config=None):
     result = trainer.train()
     if trainer.is_world_process_zero():
         print(f"\n{args.method} (seed {args.seed}), accuracy (%) after task i on task j:\n{result.table()}")
-        print(f"A_last {result.a_last:.4f}  A_avg {result.a_avg:.4f}  forgetting {result.forgetting:.4f}  "
+        print(f"A_last {format_metric(result.a_last)} (over {a_last_scope(result.unevaluated_tasks)})  A_avg "
+              f"{format_metric(result.a_avg)}  forgetting {format_metric(result.forgetting)}  "
               f"-> {os.path.join(args.output_dir, 'results.json')}")
     return result

@@ -89,6 +89,11 @@ def test_push_per_task_reload_each_revision_and_continue(tmp_path, hub_client, d
     result = cont.train()
     assert len(result.accuracy_matrix) == 3 and result.accuracy_matrix[2][2] is not None
     assert result.accuracy_matrix[2][:2] == [None, None]  # old tasks: no data here, by design
+    # nothing claims what was not measured (#31): A_last says which tasks it covers, forgetting / BWT unknown
+    assert result.forgetting is None and result.bwt is None and result.unevaluated_tasks == [0, 1]
+    card = repo.files("task-2")["README.md"].decode()
+    assert "tasks 0, 1 were not evaluated" in card and "no old task was evaluated" in card, card
+    assert "over all seen classes" not in card
     state = json.loads(repo.files("task-2")["continual_state.json"])
     assert state["task_id"] == 2 and state["seen_classes"] == old.class_names + new.class_names
     assert repo.files("main") == repo.files("task-2")

@@ -139,3 +139,25 @@ def test_a_hub_base_with_only_pickled_weights_is_refused(tmp_path, hub_client):
     _upload(HfApi(endpoint=hub_client.url), "me/pickled", tmp_path / "bin", "bin only")
     with pytest.raises(UnsafeCheckpointError, match=r"pytorch_model\.bin, a pickle file.*save_pretrained"):
         ContinualCLIP.from_clip("me/pickled")
+
+
+# ----- metrics over tasks that were not evaluated are not claimed --------------------------------------------------
+def test_a_data_free_resnet_continuation_claims_no_forgetting_it_did_not_measure(tmp_path):
+    from test_resnet_trainer import args, colours, schedule, tiny_resnet
+
+    from hf_pmi import ContinualTrainer, split_class_incremental
+
+    torch.set_num_threads(1)
+    first = split_class_incremental(colours(["red", "green", "blue", "yellow"]), num_tasks=2, seed=None)
+    ContinualTrainer(model=tiny_resnet(), args=args(tmp_path / "a", "finetune"), tasks=first, processing_class=None,
+                     method_config=schedule(epochs=1, later_epochs=1)).train()
+    new = split_class_incremental(colours(["cyan", "magenta"], seed=1), num_tasks=1, seed=None)
+    trainer = ContinualTrainer.from_pretrained(str(tmp_path / "a" / "task-1"), tasks=new,
+                                               args=args(tmp_path / "b", "finetune"),
+                                               method_config=schedule(epochs=1, later_epochs=1))
+    result = trainer.train()
+    assert result.forgetting is None and result.bwt is None and result.unevaluated_tasks == [0, 1]
+    saved = json.loads((tmp_path / "b" / "results.json").read_text())
+    assert saved["forgetting"] is None and saved["unevaluated_tasks"] == [0, 1]
+    card = (tmp_path / "b" / "task-2" / "README.md").read_text()
+    assert "tasks 0, 1 were not evaluated" in card and "all seen classes" not in card, card

@@ -23,6 +23,7 @@ Example:
 
 from __future__ import annotations
 
+import os
 import warnings
 from dataclasses import dataclass
 
@@ -158,11 +159,13 @@ class ResNet32ForImageClassification(ResNet32PreTrainedModel):
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
         """`PreTrainedModel.from_pretrained`, after verifying a task folder's files against the checksums its
         ``continual_state.json`` records (`hf_pmi.checkpoint.verify_task_folder`; also through
-        ``AutoModelForImageClassification`` and ``pipeline``)."""
+        ``AutoModelForImageClassification`` and ``pipeline``); from the Hub, safetensors weights only."""
         from ..checkpoint import verify_task_folder
 
         verify_task_folder(pretrained_model_name_or_path, kwargs.get("revision"), token=kwargs.get("token"),
                            cache_dir=kwargs.get("cache_dir"), subfolder=kwargs.get("subfolder") or None)
+        if not os.path.isdir(os.fspath(pretrained_model_name_or_path)):
+            kwargs.setdefault("use_safetensors", True)  # a pickle is never loaded from the Hub
         return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
 
     def forward(self, pixel_values: torch.Tensor | None = None, labels: torch.Tensor | None = None,

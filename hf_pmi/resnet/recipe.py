@@ -196,7 +196,7 @@ def run(recipe: ResNetRecipeArguments, training: ResNetTrainingArguments) -> dic
 
     from ..config import ContinualConfig
     from ..lock import RunLock
-    from ..metrics import format_matrix
+    from ..metrics import a_last_scope, format_matrix, format_metric
     from ..trainer import ContinualTrainer
 
     training.continual_config(recipe.num_tasks, recipe.num_tasks)  # check the flags before any data is read
@@ -223,5 +223,6 @@ def run(recipe: ResNetRecipeArguments, training: ResNetTrainingArguments) -> dic
         json.dump(record, f, indent=2, default=str)
     print(f"\n{config.method} (seed {config.seed}), accuracy (%) after task i on task j:\n"
           f"{format_matrix(result.accuracy_matrix)}")
-    print(f"A_last {result.a_last:.4f}  A_avg {result.a_avg:.4f}  forgetting {result.forgetting:.4f}  -> {path}")
+    print(f"A_last {format_metric(result.a_last)} (over {a_last_scope(result.unevaluated_tasks)})  A_avg "
+          f"{format_metric(result.a_avg)}  forgetting {format_metric(result.forgetting)}  -> {path}")
     return record
