@@ -38,6 +38,7 @@ from .validation import (
     check_class_names,
     check_images,
     check_labels_match_names,
+    check_named_splits,
     check_test_split,
 )
 
@@ -141,7 +142,8 @@ def load_image_dataset(dataset_name: str | None = None, dataset_config: str | No
                        test_size: float = 0.2, label_column: str = "label", seed: int = 0):
     """A labelled image dataset from a Hub id or a local image folder (``<data_dir>/{train,test}/<class>/*``,
     which wins), with a test split held out of `train_split` (stratified by `label_column`, seeded) when it
-    has none and ``test_size > 0``."""
+    has no split but `train_split` and ``test_size > 0``. A `train_split` or `test_split` the data does not
+    have, where the data has other splits, is refused naming them (a typo never tests on training images)."""
     from datasets import load_dataset
 
     if data_dir:
@@ -153,7 +155,8 @@ def load_image_dataset(dataset_name: str | None = None, dataset_config: str | No
         data = load_dataset(dataset_name, dataset_config, streaming=streaming)
     else:
         raise ValueError("Name the data: --dataset_name <Hub id> or --data_dir <local image folder>.")
-    if isinstance(data, DatasetDict) and test_split not in data and test_size > 0:
+    check_named_splits(data, train_split, test_split)  # a misspelt split is refused, never replaced by a hold-out
+    if isinstance(data, DatasetDict) and test_split and test_split not in data and test_size > 0:
         split = data[train_split].train_test_split(test_size=test_size, seed=seed, stratify_by_column=label_column)
         data = DatasetDict({train_split: split["train"], test_split: split["test"]})
     return data

@@ -15,6 +15,7 @@ Example:
 
 from __future__ import annotations
 
+import difflib
 import math
 import os
 import tempfile
@@ -167,6 +168,17 @@ def require_count(name: str, value, minimum: int = 1, meaning: str = "") -> None
 def require_positive(name: str, value, meaning: str = "") -> None:
     """A finite number > 0."""
     require(finite(value) and value > 0, name, value, f"> 0{meaning}")
+
+
+def check_bn_rates(config) -> None:
+    """Learning rates and loss weights of a BN-family run (`hf_pmi.resnet.ResNetContinualConfig`): a NaN or
+    infinite rate would train every weight to NaN, so it is refused before any work (as the CLIP path does)."""
+    for name in ("lr", "head_lr"):
+        value = getattr(config, name)
+        require(finite(value) and value > 0, name, value, "a finite number > 0 (NaN or inf trains every weight to "
+                "NaN)", f"Pass a number such as --{name} 0.1.")
+    for name, value in config.weights.items():
+        require_weight(f"weights[{name!r}]", value)
 
 
 def _value(setting):
@@ -350,4 +362,33 @@ def check_test_split(data, test_split) -> None:
         raise ValidationError(
             f"No {test_split!r} split in {list(data)}: without test data every accuracy would be None. Name the "
             f"test split with test_split= (--test_split), or pass test_split=None to train without evaluation."
+        )
+
+
+def check_named_splits(data, train_split: str, test_split: str | None) -> None:
+    """The splits a run names must exist. A missing test split is allowed only where the data has no split but
+    the training one (then a share of it is held out): otherwise a misspelt name would silently evaluate on
+    held-out training images instead of the data's own test split.
+
+    Example:
+        >>> check_named_splits({"train": 0, "test": 0}, "train", "tset")
+        Traceback (most recent call last):
+        ...
+        hf_pmi.validation.ValidationError: No 'tset' split in the data, which has the splits ['train', 'test']. ...
+    """
+    if not hasattr(data, "keys"):
+        return  # a single split: the caller holds out its own test data
+    splits = list(data.keys())
+    if train_split not in splits:
+        raise ValidationError(
+            f"No {train_split!r} split in the data, which has the splits {splits}. Name the training split with "
+            f"--train_split (train_split=), e.g. --train_split {splits[0]}."
+        )
+    others = [s for s in splits if s != train_split]
+    if test_split and test_split not in splits and others:
+        close = difflib.get_close_matches(test_split, others, n=1)
+        raise ValidationError(
+            f"No {test_split!r} split in the data, which has the splits {splits}. Name its test split with "
+            f"--test_split (test_split=), e.g. --test_split {(close or others)[0]}; a share of the training split is "
+            f"held out (--test_size) only for data that has no split but {train_split!r}."
         )

@@ -161,3 +161,44 @@ def test_a_data_free_resnet_continuation_claims_no_forgetting_it_did_not_measure
     assert saved["forgetting"] is None and saved["unevaluated_tasks"] == [0, 1]
     card = (tmp_path / "b" / "task-2" / "README.md").read_text()
     assert "tasks 0, 1 were not evaluated" in card and "all seen classes" not in card, card
+
+
+# ----- flags that would silently train to NaN or evaluate on training images ---------------------------------------
+@pytest.mark.parametrize("value", ["nan", "inf"])
+def test_a_resnet_recipe_refuses_a_non_finite_lr_before_reading_data(tmp_path, value):
+    from hf_pmi.resnet.recipe import parse_args, run
+    from hf_pmi.validation import ValidationError
+
+    recipe, training = parse_args(["--output_dir", str(tmp_path / "out"), "--dataset_name", "no/such-data",
+                                   "--lr", value])
+    with pytest.raises(ValidationError, match=rf"lr={value} is invalid: it must be a finite number > 0.*--lr 0.1"):
+        run(recipe, training)
+    recipe, training = parse_args(["--output_dir", str(tmp_path / "out"), "--head_lr", value])
+    with pytest.raises(ValidationError, match=r"head_lr=.* is invalid"):
+        run(recipe, training)
+
+
+@pytest.fixture
+def image_folder(tmp_path):
+    """<root>/{train,test}/<class>/*.png: two classes, three 8 px images each."""
+    from PIL import Image
+
+    for split in ("train", "test"):
+        for name, colour in (("red", (220, 30, 30)), ("blue", (30, 40, 220))):
+            (tmp_path / "images" / split / name).mkdir(parents=True)
+            for i in range(3):
+                Image.new("RGB", (8, 8), colour).save(tmp_path / "images" / split / name / f"{i}.png")
+    return tmp_path / "images"
+
+
+def test_a_misspelt_test_split_is_refused_naming_the_splits(tmp_path, image_folder):
+    from hf_pmi.cli import main
+    from hf_pmi.validation import ValidationError
+
+    with pytest.raises(ValidationError, match=r"No 'tset' split in the data, which has the splits \['train', "
+                                              r"'test'\].*--test_split test"):
+        main(["train", "--model_name_or_path", "unused/model", "--data_dir", str(image_folder), "--test_split", "tset",
+              "--output_dir", str(tmp_path / "out"), "--max_steps", "1"])
+    with pytest.raises(ValidationError, match=r"No 'trian' split.*--train_split"):
+        main(["train", "--model_name_or_path", "unused/model", "--data_dir", str(image_folder), "--train_split", "trian",
+              "--output_dir", str(tmp_path / "out"), "--max_steps", "1"])

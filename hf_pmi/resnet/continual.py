@@ -62,6 +62,7 @@ from ..checkpoint import latest_task_checkpoint
 from ..integrity import load_safetensors
 from ..metrics import continual_metrics
 from ..statistics import eval_mode
+from ..validation import check_bn_rates
 from .checkpoint import BANK_DIR, load_task, save_task
 from .heads import (
     classifier_layer,
@@ -139,6 +140,7 @@ class ResNetContinualConfig:
         missing = {"l_ce", "l_hkd", "l_rkd", "l_ft"} - set(self.weights)
         if missing:
             raise ValueError(f"weights lacks {sorted(missing)}; give all of l_ce, l_hkd, l_rkd, l_ft.")
+        check_bn_rates(self)
 
 
 def own_classes(model: nn.Module) -> int:
