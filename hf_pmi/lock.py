@@ -10,6 +10,10 @@ The operating system releases the lock when its process ends, however it ends, s
 holds is a stale one, and the next run says which run ended without finishing (and when it started),
 then takes the folder over (``--resume_from_checkpoint true`` continues after its last finished task).
 
+An output folder inside another run's output folder (e.g. its future ``task-N``, which that run would replace
+with the task it saves) or inside a finished task folder (the run would be saved and pushed with that
+checkpoint) is refused too, by `check` and `acquire` alike (`check_not_nested`).
+
 Example:
     >>> import tempfile
     >>> out = tempfile.mkdtemp()
@@ -29,6 +33,7 @@ import shlex
 import socket
 import sys
 
+from .checkpoint import STATE_NAME
 from .log import get_logger
 
 LOCK_NAME = ".hf_pmi_run.lock"
@@ -73,6 +78,51 @@ def _alive(holder: dict) -> bool:
     return True
 
 
+def _held(lock_file: str) -> tuple[bool, dict]:
+    """Whether a live process holds `lock_file`, and its record."""
+    try:
+        fd = os.open(lock_file, os.O_RDONLY)
+    except OSError:
+        return False, {}
+    try:
+        holder = _read(fd) or {}
+        if fcntl is None:
+            return _alive(holder), holder
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:
+            return True, holder
+        return False, holder
+    finally:
+        os.close(fd)  # closing releases the probe's lock
+
+
+def check_not_nested(output_dir: str | os.PathLike) -> None:
+    """Raise `RunLockError` when `output_dir` lies inside another run's output folder (one holding a lock file:
+    a running run, or one that ended without finishing and may be resumed) or inside a finished task folder."""
+    path = os.path.abspath(os.fspath(output_dir))
+    parent = os.path.dirname(path)
+    while parent != os.path.dirname(parent):
+        outside = os.path.join(os.path.dirname(parent), os.path.basename(path) + "-run")
+        if os.path.isfile(os.path.join(parent, STATE_NAME)):
+            raise RunLockError(
+                f"output_dir {path} is inside {parent}, a finished task folder (it holds {STATE_NAME}): this run "
+                f"would be written into that checkpoint and uploaded with it. Choose an output_dir outside it, "
+                f"e.g. {outside}."
+            )
+        lock_file = os.path.join(parent, LOCK_NAME)
+        if os.path.isfile(lock_file):
+            live, holder = _held(lock_file)
+            state = (f"is running there ({_describe(holder)}) and replaces its task-N folders as it saves them"
+                     if live else f"ended there without finishing ({_describe(holder)}) and writes its task-N "
+                     f"folders there when it is resumed")
+            raise RunLockError(
+                f"output_dir {path} is inside {parent}, the output folder of another run, which {state}: the two runs "
+                f"would destroy each other's checkpoints. Choose an output_dir outside it, e.g. {outside}."
+            )
+        parent = os.path.dirname(parent)
+
+
 class RunLock:
     """The lock of `output_dir` (module docstring). Use as a context manager, or `acquire` / `release`."""
 
@@ -114,8 +164,11 @@ class RunLock:
         )
 
     def check(self) -> None:
-        """Raise `RunLockError` if a live run holds the folder; changes nothing (a stale lock stays for `acquire`)."""
-        if self._fd is not None or not os.path.exists(self.path):
+        """Raise `RunLockError` if a live run holds the folder or it is nested in another's; changes nothing (a stale lock stays for `acquire`)."""
+        if self._fd is not None:
+            return
+        check_not_nested(self.output_dir)
+        if not os.path.exists(self.path):
             return
         fd, _ = self._open_locked()
         os.close(fd)  # closing releases the probe's lock
@@ -124,6 +177,7 @@ class RunLock:
         """Take the folder for this process (see the module docstring); idempotent."""
         if self._fd is not None:
             return self
+        check_not_nested(self.output_dir)
         fd, previous = self._open_locked()
         if previous:
             logger.warning(

@@ -202,3 +202,25 @@ def test_a_misspelt_test_split_is_refused_naming_the_splits(tmp_path, image_fold
     with pytest.raises(ValidationError, match=r"No 'trian' split.*--train_split"):
         main(["train", "--model_name_or_path", "unused/model", "--data_dir", str(image_folder), "--train_split", "trian",
               "--output_dir", str(tmp_path / "out"), "--max_steps", "1"])
+
+
+# ----- an output_dir inside another run's output folder or inside a finished task folder ---------------------------
+def test_an_output_dir_inside_a_running_run_or_a_task_folder_is_refused_before_work(tmp_path, image_folder,
+                                                                                    resnet_task):
+    from hf_pmi.cli import main
+    from hf_pmi.lock import RunLock, RunLockError
+
+    def train(out):
+        main(["train", "--model_name_or_path", "unused/model", "--data_dir", str(image_folder),
+              "--output_dir", str(out), "--max_steps", "1"])
+
+    outer = tmp_path / "outer"
+    with RunLock(outer):  # a run writing to outer/: its task-1 does not exist yet
+        with pytest.raises(RunLockError, match=r"inside .*outer, the output folder of another run, which is running "
+                                               r"there.*Choose an output_dir outside it"):
+            train(outer / "task-1")
+    assert not (outer / "task-1").exists()
+    with pytest.raises(RunLockError, match=r"inside .*task-0, a finished task folder.*uploaded with it"):
+        train(os.path.join(resnet_task, "more"))
+    with pytest.raises(RunLockError, match=r"a finished task folder"):  # the library door as well
+        RunLock(os.path.join(resnet_task, "more")).acquire()
