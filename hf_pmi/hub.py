@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import os
 import shlex
+import sys
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -253,6 +254,20 @@ def _push(folder: str, repo_id: str, task_id, token, endpoint, update_main: bool
             python,
         )
     return result
+
+
+def exit_if_pushes_failed(failed: list) -> None:
+    """End a command-line run with exit status 1 when any push failed (a run whose tasks did not all reach the
+    Hub must not look successful), after printing each failed push's retry command. The local task folders
+    are intact. `failed`: `PushResult` objects (or dicts with ``folder`` and ``retry_command``)."""
+    if not failed:
+        return
+    lines = [f"[hf_pmi] {len(failed)} push(es) to the Hub failed; the local checkpoints are intact. Push again with:"]
+    for push in failed:
+        get = push.get if isinstance(push, dict) else lambda key: getattr(push, key, None)
+        lines.append(f"  # {get('folder')}: {get('error') or 'failed'}\n  {get('retry_command')}")
+    print("\n".join(lines), file=sys.stderr, flush=True)
+    raise SystemExit(1)
 
 
 _EXECUTOR: ThreadPoolExecutor | None = None

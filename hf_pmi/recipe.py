@@ -203,6 +203,7 @@ def run_recipe(recipe: RecipeArguments, args, method_config=None):
     """Train the whole task sequence; prints the accuracy matrix and returns the `ContinualResult`."""
     from transformers import set_seed
 
+    from .hub import exit_if_pushes_failed
     from .lock import RunLock
     from .trainer import ContinualTrainer
 
@@ -219,4 +220,5 @@ def run_recipe(recipe: RecipeArguments, args, method_config=None):
         print(f"A_last {format_metric(result.a_last)} (over {a_last_scope(result.unevaluated_tasks)})  A_avg "
               f"{format_metric(result.a_avg)}  forgetting {format_metric(result.forgetting)}  "
               f"-> {os.path.join(args.output_dir, 'results.json')}")
+        exit_if_pushes_failed(trainer.failed_pushes)  # exit status 1, each retry command printed
     return result

@@ -128,6 +128,7 @@ class ContinualTrainer(ContinualHubMixin, Trainer):
                     f"`max_steps` (steps per task)."
                 )
         self._pushes = []
+        self.failed_pushes: list = []  # PushResults of the pushes that failed (their retry_command redoes them)
         self._previous_task_classes: list[list[int]] = []
         self.accuracy_matrix: list[list[float | None]] = []
         self.counts: list[int] = []
@@ -482,6 +483,7 @@ class ContinualTrainer(ContinualHubMixin, Trainer):
             result = future.result()
             if not result:
                 logger.error("Push of %s failed; push it again with: %s", result.folder, result.retry_command)
+                self.failed_pushes.append(result)
         self._pushes = []
 
     def _load_task_checkpoint(self, folder: str) -> int:

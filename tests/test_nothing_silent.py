@@ -224,3 +224,27 @@ def test_an_output_dir_inside_a_running_run_or_a_task_folder_is_refused_before_w
         train(os.path.join(resnet_task, "more"))
     with pytest.raises(RunLockError, match=r"a finished task folder"):  # the library door as well
         RunLock(os.path.join(resnet_task, "more")).acquire()
+
+
+# ----- a failed push ends the command with exit status 1 and the retry command -------------------------------------
+@pytest.fixture
+def clip_folder(tmp_path):
+    from hf_pmi.testing import build_clip, build_processor
+
+    build_clip("tiny").save_pretrained(tmp_path / "clip")
+    build_processor().save_pretrained(tmp_path / "clip")
+    return tmp_path / "clip"
+
+
+def test_a_failed_push_exits_non_zero_with_the_retry_command(tmp_path, hub_client, clip_folder, image_folder, capsys):
+    from hf_pmi.cli import main
+
+    hub_client.fail_next_commits(1)  # the push of task-0 is refused
+    with pytest.raises(SystemExit) as info:
+        main(["train", "--model_name_or_path", str(clip_folder), "--data_dir", str(image_folder), "--num_tasks", "1",
+              "--output_dir", str(tmp_path / "out"), "--max_steps", "1", "--method", "finetune", "--lora_r", "2",
+              "--disable_tqdm", "true", "--push_to_hub", "true", "--hub_model_id", "tester/failing"])
+    assert info.value.code == 1
+    err = capsys.readouterr().err
+    assert "1 push(es) to the Hub failed" in err and "hf upload tester/failing" in err and "--revision task-0" in err
+    assert (tmp_path / "out" / "task-0" / "continual_state.json").is_file()  # the local checkpoint is intact

@@ -488,7 +488,8 @@ def _learn(model, tasks, config, output_dir, hub, start_from, start, processor, 
                 from ..hub import push_task_checkpoint
 
                 result = push_task_checkpoint(folder, hub_model_id, g, token=hub_token, endpoint=hub_endpoint)
-                pushes.append({"task": g, "ok": bool(result), "commit": getattr(result, "commit_sha", None)})
+                pushes.append({"task": g, "ok": bool(result), "commit": getattr(result, "commit_sha", None),
+                               "folder": folder, "error": result.error, "retry_command": result.retry_command})
         events("on_task_end", g, {"accuracy_matrix": matrix, "counts": counts, "folder": folder, "losses": losses,
                                   "task_seconds": task_seconds})
     return {

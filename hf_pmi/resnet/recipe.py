@@ -195,6 +195,7 @@ def run(recipe: ResNetRecipeArguments, training: ResNetTrainingArguments) -> dic
     from transformers.image_utils import PILImageResampling
 
     from ..config import ContinualConfig
+    from ..hub import exit_if_pushes_failed
     from ..lock import RunLock
     from ..metrics import a_last_scope, format_matrix, format_metric
     from ..trainer import ContinualTrainer
@@ -225,4 +226,5 @@ def run(recipe: ResNetRecipeArguments, training: ResNetTrainingArguments) -> dic
           f"{format_matrix(result.accuracy_matrix)}")
     print(f"A_last {format_metric(result.a_last)} (over {a_last_scope(result.unevaluated_tasks)})  A_avg "
           f"{format_metric(result.a_avg)}  forgetting {format_metric(result.forgetting)}  -> {path}")
+    exit_if_pushes_failed(trainer.failed_pushes)  # exit status 1, each retry command printed
     return record
