@@ -173,7 +173,7 @@ def _task_sizes(num_classes, num_tasks, initial_classes, classes_per_task) -> li
             )
         base, extra = divmod(num_classes, num_tasks)
         return [base + (1 if i < extra else 0) for i in range(num_tasks)]
-    step = classes_per_task or initial_classes
+    step = classes_per_task if classes_per_task is not None else initial_classes  # 0 is refused, not replaced
     if step is None:
         raise ValueError("Say how to cut the classes: pass `num_tasks=` or `initial_classes=` / `classes_per_task=`.")
     first = initial_classes if initial_classes is not None else step

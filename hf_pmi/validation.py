@@ -75,11 +75,21 @@ def check_distinct_prompts(names: list[str], prompt_ids, max_length: int) -> Non
     for name, ids in zip(names, prompt_ids.reshape(len(names), -1)):
         rows.setdefault(ids.numpy().tobytes(), []).append(name)
     same = [group for group in rows.values() if len(group) > 1]
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise ValidationError(
+            f"Class name(s) {repeated} occur more than once: each class needs a name of its own (CLIP classifies by "
+            f"name, so two classes with one name could never be told apart). Rename them, e.g. with class_names=[...] "
+            f"or by fixing the dataset's ClassLabel names, such as '{repeated[0]} (1)' and '{repeated[0]} (2)'; if they "
+            f"are one class, merge their labels."
+        )
     if same:
         raise ValidationError(
-            f"Class names {same[0]} give identical prompts once the tokenizer cuts them to {max_length} tokens, so "
-            f"the model could not tell them apart{f' ({len(same)} such groups)' if len(same) > 1 else ''}. Shorten "
-            f"the names (or the prompt template) so that they differ within the first {max_length} tokens."
+            f"Class names {same[0]} give identical prompts once the tokenizer cuts every prompt to {max_length} tokens: "
+            f"they differ only after the cut{f' ({len(same)} such groups)' if len(same) > 1 else ''}, so the model could "
+            f"not tell them apart. Make them differ early: put the distinguishing words first (rename the classes "
+            f"with class_names=[...]), or use a shorter prompt template (--template 'a {{}}.') so that more of each "
+            f"name fits."
         )
 
 
@@ -206,6 +216,8 @@ def check_task_loop_arguments(args) -> None:
             "load_best_model_at_end=True is not supported: there is no evaluation within a task to choose a best "
             "model by, and every task continues from the previous task's last weights. Drop --load_best_model_at_end."
         )
+    require(args.max_steps != 0, "max_steps", args.max_steps, "> 0 (steps per task) or -1 (train for "
+            "num_train_epochs instead)", "0 would not train at all: drop --max_steps to train by epochs.")
     if not args.do_train:
         raise ValidationError(
             "do_train=False is not supported: a continual run always learns its tasks. To evaluate a model "

@@ -248,3 +248,31 @@ def test_a_failed_push_exits_non_zero_with_the_retry_command(tmp_path, hub_clien
     err = capsys.readouterr().err
     assert "1 push(es) to the Hub failed" in err and "hf upload tester/failing" in err and "--revision task-0" in err
     assert (tmp_path / "out" / "task-0" / "continual_state.json").is_file()  # the local checkpoint is intact
+
+
+# ----- flags that would be silently reinterpreted, and advice that must be right ----------------------------------
+def test_zero_classes_per_task_or_zero_max_steps_are_refused(tmp_path, image_folder):
+    from hf_pmi.cli import main
+
+    common = ["train", "--model_name_or_path", "unused/model", "--data_dir", str(image_folder),
+              "--output_dir", str(tmp_path / "out")]
+    with pytest.raises(ValueError, match=r"max_steps=0 is invalid.*or -1.*drop --max_steps"):
+        main([*common, "--max_steps", "0"])
+    with pytest.raises(ValueError, match=r"classes_per_task=0 do not fit.*must be >= 1"):
+        main([*common, "--max_steps", "1", "--initial_classes", "1", "--classes_per_task", "0"])
+
+
+def test_duplicate_class_names_are_told_to_be_renamed_not_shortened(tmp_path, digits, processor):
+    from hf_pmi import ContinualCLIP, ContinualConfig, ContinualTrainer, split_class_incremental
+    from hf_pmi.testing import build_clip
+    from hf_pmi.validation import ValidationError
+
+    names = ["one"] + [f"digit {i}" for i in range(8)] + ["one"]
+    tasks = split_class_incremental(digits, num_tasks=2, seed=0, class_names=names)
+    with pytest.raises(ValidationError, match=r"\['one'\] occur more than once.*Rename them.*'one \(1\)'") as info:
+        ContinualTrainer(model=ContinualCLIP.from_clip(build_clip("tiny")), tasks=tasks, processing_class=processor,
+                         args=ContinualConfig(output_dir=str(tmp_path / "out"), method="finetune", max_steps=1))
+    assert "horten" not in str(info.value)
+    long = "a " * 80
+    with pytest.raises(ValidationError, match=r"differ only after the cut.*distinguishing words first"):
+        ContinualCLIP.from_clip(build_clip("tiny"), [long + "cat", long + "dog"], processor.tokenizer)
