@@ -381,7 +381,7 @@ def test_empty_class_names_are_refused(tmp_path, processor):
 def test_class_names_identical_after_truncation_are_refused_before_the_first_task(tmp_path, processor):
     long = "a very long class name that the tokenizer cuts before its end, number "
     names = [long + str(i) for i in range(10)]  # they differ beyond the 32 tokens of the tiny CLIP's prompts
-    refused(tmp_path, r"give identical prompts once the tokenizer cuts them to 32 tokens",
+    refused(tmp_path, r"give identical prompts once the tokenizer cuts every prompt to 32 tokens",
             lambda out: run(out, processor, split={"num_tasks": 5, "class_names": names}))
 
 
