@@ -133,3 +133,29 @@ class GroupedArgumentParser(HfArgumentParser):
                 groups[title] = self.add_argument_group(title)
             f.type = hints[f.name]
             self._parse_dataclass_field(groups[title], f)
+
+
+def parse_flags(parser: HfArgumentParser, argv: Sequence[str] | None) -> tuple:
+    """``parser.parse_args_into_dataclasses(argv)``, where flags the parser does not know end in a usage error
+    (exit status 2) that names them and the closest known flag, instead of a traceback.
+
+    Example:
+        >>> from hf_pmi.config import ContinualConfig
+        >>> parse_flags(HfArgumentParser([ContinualConfig]), ["--output_dir", "o", "--lerning_rate", "1"])
+        Traceback (most recent call last):
+        ...
+        SystemExit: 2
+    """
+    import difflib
+
+    *parsed, rest = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+    if rest:
+        known = [f"--{f.name}" for dtype in parser.dataclass_types for f in dataclasses.fields(dtype)]
+        unknown = [a.split("=", 1)[0] for a in rest if a.startswith("-")] or rest
+        hints = []
+        for flag in unknown:
+            close = difflib.get_close_matches(flag, known, n=1, cutoff=0.75)
+            hints.append(f"{flag}" + (f" (did you mean {close[0]}?)" if close else ""))
+        parser.error(f"unknown flag{'s' if len(unknown) > 1 else ''} {', '.join(hints)}. `--help` lists the flags; "
+                     f"a method's own flags exist only with its --method.")
+    return tuple(parsed)

@@ -25,7 +25,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from .arguments import GroupedArgumentParser, flag_dataclasses, from_flags
+from .arguments import GroupedArgumentParser, flag_dataclasses, from_flags, parse_flags
 from .blocks import layers_below_pattern
 from .config import DEFAULT_METHOD, ContinualConfig
 from .data import load_image_dataset, read_class_order
@@ -191,7 +191,7 @@ def parse_run_args(argv: list[str] | None = None, parts: tuple[type, ...] = (Rec
     parser = GroupedArgumentParser(classes, prog=prog, last_groups=[ContinualConfig.default_flag_group])
     dests = {f.name for cls in classes for f in dataclasses.fields(cls)}
     parser.set_defaults(**{k: v for k, v in defaults.items() if k in dests})
-    parsed = list(parser.parse_args_into_dataclasses(argv))
+    parsed = list(parse_flags(parser, argv))  # an unknown flag: a usage error naming it and the closest one
     out = []
     for part, group in zip((*parts, ContinualConfig, config_cls), groups):
         out.append(_built(part, parsed[: len(group)]))

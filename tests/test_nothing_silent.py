@@ -276,3 +276,28 @@ def test_duplicate_class_names_are_told_to_be_renamed_not_shortened(tmp_path, di
     long = "a " * 80
     with pytest.raises(ValidationError, match=r"differ only after the cut.*distinguishing words first"):
         ContinualCLIP.from_clip(build_clip("tiny"), [long + "cat", long + "dog"], processor.tokenizer)
+
+
+def test_hf_pmi_eval_on_a_resnet_task_folder_gives_resnet_advice(resnet_task):
+    from hf_pmi.cli import main
+
+    with pytest.raises(ValueError, match=r"BatchNorm classifier's run \(ResNet\).*pipeline\(\"image-classification\"") as info:
+        main(["eval", "--checkpoint", resnet_task, "--data_dir", "unused"])
+    assert "from_clip" not in str(info.value)
+
+
+def test_an_unknown_flag_is_a_usage_error_naming_it_and_the_closest_flag(tmp_path, capsys):
+    from hf_pmi.cli import main
+    from hf_pmi.resnet.recipe import parse_args
+
+    with pytest.raises(SystemExit) as info:
+        main(["train", "--output_dir", str(tmp_path), "--lerning_rate", "0.1"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "unknown flag --lerning_rate (did you mean --learning_rate?)" in err and "Traceback" not in err
+    with pytest.raises(SystemExit):
+        main(["eval", "--checkpoint", "x", "--tset_split", "test"])
+    assert "did you mean --test_split?" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parse_args(["--output_dir", str(tmp_path), "--num_taks", "5"])
+    assert "did you mean --num_tasks?" in capsys.readouterr().err

@@ -144,13 +144,15 @@ def parse_args(argv: list[str] | None = None, defaults: dict[str, Any] | None = 
     `defaults` (flag name -> value) in place of the dataclasses' own."""
     from transformers import HfArgumentParser
 
+    from ..arguments import parse_flags
+
     parser = HfArgumentParser((ResNetRecipeArguments, ResNetTrainingArguments), prog=prog)
     known = {f.name for cls in (ResNetRecipeArguments, ResNetTrainingArguments) for f in dataclasses.fields(cls)}
     unknown = sorted(set(defaults or {}) - known)
     if unknown:
         raise ValueError(f"Recipe defaults name unknown flags {unknown}; the flags are {sorted(known)}.")
     parser.set_defaults(**(defaults or {}))
-    recipe, training = parser.parse_args_into_dataclasses(args=argv)
+    recipe, training = parse_flags(parser, argv)  # an unknown flag: a usage error naming it and the closest one
     return recipe, training
 
 
