@@ -144,6 +144,31 @@ def read_json(path: str) -> dict:
     return obj
 
 
+def save_safetensors(tensors: dict, path: str, metadata: dict[str, str] | None = None) -> None:
+    """`safetensors.torch.save_file`, but byte-for-byte reproducible: safetensors writes the metadata in the order
+    of a hash map, which differs from process to process when there are several keys, so equal tensors gave files
+    with different checksums. The header is rewritten with sorted keys (same length, same offsets).
+
+    Example:
+        >>> import os, tempfile, torch
+        >>> path = os.path.join(tempfile.mkdtemp(), "t.safetensors")
+        >>> save_safetensors({"x": torch.zeros(2)}, path, {"format": "pt", "block": "3"})
+        >>> open(path, "rb").read()[8:52]
+        b'{"__metadata__":{"block":"3","format":"pt"},'
+    """
+    import struct
+
+    from safetensors.torch import save
+
+    data = save(tensors, metadata=metadata)
+    (size,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + size])
+    ordered = json.dumps(header, sort_keys=True, separators=(",", ":")).encode("utf-8")
+    ordered += b" " * (size - len(ordered))  # safetensors pads the header with spaces: keep its length
+    with open(path, "wb") as f:
+        f.write(data[:8] + ordered + data[8 + size :])
+
+
 def load_safetensors(path: str) -> dict:
     """The tensors of the safetensors file `path`; an unreadable file raises `CheckpointFileError` naming it."""
     from safetensors.torch import load_file

@@ -301,3 +301,16 @@ def test_an_unknown_flag_is_a_usage_error_naming_it_and_the_closest_flag(tmp_pat
     with pytest.raises(SystemExit):
         parse_args(["--output_dir", str(tmp_path), "--num_taks", "5"])
     assert "did you mean --num_tasks?" in capsys.readouterr().err
+
+
+def test_replay_buffers_of_equal_tensors_are_equal_files(tmp_path):
+    """safetensors orders metadata by a hash map seeded anew for each save: the bytes are normalised (#31)."""
+    from hf_pmi.synthesis import load_buffer, save_buffer
+
+    files = set()
+    for i in range(12):  # each save draws a new hash order: twelve saves hit both orders of two keys
+        save_buffer(str(tmp_path / f"b{i}.safetensors"), torch.ones(2, 3), torch.tensor([0, 1]), torch.zeros(2, 4), 2)
+        files.add((tmp_path / f"b{i}.safetensors").read_bytes())
+    assert len(files) == 1
+    samples, labels, targets, block = load_buffer(str(tmp_path / "b0.safetensors"))
+    assert block == 2 and samples.shape == (2, 3) and labels.tolist() == [0, 1]
