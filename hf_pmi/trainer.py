@@ -64,7 +64,7 @@ from .seeding import task_seed
 from .tracking import ContinualCallbackHandler, summary_line, task_metrics
 from .trainer_hub import ContinualHubMixin, card_state, continued_args
 from .validation import (check_checkpoint_prompts, check_distinct_prompts, check_output_dir_writable,
-                         check_processor_fits, check_templates, check_training_settings)
+                         check_processor_fits, check_same_processor, check_templates, check_training_settings)
 
 logger = get_logger()
 __all__ = ["ContinualResult", "ContinualTrainer", "latest_task_checkpoint"]
@@ -338,6 +338,7 @@ class ContinualTrainer(ContinualHubMixin, Trainer):
         model = ContinualCLIP.from_pretrained(folder)
         restore_trainable(model, state.get("trainable_parameters"), folder)
         _refuse_known_classes(model.class_names, tasks, path_or_repo_id)
+        check_same_processor(folder, processing_class, path_or_repo_id)  # another size/normalisation: refused
         if processing_class is None:
             from transformers import AutoProcessor
 
@@ -370,6 +371,7 @@ class ContinualTrainer(ContinualHubMixin, Trainer):
         verify_checksums(folder, state.get("checksums"))  # before anything is built from it (the run loads the pool)
         model = AutoModelForImageClassification.from_pretrained(folder)
         _refuse_known_classes(model.config.id2label.values(), tasks, source)
+        check_same_processor(folder, processing_class, source)
         if processing_class is None and os.path.isfile(os.path.join(folder, "preprocessor_config.json")):
             processing_class = AutoImageProcessor.from_pretrained(folder)
         args = continued_args(args, state, source)

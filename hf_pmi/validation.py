@@ -404,3 +404,37 @@ def check_named_splits(data, train_split: str, test_split: str | None) -> None:
             f"--test_split (test_split=), e.g. --test_split {(close or others)[0]}; a share of the training split is "
             f"held out (--test_size) only for data that has no split but {train_split!r}."
         )
+
+
+#: Image-processor settings a model is trained under: a continuation must prepare images the same way.
+PROCESSOR_SETTINGS = ("size", "crop_size", "image_mean", "image_std", "rescale_factor", "do_normalize", "do_center_crop")
+
+
+def check_same_processor(folder: str, processing_class, where: str) -> None:
+    """A processor passed to continue a checkpoint must prepare images as the checkpoint's own did (its
+    ``preprocessor_config.json``, or the image processor in ``processor_config.json``): another size or
+    normalisation silently costs the old classes' accuracy."""
+    import json as _json
+
+    from .integrity import read_json
+
+    if processing_class is None:
+        return
+    if os.path.isfile(os.path.join(folder, "preprocessor_config.json")):  # an image processor saved on its own
+        saved = read_json(os.path.join(folder, "preprocessor_config.json"))
+    elif os.path.isfile(os.path.join(folder, "processor_config.json")):  # a processor (transformers v5: one file)
+        saved = read_json(os.path.join(folder, "processor_config.json")).get("image_processor") or {}
+    else:
+        return
+    given = getattr(processing_class, "image_processor", processing_class)
+    given = given.to_dict() if hasattr(given, "to_dict") else {}
+    given = _json.loads(_json.dumps({k: given[k] for k in PROCESSOR_SETTINGS if k in given}, default=str))
+    differ = {key: (saved[key], given[key]) for key in PROCESSOR_SETTINGS if key in saved and key in given
+              and saved[key] != given[key]}
+    if differ:
+        details = "; ".join(f"{k}: checkpoint {a}, given {b}" for k, (a, b) in differ.items())
+        raise ValidationError(
+            f"The processor passed to continue {where} prepares images differently from the checkpoint's own ({details}). "
+            f"Its model learned on images prepared the checkpoint's way, so old classes would lose accuracy silently. "
+            f"Leave processing_class out (the checkpoint's processor is used), or pass one with the same settings."
+        )

@@ -167,3 +167,15 @@ def test_a_changed_task_state_is_refused_by_every_door(run_copy):
         ContinualTrainer.from_pretrained(str(task), tasks=["a new digit"], args=args_for(run_copy.parent / "c"))
     with pytest.raises(ChecksumError, match=r"continual_state\.json is corrupt"):
         main(["eval", "--checkpoint", str(task)])
+
+
+def test_continuing_a_clip_task_with_another_normalisation_is_refused(run_copy, processor):
+    import copy
+
+    from hf_pmi.validation import ValidationError
+
+    other = copy.deepcopy(processor)
+    other.image_processor.image_std = [0.5, 0.5, 0.5]
+    with pytest.raises(ValidationError, match=r"image_std: checkpoint .*given \[0.5, 0.5, 0.5\]"):
+        ContinualTrainer.from_pretrained(str(run_copy / "task-1"), tasks=["a new digit"],
+                                         args=args_for(run_copy.parent / "c"), processing_class=other)

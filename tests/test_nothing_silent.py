@@ -314,3 +314,26 @@ def test_replay_buffers_of_equal_tensors_are_equal_files(tmp_path):
     assert len(files) == 1
     samples, labels, targets, block = load_buffer(str(tmp_path / "b0.safetensors"))
     assert block == 2 and samples.shape == (2, 3) and labels.tolist() == [0, 1]
+
+
+# ----- a continuation that would prepare images differently from the checkpoint ------------------------------------
+def test_continuing_a_resnet_task_with_another_processor_is_refused(tmp_path, resnet_task):
+    from test_resnet_trainer import args, colours
+
+    from transformers import ViTImageProcessorPil
+
+    from hf_pmi import ContinualTrainer, split_class_incremental
+    from hf_pmi.validation import ValidationError
+
+    new = split_class_incremental(colours(["cyan", "magenta"]), num_tasks=1, seed=None)
+    with pytest.raises(ValidationError, match=r"prepares images differently.*size: checkpoint \{'height': 8, 'width': 8\}"
+                                              r", given \{'height': 16, 'width': 16\}.*Leave processing_class out"):
+        ContinualTrainer.from_pretrained(resnet_task, tasks=new, args=args(tmp_path / "b", "finetune"),
+                                         processing_class=ViTImageProcessorPil(size={"height": 16, "width": 16}))
+    with pytest.raises(ValidationError, match=r"image_mean: checkpoint \[0.5, 0.5, 0.5\], given \[0.1, 0.2, 0.3\]"):
+        ContinualTrainer.from_pretrained(resnet_task, tasks=new, args=args(tmp_path / "b", "finetune"),
+                                         processing_class=ViTImageProcessorPil(size={"height": 8, "width": 8},
+                                                                               image_mean=[0.1, 0.2, 0.3]))
+    from hf_pmi.validation import check_same_processor
+
+    check_same_processor(resnet_task, ViTImageProcessorPil(size={"height": 8, "width": 8}), "it")  # the same: fine
