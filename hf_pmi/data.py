@@ -40,6 +40,7 @@ from .validation import (
     check_labels_match_names,
     check_named_splits,
     check_test_split,
+    warn_unscored_classes,
 )
 
 AnyDataset = Dataset | IterableDataset
@@ -280,6 +281,7 @@ def split_class_incremental(
     check_labels_match_names(train, label_column, names, class_names is not None)
     if test is not None:
         test = align_test_labels(test, train, label_column, names)  # by class name, not by id
+        warn_unscored_classes(test, label_column, names)  # a class without test data is never scored: say so
     if image_column not in (train.features or {image_column: None}):
         raise ValueError(
             f"The dataset has no image column {image_column!r} (columns: {sorted(train.features)}); "

@@ -438,3 +438,23 @@ def check_same_processor(folder: str, processing_class, where: str) -> None:
             f"Its model learned on images prepared the checkpoint's way, so old classes would lose accuracy silently. "
             f"Leave processing_class out (the checkpoint's processor is used), or pass one with the same settings."
         )
+
+
+def warn_unscored_classes(test, label_column: str, names: list[str]) -> list[str]:
+    """Warn (`UserWarning`) about training classes without a single test example: they are never scored, so
+    every accuracy covers the other classes only. Returns their names (none for streamed test data)."""
+    import warnings
+
+    labels = _label_array(test, label_column)
+    if labels is None:
+        return []
+    present = {int(y) for y in np.unique(labels)}
+    missing = [name for i, name in enumerate(names) if i not in present]
+    if missing:
+        warnings.warn(
+            f"{len(missing)} class(es) have no test examples and are never scored: {missing[:10]}"
+            f"{' ...' if len(missing) > 10 else ''}. Every accuracy (A_last, the accuracy matrix) covers the other "
+            f"classes only. Add test images for them, or drop them from the training data.",
+            UserWarning, stacklevel=3,
+        )
+    return missing

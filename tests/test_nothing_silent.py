@@ -337,3 +337,15 @@ def test_continuing_a_resnet_task_with_another_processor_is_refused(tmp_path, re
     from hf_pmi.validation import check_same_processor
 
     check_same_processor(resnet_task, ViTImageProcessorPil(size={"height": 8, "width": 8}), "it")  # the same: fine
+
+
+def test_a_class_without_test_examples_is_named_in_a_warning(digits):
+    from hf_pmi import split_class_incremental
+
+    names = digits["test"].features["label"].names
+    data = dict(digits)
+    data["test"] = digits["test"].filter(lambda y: y != 3, input_columns="label")
+    from datasets import DatasetDict
+
+    with pytest.warns(UserWarning, match=rf"1 class\(es\) have no test examples and are never scored: \['{names[3]}'\]"):
+        split_class_incremental(DatasetDict(data), num_tasks=2, seed=0)
