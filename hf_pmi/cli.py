@@ -4,7 +4,8 @@
         --label_column fine_label --num_tasks 10 --method pmi
     hf-pmi eval --checkpoint runs/cifar/task-9 --dataset_name uoft-cs/cifar100 --image_column img \\
         --label_column fine_label
-    hf-pmi train --method pmi --help      # every flag, by group: recipe, continual run, pmi's config, Trainer
+    hf-pmi train --help                   # the common flags
+    hf-pmi train --method pmi --help-all  # every flag, by group: recipe, continual run, pmi's config, Trainer
     hf-pmi --version
 
 ``train`` takes the flags of `hf_pmi.recipe.RecipeArguments`, `ContinualConfig` and the config of the

@@ -22,10 +22,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import sys
 from dataclasses import dataclass, field
 from typing import Any
 
-from .arguments import GroupedArgumentParser, flag_dataclasses, from_flags, parse_flags
+from .arguments import GroupedArgumentParser, flag_dataclasses, from_flags, parse_flags, short_help
 from .blocks import layers_below_pattern
 from .config import DEFAULT_METHOD, ContinualConfig
 from .data import load_image_dataset, read_class_order
@@ -188,7 +189,14 @@ def parse_run_args(argv: list[str] | None = None, parts: tuple[type, ...] = (Rec
     config_cls = method_class(method).config_class
     groups = [_parser_classes(part) for part in (*parts, ContinualConfig, config_cls)]
     classes = [cls for group in groups for cls in group]
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "-h" in argv or "--help" in argv:  # the common flags; every flag with --help-all
+        print(short_help(prog, classes, {"method": DEFAULT_METHOD, **(defaults or {})}))
+        raise SystemExit(0)
     parser = GroupedArgumentParser(classes, prog=prog, last_groups=[ContinualConfig.default_flag_group])
+    if "--help-all" in argv:
+        parser.print_help()
+        raise SystemExit(0)
     dests = {f.name for cls in classes for f in dataclasses.fields(cls)}
     parser.set_defaults(**{k: v for k, v in defaults.items() if k in dests})
     parsed = list(parse_flags(parser, argv))  # an unknown flag: a usage error naming it and the closest one
