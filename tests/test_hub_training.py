@@ -105,7 +105,7 @@ def test_push_per_task_reload_each_revision_and_continue(tmp_path, hub_client, d
 
 def test_refused_upload_keeps_training_and_logs_how_to_retry(tmp_path, hub_client, digits, processor, caplog):
     old, _ = first_tasks(digits)
-    hub_client.fail_next_commits(1)  # the push of task-0 is refused
+    hub_client.fail_next_commits(3)  # the push of task-0 is refused, and its two retries
     trainer = ContinualTrainer(model=ContinualCLIP.from_clip(build_clip("tiny")), args=args_for(tmp_path, "run"),
                                tasks=old, processing_class=processor, method_config=FAST_PMI)
     with caplog.at_level(logging.ERROR, logger="hf_pmi"):

@@ -239,7 +239,7 @@ def clip_folder(tmp_path):
 def test_a_failed_push_exits_non_zero_with_the_retry_command(tmp_path, hub_client, clip_folder, image_folder, capsys):
     from hf_pmi.cli import main
 
-    hub_client.fail_next_commits(1)  # the push of task-0 is refused
+    hub_client.fail_next_commits(3)  # the push of task-0 is refused, and its two retries
     with pytest.raises(SystemExit) as info:
         main(["train", "--model_name_or_path", str(clip_folder), "--data_dir", str(image_folder), "--num_tasks", "1",
               "--output_dir", str(tmp_path / "out"), "--max_steps", "1", "--method", "finetune", "--lora_r", "2",
