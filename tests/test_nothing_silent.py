@@ -349,3 +349,20 @@ def test_a_class_without_test_examples_is_named_in_a_warning(digits):
 
     with pytest.warns(UserWarning, match=rf"1 class\(es\) have no test examples and are never scored: \['{names[3]}'\]"):
         split_class_incremental(DatasetDict(data), num_tasks=2, seed=0)
+
+
+def test_a_corrupt_resnet_task_on_the_hub_is_refused_by_automodel(tmp_path, hub_client, resnet_task):
+    import shutil
+
+    from huggingface_hub import HfApi
+    from transformers import AutoModelForImageClassification
+
+    api = HfApi(endpoint=hub_client.url)
+    _upload(api, "me/r32", resnet_task, "task 0")
+    assert AutoModelForImageClassification.from_pretrained("me/r32").config.id2label[0] == "cat"  # intact: loads
+    bad = tmp_path / "bad"
+    shutil.copytree(resnet_task, bad)
+    flip_a_bit(bad / "model.safetensors")
+    _upload(api, "me/r32-bad", bad, "a corrupt upload")
+    with pytest.raises(ChecksumError, match=r"model\.safetensors is corrupt.*hf cache delete"):
+        AutoModelForImageClassification.from_pretrained("me/r32-bad")
