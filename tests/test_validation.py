@@ -406,7 +406,8 @@ def test_a_processor_of_another_image_size_is_refused_on_continue_and_resume(tmp
     out = copy_run(finished_run, tmp_path)
     refused(tmp_path, r"makes 64x64 images but the model takes 32x32.*AutoProcessor\.from_pretrained",
             lambda o: run(o, big, resume=True), out=out)
-    with pytest.raises(ValueError, match=r"makes 64x64 images but the model takes 32x32"):
+    # continuing: refused as a processor other than the checkpoint's own (#31), before the size check
+    with pytest.raises(ValueError, match=r"prepares images differently.*given \{'shortest_edge': 64\}"):
         ContinualTrainer.from_pretrained(str(finished_run / "task-1"), tasks=["a new digit"], processing_class=big,
                                          args=make_args(tmp_path / "continued", method="finetune"))
 
