@@ -133,3 +133,72 @@ class GroupedArgumentParser(HfArgumentParser):
                 groups[title] = self.add_argument_group(title)
             f.type = hints[f.name]
             self._parse_dataclass_field(groups[title], f)
+
+
+def parse_flags(parser: HfArgumentParser, argv: Sequence[str] | None) -> tuple:
+    """``parser.parse_args_into_dataclasses(argv)``, where flags the parser does not know end in a usage error
+    (exit status 2) that names them and the closest known flag, instead of a traceback.
+
+    Example:
+        >>> from hf_pmi.config import ContinualConfig
+        >>> parse_flags(HfArgumentParser([ContinualConfig]), ["--output_dir", "o", "--lerning_rate", "1"])
+        Traceback (most recent call last):
+        ...
+        SystemExit: 2
+    """
+    import difflib
+
+    *parsed, rest = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+    if rest:
+        known = [f"--{f.name}" for dtype in parser.dataclass_types for f in dataclasses.fields(dtype)]
+        unknown = [a.split("=", 1)[0] for a in rest if a.startswith("-")] or rest
+        hints = []
+        for flag in unknown:
+            close = difflib.get_close_matches(flag, known, n=1, cutoff=0.75)
+            hints.append(f"{flag}" + (f" (did you mean {close[0]}?)" if close else ""))
+        parser.error(f"unknown flag{'s' if len(unknown) > 1 else ''} {', '.join(hints)}. `--help` lists the flags; "
+                     f"a method's own flags exist only with its --method.")
+    return tuple(parsed)
+
+
+#: The flags ``--help`` shows (the rest is behind ``--help-all``): what most runs set.
+COMMON_FLAGS = ("output_dir", "model_name_or_path", "dataset_name", "data_dir", "test_split", "num_tasks", "method",
+                "seed", "max_steps", "num_train_epochs", "learning_rate", "per_device_train_batch_size", "lora_r",
+                "resume_from_checkpoint", "push_to_hub", "hub_model_id", "report_to")
+
+
+def short_help(prog: str | None, classes: Sequence[type], defaults: dict[str, Any] | None = None,
+               common: Sequence[str] = COMMON_FLAGS) -> str:
+    """The short ``--help`` of a run: the `common` flags of `classes` (dataclasses) with their help and default
+    (a recipe's `defaults` first), then how to see every flag (``--help-all``).
+
+    Example:
+        >>> from hf_pmi.config import ContinualConfig
+        >>> text = short_help("hf-pmi train", [ContinualConfig])
+        >>> "--method" in text and "--help-all" in text and text.count("\\n") < 60
+        True
+    """
+    import argparse
+
+    fields = {}
+    for dtype in classes:
+        for f in dataclasses.fields(dtype):
+            fields.setdefault(f.name, f)
+    total = len(fields)
+    parser = argparse.ArgumentParser(prog=prog, add_help=False, usage="%(prog)s --output_dir DIR [--flag value ...]",
+                                     description="The common flags (the rest: --help-all):")
+    for name in common:
+        f = fields.get(name)
+        if f is None:
+            continue
+        if defaults and name in defaults:
+            default = defaults[name]
+        elif f.default is not dataclasses.MISSING:
+            default = f.default
+        else:
+            default = "required" if f.default_factory is dataclasses.MISSING else f.default_factory()
+        text = " ".join(str(f.metadata.get("help", "")).split())
+        text = text if len(text) < 160 else text[:157].rsplit(" ", 1)[0] + "..."
+        parser.add_argument(f"--{name}", metavar="V", help=f"{text} (default: {default})".replace("%", "%%"))
+    return parser.format_help() + (f"\n--help-all lists all {total} flags by group (the run's, the method's of --method, "
+                                   f"and transformers' TrainingArguments).\n")

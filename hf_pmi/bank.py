@@ -28,7 +28,6 @@ Example:
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,7 +39,7 @@ from torch import nn
 from .contrastive import ContrastiveModel, gaussian_sample, sample_class_features
 from .contrastive import train_contrastive as fit_contrastive
 from .checkpoint import task_checksums
-from .integrity import load_safetensors, read_json, sha256_file, verify_checksums
+from .integrity import load_safetensors, read_json, sha256_file, verify_checksums, write_json
 from .resolve import is_pickle_name, resolve_pretrained_folder
 from .statistics import LayerStatistics, collect_statistics_and_features
 from .validation import ValidationError, require_count
@@ -326,7 +325,7 @@ class FeatureBank:
         }
         save_file(self.to_tensors(), str(save_directory / WEIGHTS_NAME), metadata={"format": "pt"})
         config["checksums"] = {WEIGHTS_NAME: sha256_file(str(save_directory / WEIGHTS_NAME))}  # verified on load
-        (save_directory / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+        write_json(str(save_directory / CONFIG_NAME), config, seal=True)  # its own sha256 too: read_json verifies it
 
     @classmethod
     def from_pretrained(

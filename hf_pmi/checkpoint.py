@@ -17,11 +17,11 @@ Example:
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import asdict, dataclass, field
 
-from .integrity import read_json
+from .integrity import read_json, verify_checksums
+from .integrity import write_json as integrity_write_json
 from .metrics import format_matrix
 
 STATE_NAME = "continual_state.json"
@@ -40,14 +40,15 @@ class ContinualResult:
     counts: list[int]
     a_last: float
     a_avg: float
-    forgetting: float
-    bwt: float
+    forgetting: float | None  # None: no earlier task was evaluated (a continued checkpoint's run)
+    bwt: float | None
     all_seen_accuracy: list[float]
     old_class_accuracy: list[float | None]
     new_class_accuracy: list[float]
     wall_seconds: float
     task_seconds: list[float] = field(default_factory=list)
     method_logs: list[dict] = field(default_factory=list)
+    unevaluated_tasks: list[int] = field(default_factory=list)  # seen tasks A_last does not cover
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -64,11 +65,10 @@ class ContinualResult:
 
 
 def write_json(path: str, obj) -> None:
-    """Write `obj` as JSON to `path` atomically (a temporary file renamed into place)."""
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
+    """Write `obj` as JSON to `path` atomically (a temporary file renamed into place). A task state
+    (``continual_state.json``) is sealed: it records its own sha256, verified whenever it is read
+    (`hf_pmi.integrity.read_json`), since it lists the checksums of every other file."""
+    integrity_write_json(path, obj, seal=os.path.basename(path) == STATE_NAME)
 
 
 def read_state(folder: str) -> dict:
@@ -88,6 +88,53 @@ def task_checksums(folder: str) -> dict[str, str] | None:
             return None
     recorded = read_state(task).get("checksums") or {}
     return {rel[len(prefix):]: digest for rel, digest in recorded.items() if rel.startswith(prefix)}
+
+
+def verify_task_folder(path_or_repo_id, revision: str | None = None, *, token=None, cache_dir=None,
+                       subfolder: str | None = None) -> bool:
+    """Verify what a model loader reads from a finished task folder (a local folder or a Hub repo at
+    `revision`) against the checksums its ``continual_state.json`` records: ``config.json`` (classes,
+    ``id2label``), the weights and ``preprocessor_config.json``, and the state itself (it is sealed).
+    Returns False, checking nothing, where there is no task state (a plain model folder or repo).
+
+    hf_pmi's own loaders call it (e.g. `hf_pmi.resnet.ResNet32ForImageClassification.from_pretrained`,
+    which ``AutoModelForImageClassification`` and ``pipeline("image-classification", ...)`` use). Call it
+    before loading a task folder with a class hf_pmi does not own (e.g. transformers' ``ResNetForImageClassification``).
+
+    Raises:
+        hf_pmi.integrity.ChecksumError: a file differs from the one written with the task, naming it and the fix.
+
+    Example:
+        >>> verify_task_folder("runs/task-3")  # doctest: +SKIP
+        True
+    """
+    path = os.fspath(path_or_repo_id)
+    if os.path.isdir(path):
+        folder = os.path.join(path, subfolder) if subfolder else path
+        if not os.path.isfile(os.path.join(folder, STATE_NAME)):
+            return False
+        recorded = read_state(folder).get("checksums") or {}
+        verify_checksums(folder, {rel: digest for rel, digest in recorded.items() if "/" not in rel})
+        return True
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import (EntryNotFoundError, HFValidationError, RepositoryNotFoundError,
+                                        RevisionNotFoundError)
+
+    kwargs = {"revision": revision, "token": token, "cache_dir": cache_dir, "subfolder": subfolder}
+    try:
+        state_file = hf_hub_download(path, STATE_NAME, **kwargs)
+    except (EntryNotFoundError, HFValidationError, RepositoryNotFoundError, RevisionNotFoundError):
+        return False  # not a task of an hf_pmi run, or no such repo: the model loader says what is wrong
+    folder = os.path.dirname(state_file)
+    recorded = {rel: digest for rel, digest in (read_state(folder).get("checksums") or {}).items()
+                if "/" not in rel and not rel.startswith("replay_state")}  # what a model loader reads
+    for rel in recorded:
+        try:
+            hf_hub_download(path, rel, **kwargs)  # into the same snapshot; the model loader reuses it
+        except EntryNotFoundError:
+            pass  # verify_checksums names the missing file
+    verify_checksums(folder, recorded)
+    return True
 
 
 def finished_tasks(output_dir: str) -> list[str]:

@@ -4,7 +4,8 @@
         --label_column fine_label --num_tasks 10 --method pmi
     hf-pmi eval --checkpoint runs/cifar/task-9 --dataset_name uoft-cs/cifar100 --image_column img \\
         --label_column fine_label
-    hf-pmi train --method pmi --help      # every flag, by group: recipe, continual run, pmi's config, Trainer
+    hf-pmi train --help                   # the common flags
+    hf-pmi train --method pmi --help-all  # every flag, by group: recipe, continual run, pmi's config, Trainer
     hf-pmi --version
 
 ``train`` takes the flags of `hf_pmi.recipe.RecipeArguments`, `ContinualConfig` and the config of the
@@ -94,6 +95,7 @@ def evaluate_checkpoint(opts: EvalArguments) -> dict:
     state = read_state(folder) if os.path.isfile(os.path.join(folder, STATE_NAME)) else None
     if state is not None:
         verify_checksums(folder, state.get("checksums"))  # the processor's files too, not only the model's
+        refuse_batchnorm_task(state, opts.checkpoint)
     model = ContinualCLIP.from_pretrained(folder).eval()
     processor = AutoProcessor.from_pretrained(folder)
     recipe = RecipeArguments(dataset_name=opts.dataset_name, dataset_config=opts.dataset_config,
@@ -126,10 +128,26 @@ def evaluate_checkpoint(opts: EvalArguments) -> dict:
     return scores
 
 
+def refuse_batchnorm_task(state: dict, checkpoint: str) -> None:
+    """`hf-pmi eval` scores CLIP checkpoints: a BatchNorm classifier's task folder (ResNet) gets its own advice."""
+    from .resnet.checkpoint import FORMAT as BN_TASK_FORMAT
+
+    if state.get("format") == BN_TASK_FORMAT:
+        raise ValueError(
+            f"{checkpoint} is a task of a BatchNorm classifier's run (ResNet), and `hf-pmi eval` scores CLIP "
+            f"checkpoints. Its test accuracy after every task is in its continual_state.json (accuracy_matrix); to "
+            f"score it on other data, load it with `import hf_pmi.resnet` then "
+            f"`pipeline(\"image-classification\", model={checkpoint!r})` (or AutoModelForImageClassification), "
+            f"which verifies its files first."
+        )
+
+
 def evaluate(argv: list[str]) -> dict:
     from transformers import HfArgumentParser
 
-    (opts,) = HfArgumentParser(EvalArguments, prog="hf-pmi eval").parse_args_into_dataclasses(argv)
+    from .arguments import parse_flags
+
+    (opts,) = parse_flags(HfArgumentParser(EvalArguments, prog="hf-pmi eval"), argv)
     scores = evaluate_checkpoint(opts)
     text = json.dumps(scores, indent=2)
     print(text)

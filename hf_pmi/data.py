@@ -38,7 +38,9 @@ from .validation import (
     check_class_names,
     check_images,
     check_labels_match_names,
+    check_named_splits,
     check_test_split,
+    warn_unscored_classes,
 )
 
 AnyDataset = Dataset | IterableDataset
@@ -141,7 +143,8 @@ def load_image_dataset(dataset_name: str | None = None, dataset_config: str | No
                        test_size: float = 0.2, label_column: str = "label", seed: int = 0):
     """A labelled image dataset from a Hub id or a local image folder (``<data_dir>/{train,test}/<class>/*``,
     which wins), with a test split held out of `train_split` (stratified by `label_column`, seeded) when it
-    has none and ``test_size > 0``."""
+    has no split but `train_split` and ``test_size > 0``. A `train_split` or `test_split` the data does not
+    have, where the data has other splits, is refused naming them (a typo never tests on training images)."""
     from datasets import load_dataset
 
     if data_dir:
@@ -153,7 +156,8 @@ def load_image_dataset(dataset_name: str | None = None, dataset_config: str | No
         data = load_dataset(dataset_name, dataset_config, streaming=streaming)
     else:
         raise ValueError("Name the data: --dataset_name <Hub id> or --data_dir <local image folder>.")
-    if isinstance(data, DatasetDict) and test_split not in data and test_size > 0:
+    check_named_splits(data, train_split, test_split)  # a misspelt split is refused, never replaced by a hold-out
+    if isinstance(data, DatasetDict) and test_split and test_split not in data and test_size > 0:
         split = data[train_split].train_test_split(test_size=test_size, seed=seed, stratify_by_column=label_column)
         data = DatasetDict({train_split: split["train"], test_split: split["test"]})
     return data
@@ -170,7 +174,7 @@ def _task_sizes(num_classes, num_tasks, initial_classes, classes_per_task) -> li
             )
         base, extra = divmod(num_classes, num_tasks)
         return [base + (1 if i < extra else 0) for i in range(num_tasks)]
-    step = classes_per_task or initial_classes
+    step = classes_per_task if classes_per_task is not None else initial_classes  # 0 is refused, not replaced
     if step is None:
         raise ValueError("Say how to cut the classes: pass `num_tasks=` or `initial_classes=` / `classes_per_task=`.")
     first = initial_classes if initial_classes is not None else step
@@ -277,6 +281,7 @@ def split_class_incremental(
     check_labels_match_names(train, label_column, names, class_names is not None)
     if test is not None:
         test = align_test_labels(test, train, label_column, names)  # by class name, not by id
+        warn_unscored_classes(test, label_column, names)  # a class without test data is never scored: say so
     if image_column not in (train.features or {image_column: None}):
         raise ValueError(
             f"The dataset has no image column {image_column!r} (columns: {sorted(train.features)}); "

@@ -21,10 +21,13 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import os
 import shlex
+import sys
 import threading
-from concurrent.futures import Future, ThreadPoolExecutor
+import time
+from concurrent.futures import Future
 from dataclasses import dataclass
 
 from .log import get_logger
@@ -208,10 +211,9 @@ def _retry_instructions(folder: str, repo_id: str, task_id, endpoint: str | None
     return cmd, python
 
 
-def _push(folder: str, repo_id: str, task_id, token, endpoint, update_main: bool) -> PushResult:
+def _push(folder: str, repo_id: str, task_id, token, endpoint, update_main: bool, result: PushResult):
+    """One attempt; returns ``(error, step)`` (None on success) and fills `result`."""
     branch = f"task-{task_id}"
-    cmd, python = _retry_instructions(folder, repo_id, task_id, endpoint, update_main)
-    result = PushResult(ok=False, repo_id=repo_id, branch=branch, folder=folder, retry_command=cmd, retry_python=python)
     step = f"create branch {branch}"
     try:
         if not os.path.isdir(folder):
@@ -237,34 +239,66 @@ def _push(folder: str, repo_id: str, task_id, token, endpoint, update_main: bool
                 commit_message=f"hf_pmi: main follows {branch}",
             )
             result.main_commit_sha = main.oid
-        result.ok = True
+        result.ok, result.error = True, None
         logger.info("Pushed %s to %s@%s (%s)", folder, repo_id, branch, result.commit_sha)
+        return None, step
     except Exception as e:  # never raise into the training loop
         result.error = f"{type(e).__name__}: {e}"
+        return e, step
+
+
+def _transient(error: Exception) -> bool:
+    """A failure that a later attempt may not meet: the Hub busy or erring (429, 5xx), or the network."""
+    from .resolve import _is_connection_problem
+
+    response = getattr(error, "response", None)
+    status = getattr(response, "status_code", None)
+    return _is_connection_problem(error) or (isinstance(status, int) and (status == 429 or status >= 500))
+
+
+#: Seconds before the second attempt of a push that failed transiently (doubling for each further attempt).
+RETRY_WAIT = 0.5
+
+
+def _push_with_retries(folder: str, repo_id: str, task_id, token, endpoint, update_main: bool,
+                       retries: int) -> PushResult:
+    cmd, python = _retry_instructions(folder, repo_id, task_id, endpoint, update_main)
+    result = PushResult(ok=False, repo_id=repo_id, branch=f"task-{task_id}", folder=folder, retry_command=cmd,
+                        retry_python=python)
+    for attempt in range(retries + 1):
+        error, step = _push(folder, repo_id, task_id, token, endpoint, update_main, result)
+        if error is None or attempt == retries or not _transient(error):
+            break
+        logger.warning("Push of task %s to %s failed at step '%s' (%s); attempt %d of %d in %.1f s.", task_id,
+                       repo_id, step, result.error, attempt + 2, retries + 1, RETRY_WAIT * 2 ** attempt)
+        time.sleep(RETRY_WAIT * 2 ** attempt)
+    if error is not None:
         logger.error(
-            "Push of task %s to %s failed at step '%s': %s\nThe local checkpoint %s is intact. "
+            "Push of task %s to %s failed at step '%s' (after %d attempt(s)): %s\nThe local checkpoint %s is intact. "
             "Push it again with:\n  %s\nor from Python:\n  %s",
-            task_id,
-            repo_id,
-            step,
-            result.error,
-            folder,
-            cmd,
-            python,
+            task_id, repo_id, step, attempt + 1, result.error, folder, cmd, python,
         )
     return result
 
 
-_EXECUTOR: ThreadPoolExecutor | None = None
-_EXECUTOR_LOCK = threading.Lock()
+def exit_if_pushes_failed(failed: list) -> None:
+    """End a command-line run with exit status 1 when any push failed (a run whose tasks did not all reach the
+    Hub must not look successful), after printing each failed push's retry command. The local task folders
+    are intact. `failed`: `PushResult` objects (or dicts with ``folder``, ``error`` and ``retry_command``)."""
+    if not failed:
+        return
+    lines = [f"[hf_pmi] {len(failed)} push(es) to the Hub failed; the local checkpoints are intact. Push again with:"]
+    for push in failed:
+        get = push.get if isinstance(push, dict) else lambda key: getattr(push, key, None)
+        lines.append(f"  # {get('folder')}: {get('error') or 'failed'}\n  {get('retry_command')}")
+    print("\n".join(lines), file=sys.stderr, flush=True)
+    raise SystemExit(1)
 
 
-def _executor() -> ThreadPoolExecutor:
-    global _EXECUTOR
-    with _EXECUTOR_LOCK:
-        if _EXECUTOR is None:
-            _EXECUTOR = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hf_pmi-push")
-        return _EXECUTOR
+@functools.lru_cache(maxsize=8)
+def _push_api(token: str | None, endpoint: str | None):
+    """One `HfApi` per token and endpoint: its `run_as_future` runs that client's pushes one at a time, in order."""
+    return hub_api(token, endpoint)
 
 
 def push_task_checkpoint(
@@ -275,6 +309,7 @@ def push_task_checkpoint(
     endpoint: str | None = None,
     update_main: bool = True,
     run_as_future: bool = False,
+    retries: int = 2,
 ) -> PushResult | Future:
     """Push a finished task's checkpoint folder to branch `task-{task_id}`, then make `main` follow it.
 
@@ -294,8 +329,11 @@ def push_task_checkpoint(
         token, endpoint: as for `huggingface_hub.HfApi`.
         update_main: also make `main` hold this folder (main follows the latest finished task).
         run_as_future: return at once a `concurrent.futures.Future` whose result is the
-            `PushResult`. Background pushes run one at a time, in submission order, so `main` ends
-            at the latest submitted task. Do not change the folder until the future is done.
+            `PushResult` (`HfApi.run_as_future`). Background pushes with the same token and endpoint run
+            one at a time, in submission order, so `main` ends at the latest submitted task. Do not change
+            the folder until the future is done.
+        retries: attempts after the first when a push fails transiently (the Hub busy or erring, the
+            network), waiting `RETRY_WAIT` seconds, then twice as long, ...; other failures are not retried.
 
     Returns:
         A `PushResult` (falsy on failure), or a `Future` of it with `run_as_future=True`.
@@ -311,5 +349,6 @@ def push_task_checkpoint(
     """
     folder = os.fspath(folder)
     if run_as_future:
-        return _executor().submit(_push, folder, repo_id, task_id, token, endpoint, update_main)
-    return _push(folder, repo_id, task_id, token, endpoint, update_main)
+        return _push_api(token, endpoint).run_as_future(_push_with_retries, folder, repo_id, task_id, token, endpoint,
+                                                        update_main, retries)
+    return _push_with_retries(folder, repo_id, task_id, token, endpoint, update_main, retries)

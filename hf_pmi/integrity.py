@@ -7,6 +7,12 @@ Every saver of hf_pmi records the sha256 of what it wrote: `ContinualCLIP.save_p
 file of the task folder). Every loader verifies them before reading a tensor, so a flipped bit, a
 truncated or half-copied file fails at once, naming the file, instead of loading different weights.
 
+The JSON files that list the others (``continual_clip.json``, ``feature_bank.json``,
+``continual_state.json``) are sealed: `write_json` with ``seal=True`` records the sha256 of their own
+content (`SEAL_KEY`), and `read_json` verifies any sealed file it reads, so a changed class name, task
+list or recorded checksum is refused like a changed weight. `verify_task_folder` is the one call that
+checks a whole task folder (for loaders hf_pmi does not own, e.g. transformers' ``AutoModel`` classes).
+
 Example:
     >>> import os, tempfile
     >>> d = tempfile.mkdtemp()
@@ -31,6 +37,8 @@ import os
 WEIGHT_SUFFIXES = (".safetensors",)
 #: Files whose checksums a checkpoint records: weights and every JSON file (configs, tokenizer, state).
 CHECKED_SUFFIXES = (".safetensors", ".json")
+#: The key under which a sealed JSON file records the sha256 of the rest of its content.
+SEAL_KEY = "json_sha256"
 _CHUNK = 1 << 20  # read 1 MiB at a time: constant memory for multi-GB weight files
 
 
@@ -92,11 +100,32 @@ def verify_checksums(folder: str, recorded: dict[str, str] | None) -> None:
             )
 
 
+def json_seal(obj: dict) -> str:
+    """The sha256 of `obj` without its `SEAL_KEY`, as JSON with sorted keys (independent of indentation and of
+    the order keys were written in; values JSON cannot hold are taken as their ``str``, as `write_json` writes them)."""
+    body = json.loads(json.dumps({k: v for k, v in obj.items() if k != SEAL_KEY}, default=str))
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+def write_json(path: str, obj, *, seal: bool = False) -> None:
+    """Write `obj` as JSON to `path` atomically (a temporary file renamed into place); with `seal` (a dict) the
+    file also records its own sha256 under `SEAL_KEY`, which `read_json` verifies."""
+    if seal:
+        obj = {**{k: v for k, v in obj.items() if k != SEAL_KEY}, SEAL_KEY: json_seal(obj)}
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, default=str)
+    os.replace(tmp, path)
+
+
 def read_json(path: str) -> dict:
-    """The JSON object in `path`; a missing, truncated or malformed file raises `CheckpointFileError` naming it."""
+    """The JSON object in `path`; a missing, truncated or malformed file raises `CheckpointFileError` naming it,
+    and a sealed file (`write_json` with ``seal=True``) whose content changed raises `ChecksumError`. The seal
+    itself is not part of the returned object."""
     try:
         with open(path, encoding="utf-8") as f:
-            return json.load(f)
+            obj = json.load(f)
     except FileNotFoundError:
         raise CheckpointFileError(f"{path} is missing. {fix_for(path)}") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -104,6 +133,40 @@ def read_json(path: str) -> dict:
             f"{path} cannot be read ({type(e).__name__}: {e}): it is truncated or not the file hf_pmi wrote. "
             f"{fix_for(path)}"
         ) from None
+    if isinstance(obj, dict) and SEAL_KEY in obj:
+        recorded = obj.pop(SEAL_KEY)
+        if recorded != json_seal(obj):
+            raise ChecksumError(
+                f"{path} is corrupt: its content no longer matches the sha256 recorded in it ({SEAL_KEY}). It changed "
+                f"after it was written (disk error, partial copy, manual edit), so the classes, tasks or checksums it "
+                f"lists cannot be trusted. {fix_for(path)}"
+            )
+    return obj
+
+
+def save_safetensors(tensors: dict, path: str, metadata: dict[str, str] | None = None) -> None:
+    """`safetensors.torch.save_file`, but byte-for-byte reproducible: safetensors writes the metadata in the order
+    of a hash map, which differs from process to process when there are several keys, so equal tensors gave files
+    with different checksums. The header is rewritten with sorted keys (same length, same offsets).
+
+    Example:
+        >>> import os, tempfile, torch
+        >>> path = os.path.join(tempfile.mkdtemp(), "t.safetensors")
+        >>> save_safetensors({"x": torch.zeros(2)}, path, {"format": "pt", "block": "3"})
+        >>> open(path, "rb").read()[8:52]
+        b'{"__metadata__":{"block":"3","format":"pt"},'
+    """
+    import struct
+
+    from safetensors.torch import save
+
+    data = save(tensors, metadata=metadata)
+    (size,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + size])
+    ordered = json.dumps(header, sort_keys=True, separators=(",", ":")).encode("utf-8")
+    ordered += b" " * (size - len(ordered))  # safetensors pads the header with spaces: keep its length
+    with open(path, "wb") as f:
+        f.write(data[:8] + ordered + data[8 + size :])
 
 
 def load_safetensors(path: str) -> dict:

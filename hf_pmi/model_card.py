@@ -22,6 +22,7 @@ The `state` dict (accuracies are fractions in [0, 1]; the card shows percentages
 | `class_names` | list[str] or None | `class_names[label_id]` |
 | `task_classes` | list[list[int]] or None | label ids of each task (default: `class_order` cut into `num_tasks` equal parts) |
 | `a_last`, `a_avg`, `forgetting`, `bwt` | float or None | A_last, A_avg, average forgetting, backward transfer |
+| `unevaluated_tasks` | list[int] or None | seen tasks not evaluated after the last task (A_last then says so) |
 | `seen_accuracy` | list[float] or None | accuracy over all seen classes after each task (adds a column) |
 | `old_accuracy`, `new_accuracy` | float or None | old-class / new-class accuracy after the last task |
 | `inversion` | dict or None | inversion settings (any keys) plus cost keys `seconds` and `full_model_passes` |
@@ -61,6 +62,7 @@ import os
 import re
 from pathlib import Path
 
+from .metrics import a_last_scope
 from .resolve import hub_repo_id
 
 TEMPLATE_NAME = "continual_clip.md"
@@ -168,7 +170,7 @@ def card_data(state: dict):
     dataset = hub_repo_id(state.get("dataset"))
     model_name = state.get("model_name") or state.get("repo_id") or "continual-clip"
     eval_results = None
-    if dataset and state.get("a_last") is not None:
+    if dataset and state.get("a_last") is not None and not state.get("unevaluated_tasks"):  # all seen classes
         eval_results = [
             EvalResult(
                 task_type="zero-shot-image-classification",
@@ -206,9 +208,11 @@ def _context(state: dict, heatmap: str | None) -> dict:
         rows.append(cells)
 
     metrics = [
-        ("A_last", _pct(state.get("a_last")), "accuracy over all seen classes after the latest finished task"),
+        ("A_last", _pct(state.get("a_last")), f"accuracy over {a_last_scope(state.get('unevaluated_tasks'))} after "
+         f"the latest finished task"),
         ("A_avg", _pct(state.get("a_avg")), "mean over tasks t of the all-seen accuracy after task t"),
-        ("Forgetting", _pct(state.get("forgetting")), "mean over old tasks j of max_i A[i][j] - A[T][j]"),
+        ("Forgetting", _pct(state.get("forgetting")), "mean over old tasks j of max_i A[i][j] - A[T][j]"
+         + ("; – : no old task was evaluated" if state.get("forgetting") is None else "")),
         ("BWT", _pp(state.get("bwt")), "mean over old tasks j of A[T][j] - A[j][j]"),
     ]
     if state.get("old_accuracy") is not None:

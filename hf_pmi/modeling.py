@@ -58,10 +58,10 @@ from .blocks import VisionBlocks, unwrap_clip
 from .checkpoint import task_checksums
 from .export import base_state_dict, is_peft, merged_clip, peft_deprecations_silenced
 from .integrity import (CheckpointFileError, file_checksums, load_safetensors, read_json, sha256_file, unreadable,
-                        verify_checksums)
+                        verify_checksums, write_json)
 from .model_card import write_adapter_card
-from .resolve import hub_api, hub_repo_id, resolve_pretrained_folder
 from .heads import HEAD_FOLDER, ContinualHead
+from .resolve import hub_api, hub_repo_id, keep_local_name, load_pinned, resolve_pretrained_folder
 from .routing import ROUTER_FOLDER, ClassRouter
 from .validation import (ValidationError, check_checkpoint_prompts, check_class_names, check_distinct_prompts,
                          check_local_path, check_templates)
@@ -127,6 +127,7 @@ class ContinualCLIP(nn.Module):
     """
 
     main_input_name = "pixel_values"
+    base_model_revision: str | None = None  # the commit of a Hub base it was loaded at (saved; loaded again)
 
     def __init__(self, clip: nn.Module, templates: list[str] | None = None, lora_config: dict | None = None):
         super().__init__()
@@ -168,9 +169,11 @@ class ContinualCLIP(nn.Module):
                 weights are drawn from torch's global generator: call `transformers.set_seed`
                 first for a reproducible run.
         """
+        revision = None  # the commit of a Hub base (load_pinned: safetensors only); a local path is made absolute
         if not isinstance(clip, nn.Module):
             check_local_path(clip, "CLIP model folder")  # a missing folder is not a bad Hub id
-            clip = CLIPModel.from_pretrained(clip, **from_pretrained_kwargs)
+            clip, revision = load_pinned(CLIPModel, clip, **from_pretrained_kwargs)
+        keep_local_name(unwrap_clip(clip).config)
         lora_dict = None
         if lora is not None:
             from peft import get_peft_model
@@ -182,6 +185,7 @@ class ContinualCLIP(nn.Module):
                 clip = get_peft_model(clip, lora)
             lora_dict = {k: sorted(v) if isinstance(v, set) else v for k, v in lora.to_dict().items()}  # JSON lists
         model = cls(clip, templates=templates, lora_config=lora_dict)
+        model.base_model_revision = revision
         if class_names:
             if tokenizer is None:
                 raise ValueError("Pass `tokenizer=` (e.g. `processor.tokenizer`) to encode the class names.")
@@ -451,12 +455,12 @@ class ContinualCLIP(nn.Module):
             "templates": self.templates,
             "lora": {**self.lora_config, "base_model_name_or_path": base_id} if self.lora_config else None,
             "base_model_name_or_path": base_id,  # a Hub id or None (then the base is in base/ or merged in clip/)
+            "base_model_revision": self.base_model_revision if base_id else None,  # loaded at this commit again
             "base_saved": save_base,
             "clip_merged": True,  # clip/ holds the merged model; the LoRA base is in base/ (or base_model_name_or_path)
             "checksums": dict(sorted(checksums.items())),  # verified by from_pretrained (hf_pmi.integrity)
         }
-        with open(os.path.join(save_directory, CONFIG_NAME), "w") as f:
-            json.dump(meta, f, indent=2, default=str)
+        write_json(os.path.join(save_directory, CONFIG_NAME), meta, seal=True)  # its own sha256, verified on load
 
     def push_to_hub(
         self,
@@ -532,7 +536,8 @@ class ContinualCLIP(nn.Module):
             sub = "base" if meta.get("clip_merged") else "clip"
             clip = _load_clip(os.path.join(folder, sub), "The base CLIP model", **kwargs)
         else:
-            clip = CLIPModel.from_pretrained(_base_model(meta["base_model_name_or_path"], folder), **kwargs)
+            clip, _ = load_pinned(CLIPModel, _base_model(meta["base_model_name_or_path"], folder),
+                                  **{**kwargs, "revision": meta.get("base_model_revision")})
         if meta["lora"] is not None:
             from peft import PeftModel
 
@@ -543,6 +548,7 @@ class ContinualCLIP(nn.Module):
             except Exception as e:  # peft names no file of a truncated adapter
                 raise unreadable("The LoRA adapter", e, adapter) from e
         model = cls(clip, templates=meta["templates"], lora_config=meta["lora"])
+        model.base_model_revision = meta.get("base_model_revision")
         prompts = load_safetensors(os.path.join(folder, PROMPTS_NAME))
         check_checkpoint_prompts(meta["class_names"], meta["templates"], prompts["prompt_ids"], folder)
         model.prompt_ids, model.prompt_mask = prompts["prompt_ids"], prompts["prompt_mask"]

@@ -22,14 +22,16 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import sys
 from dataclasses import dataclass, field
 from typing import Any
 
-from .arguments import GroupedArgumentParser, flag_dataclasses, from_flags
+from .arguments import GroupedArgumentParser, flag_dataclasses, from_flags, parse_flags, short_help
 from .blocks import layers_below_pattern
 from .config import DEFAULT_METHOD, ContinualConfig
 from .data import load_image_dataset, read_class_order
 from .methods import method_class
+from .metrics import a_last_scope, format_metric
 from .modeling import DEFAULT_LORA_TARGETS
 from .validation import check_local_path, require_count
 
@@ -187,10 +189,17 @@ def parse_run_args(argv: list[str] | None = None, parts: tuple[type, ...] = (Rec
     config_cls = method_class(method).config_class
     groups = [_parser_classes(part) for part in (*parts, ContinualConfig, config_cls)]
     classes = [cls for group in groups for cls in group]
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "-h" in argv or "--help" in argv:  # the common flags; every flag with --help-all
+        print(short_help(prog, classes, {"method": DEFAULT_METHOD, **(defaults or {})}))
+        raise SystemExit(0)
     parser = GroupedArgumentParser(classes, prog=prog, last_groups=[ContinualConfig.default_flag_group])
+    if "--help-all" in argv:
+        parser.print_help()
+        raise SystemExit(0)
     dests = {f.name for cls in classes for f in dataclasses.fields(cls)}
     parser.set_defaults(**{k: v for k, v in defaults.items() if k in dests})
-    parsed = list(parser.parse_args_into_dataclasses(argv))
+    parsed = list(parse_flags(parser, argv))  # an unknown flag: a usage error naming it and the closest one
     out = []
     for part, group in zip((*parts, ContinualConfig, config_cls), groups):
         out.append(_built(part, parsed[: len(group)]))
@@ -202,6 +211,7 @@ def run_recipe(recipe: RecipeArguments, args, method_config=None):
     """Train the whole task sequence; prints the accuracy matrix and returns the `ContinualResult`."""
     from transformers import set_seed
 
+    from .hub import exit_if_pushes_failed
     from .lock import RunLock
     from .trainer import ContinualTrainer
 
@@ -215,6 +225,8 @@ def run_recipe(recipe: RecipeArguments, args, method_config=None):
     result = trainer.train()
     if trainer.is_world_process_zero():
         print(f"\n{args.method} (seed {args.seed}), accuracy (%) after task i on task j:\n{result.table()}")
-        print(f"A_last {result.a_last:.4f}  A_avg {result.a_avg:.4f}  forgetting {result.forgetting:.4f}  "
+        print(f"A_last {format_metric(result.a_last)} (over {a_last_scope(result.unevaluated_tasks)})  A_avg "
+              f"{format_metric(result.a_avg)}  forgetting {format_metric(result.forgetting)}  "
               f"-> {os.path.join(args.output_dir, 'results.json')}")
+        exit_if_pushes_failed(trainer.failed_pushes)  # exit status 1, each retry command printed
     return result

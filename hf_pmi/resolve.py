@@ -236,3 +236,53 @@ def resolve_pretrained_folder(
             "Check the subfolder and allow_patterns."
         )
     return local
+
+
+def keep_local_name(config) -> None:
+    """Make a model config's ``_name_or_path`` absolute when it names an existing local folder, so that a
+    relative path ("base", "models/clip") is never taken for a Hub id later (from another directory, or once
+    moved): a LoRA checkpoint on such a base then keeps the base's weights (`ContinualCLIP.save_pretrained`)."""
+    name = getattr(config, "_name_or_path", "")
+    if isinstance(name, str) and name and os.path.isdir(os.path.expanduser(name)):
+        config._name_or_path = os.path.abspath(os.path.expanduser(name))
+
+
+def load_pinned(model_cls, name, **kwargs):
+    """``(model_cls.from_pretrained(name, **kwargs), commit)``: a Hub repo id is resolved to the commit it is
+    loaded at (returned, so that a checkpoint can record it and load that same base again) and only its
+    safetensors weights are read (``use_safetensors=True``: a pickle is never downloaded). A local folder is
+    loaded as is (commit None); its config's name becomes absolute (`keep_local_name`).
+
+    Raises:
+        UnsafeCheckpointError: the repo offers pickled weights (e.g. ``pytorch_model.bin``) and no safetensors.
+
+    Example:
+        >>> from transformers import CLIPModel
+        >>> clip, commit = load_pinned(CLIPModel, "openai/clip-vit-base-patch16")  # doctest: +SKIP
+        >>> commit  # doctest: +SKIP
+        '57c216476eefef5ab752ec549e440a49ae4ae5f3'
+    """
+    path = os.fspath(name)
+    if os.path.isdir(os.path.expanduser(path)) or hub_repo_id(path) is None:
+        model = model_cls.from_pretrained(path, **kwargs)
+        keep_local_name(model.config)
+        return model, None
+    kwargs["use_safetensors"] = True  # the README's promise: no pickle is ever loaded from the Hub
+    commit = None
+    try:
+        commit = hub_api(kwargs.get("token")).resolve_revision(
+            path, revision=kwargs.get("revision"), cache_dir=kwargs.get("cache_dir")).resolved
+        kwargs["revision"] = commit
+    except Exception as e:  # unreachable and nothing cached, no such repo: from_pretrained names the problem
+        if not _is_connection_problem(e) and type(e).__name__ not in ("RepositoryNotFoundError", "RevisionNotFoundError"):
+            raise
+    try:
+        return model_cls.from_pretrained(path, **kwargs), commit
+    except OSError as e:
+        try:
+            files = hub_api(kwargs.get("token")).list_repo_files(path, revision=kwargs.get("revision"))
+        except Exception:
+            raise e from None
+        _refuse_pickled_weights(files, (kwargs.get("subfolder") or "").strip("/") + "/" if kwargs.get("subfolder")
+                                else "", path, kwargs.get("revision"))
+        raise

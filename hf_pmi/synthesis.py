@@ -36,12 +36,13 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from .bank import FeatureBank, SamplingConfig
 from .blocks import VisionBlocks
 from .contrastive import SelectionConfig
+from .integrity import save_safetensors
 from .inversion import InversionConfig, invert
 from .seeding import class_seed, rank_seed, shuffle_seed
 from .validation import ValidationError, require_count
@@ -177,9 +178,9 @@ def synthesize_replay(
 def save_buffer(path: str, samples: torch.Tensor, labels: torch.Tensor, targets: torch.Tensor, block: int) -> None:
     """Write a replay buffer (inputs of vision block `block`, their labels and the targets they were
     inverted toward) as safetensors."""
-    save_file({"samples": samples.contiguous().cpu(), "labels": labels.contiguous().cpu(),
-               "targets": targets.contiguous().cpu()}, path,
-              metadata={"format": "hf_pmi.ReplayBuffer", "block": str(int(block))})
+    save_safetensors({"samples": samples.contiguous().cpu(), "labels": labels.contiguous().cpu(),
+                      "targets": targets.contiguous().cpu()}, path,
+                     metadata={"format": "hf_pmi.ReplayBuffer", "block": str(int(block))})  # reproducible bytes
 
 
 def load_buffer(path: str, device=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:

@@ -2,9 +2,9 @@
 
 `Trainer.train()` runs once per task, and each run starts a fresh `TrainerState` at step 0 and
 opens and closes every ``report_to`` tracker (one TensorBoard event file per task, all of them
-drawn over the same steps). `ContinualCallbackHandler` replaces the trainer's callback handler and
-gives the trackers (the callbacks of `transformers.integrations.INTEGRATION_TO_CALLBACK`) the view
-of a single run:
+drawn over the same steps). `ContinualCallbackHandler` wraps the trainer's callback handler and puts
+each tracker (the callbacks of `transformers.integrations.INTEGRATION_TO_CALLBACK`) behind a
+`TrackerProxy`, a plain `TrainerCallback`, which gives it the view of a single run:
 
 - ``on_train_begin`` reaches them once, for the first task; ``on_train_end`` once, from `finish`
   after the last task (or after a crash);
@@ -35,7 +35,7 @@ from __future__ import annotations
 import copy
 import math
 
-from transformers.trainer_callback import CallbackHandler
+from transformers import TrainerCallback
 
 
 def _tracker_classes() -> tuple[type, ...]:
@@ -44,42 +44,108 @@ def _tracker_classes() -> tuple[type, ...]:
     return tuple(INTEGRATION_TO_CALLBACK.values())
 
 
-class ContinualCallbackHandler(CallbackHandler):
-    """A `CallbackHandler` under which the trackers see the whole task sequence as one run.
+class _RunView:
+    """What the tracker proxies of one trainer share: the step offset and whether the trackers' run is open."""
 
-    Build it from the trainer's handler with `from_handler`; call `end_task(steps)` after each
-    task and `finish(...)` once at the end (see the module docstring).
-    """
+    def __init__(self):
+        self.step_offset = 0
+        self.trackers_started = False
+        self.finishing = False
+        self.epoch_step = None
+        self.last_kwargs: dict = {}  # the handler's keyword arguments (model, optimizer, ...) of the latest event
 
-    @classmethod
-    def from_handler(cls, handler: CallbackHandler) -> "ContinualCallbackHandler":
-        new = cls.__new__(cls)
-        new.__dict__.update(handler.__dict__)  # same callbacks, model, optimizer, ... (no re-init warnings)
-        new.step_offset = 0
-        new.trackers_started = False
-        new.finishing = False
-        new._epoch_step = None
-        new._trackers = _tracker_classes()
-        return new
 
-    def is_tracker(self, callback) -> bool:
-        return isinstance(callback, self._trackers)
+class TrackerProxy(TrainerCallback):
+    """A `TrainerCallback` standing in for a tracker (TensorBoard, W&B, ...) in the trainer's own handler, so
+    that the tracker sees the whole task sequence as one run (module docstring): ``on_train_begin`` once,
+    ``on_train_end`` only from `ContinualCallbackHandler.finish`, every state with the global step."""
 
-    def global_state(self, state):
-        """`state` as the trackers see it: the step counted from the first task of the run."""
-        view = copy.copy(state)
-        view.global_step = state.global_step + self.step_offset
-        return view
+    def __init__(self, tracker: TrainerCallback, view: _RunView):
+        self.tracker, self.view = tracker, view
+
+    def __getattr__(self, name):  # anything else (e.g. a tracker's own attributes) is the tracker's
+        if name in ("tracker", "view"):
+            raise AttributeError(name)
+        return getattr(self.tracker, name)
+
+    def _forward(self, event: str, args, state, control, **kwargs):
+        view = self.view
+        view.last_kwargs = {k: v for k, v in kwargs.items() if k != "logs"}
+        if event == "on_train_begin" and view.trackers_started:
+            return None  # the run is already open
+        if event == "on_train_end" and not view.finishing:
+            return None  # more tasks follow
+        shown = copy.copy(state)
+        shown.global_step = state.global_step + view.step_offset
+        if event == "on_log" and "logs" in kwargs:
+            kwargs = {**kwargs, "logs": self._dedupe_epoch(kwargs["logs"], shown.global_step)}
+        return getattr(self.tracker, event)(args, shown, control, **kwargs)
 
     def _dedupe_epoch(self, logs: dict, step: int) -> dict:
         """`Trainer.log` adds the epoch to every log; a step's second log (the end-of-training
         summary, the task metrics) drops it, so each tracker series has one value per step."""
         if "epoch" not in logs:
             return logs
-        if self._epoch_step == step:
+        if self.view.epoch_step == step:
             return {k: v for k, v in logs.items() if k != "epoch"}
-        self._epoch_step = step
+        self.view.epoch_step = step
         return logs
+
+
+def _proxy_event(event: str):
+    def handler(self, args, state, control, **kwargs):
+        return self._forward(event, args, state, control, **kwargs)
+
+    handler.__name__ = event
+    return handler
+
+
+for _event in [name for name in vars(TrainerCallback) if name.startswith("on_")]:
+    setattr(TrackerProxy, _event, _proxy_event(_event))
+
+
+class ContinualCallbackHandler:
+    """The trainer's own `CallbackHandler` with its trackers behind `TrackerProxy` objects, plus the step
+    offset of the task sequence. Everything else (events, callbacks, ``add_callback``, the model and
+    optimizer it passes on) is the wrapped handler's.
+
+    Build it with `from_handler`; call `end_task(steps)` after each task and `finish(...)` once at the end
+    (see the module docstring).
+    """
+
+    _OWN = ("handler", "view")
+
+    @classmethod
+    def from_handler(cls, handler) -> "ContinualCallbackHandler":
+        if isinstance(handler, ContinualCallbackHandler):
+            return handler
+        new = cls.__new__(cls)
+        object.__setattr__(new, "handler", handler)
+        object.__setattr__(new, "view", _RunView())
+        trackers = _tracker_classes()
+        handler.callbacks = [TrackerProxy(cb, new.view) if isinstance(cb, trackers) else cb for cb in handler.callbacks]
+        return new
+
+    def __getattr__(self, name):
+        return getattr(self.handler, name)
+
+    def __setattr__(self, name, value):  # the Trainer sets model, optimizer, dataloaders on its handler
+        if name in self._OWN:
+            object.__setattr__(self, name, value)
+        else:
+            setattr(self.handler, name, value)
+
+    @property
+    def step_offset(self) -> int:
+        """Optimizer steps of the finished tasks (the trackers' steps count on from it)."""
+        return self.view.step_offset
+
+    @step_offset.setter
+    def step_offset(self, value: int) -> None:
+        self.view.step_offset = int(value)
+
+    def is_tracker(self, callback) -> bool:
+        return isinstance(callback, TrackerProxy)
 
     def end_task(self, steps: int) -> None:
         """A task of `steps` optimizer steps ended: later steps count on from it.
@@ -87,48 +153,32 @@ class ContinualCallbackHandler(CallbackHandler):
         A task without training (a zero-shot method) still advances the step by one, so that every
         task's metrics have a step of their own.
         """
-        self.step_offset += max(int(steps), 1)
+        self.view.step_offset += max(int(steps), 1)
+
+    def call_event(self, event, args, state, control, **kwargs):
+        control = self.handler.call_event(event, args, state, control, **kwargs)
+        if event == "on_train_begin":
+            self.view.trackers_started = True
+        return control
+
+    def on_train_begin(self, args, state, control):
+        control = self.handler.on_train_begin(args, state, control)
+        self.view.trackers_started = True
+        return control
 
     def finish(self, args, state, control):
         """Close the trackers' run (their deferred ``on_train_end``); safe to call more than once."""
-        if not self.trackers_started:
+        view = self.view
+        if not view.trackers_started:
             return control
-        self.finishing = True
+        view.finishing = True
         try:
-            control = self.call_event("on_train_end", args, state, control)
+            for callback in self.handler.callbacks:
+                if isinstance(callback, TrackerProxy):
+                    result = callback.on_train_end(args, state, control, **view.last_kwargs)
+                    control = result if result is not None else control
         finally:
-            self.finishing, self.trackers_started = False, False
-        return control
-
-    def call_event(self, event, args, state, control, **kwargs):
-        for callback in self.callbacks:
-            view = state
-            if self.is_tracker(callback):
-                if event == "on_train_begin" and self.trackers_started:
-                    continue  # the run is already open
-                if event == "on_train_end" and not self.finishing:
-                    continue  # more tasks follow
-                view = self.global_state(state)
-                if event == "on_log" and "logs" in kwargs:
-                    kwargs = {**kwargs, "logs": self._dedupe_epoch(kwargs["logs"], view.global_step)}
-            elif self.finishing:
-                continue  # only the trackers get the deferred end of the run
-            result = getattr(callback, event)(
-                args,
-                view,
-                control,
-                model=self.model,
-                processing_class=self.processing_class,
-                optimizer=self.optimizer,
-                lr_scheduler=self.lr_scheduler,
-                train_dataloader=self.train_dataloader,
-                eval_dataloader=self.eval_dataloader,
-                **kwargs,
-            )
-            if result is not None:
-                control = result
-        if event == "on_train_begin":
-            self.trackers_started = True
+            view.finishing, view.trackers_started = False, False
         return control
 
 

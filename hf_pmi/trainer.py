@@ -65,7 +65,7 @@ from .seeding import task_seed
 from .tracking import ContinualCallbackHandler, summary_line, task_metrics
 from .trainer_hub import ContinualHubMixin, card_state, continued_args
 from .validation import (check_checkpoint_prompts, check_distinct_prompts, check_output_dir_writable,
-                         check_processor_fits, check_templates, check_training_settings)
+                         check_processor_fits, check_same_processor, check_templates, check_training_settings)
 
 logger = get_logger()
 __all__ = ["ContinualResult", "ContinualTrainer", "latest_task_checkpoint"]
@@ -130,6 +130,7 @@ class ContinualTrainer(ContinualHubMixin, Trainer):
                     f"`max_steps` (steps per task)."
                 )
         self._pushes = []
+        self.failed_pushes: list = []  # PushResults of the pushes that failed (their retry_command redoes them)
         self._previous_task_classes: list[list[int]] = []
         self.accuracy_matrix: list[list[float | None]] = []
         self.counts: list[int] = []
@@ -382,6 +383,7 @@ class ContinualTrainer(ContinualHubMixin, Trainer):
         model = ContinualCLIP.from_pretrained(folder)
         restore_trainable(model, state.get("trainable_parameters"), folder)
         _refuse_known_classes(model.class_names, tasks, path_or_repo_id)
+        check_same_processor(folder, processing_class, path_or_repo_id)  # another size/normalisation: refused
         if processing_class is None:
             from transformers import AutoProcessor
 
@@ -414,6 +416,7 @@ class ContinualTrainer(ContinualHubMixin, Trainer):
         verify_checksums(folder, state.get("checksums"))  # before anything is built from it (the run loads the pool)
         model = AutoModelForImageClassification.from_pretrained(folder)
         _refuse_known_classes(model.config.id2label.values(), tasks, source)
+        check_same_processor(folder, processing_class, source)
         if processing_class is None and os.path.isfile(os.path.join(folder, "preprocessor_config.json")):
             processing_class = AutoImageProcessor.from_pretrained(folder)
         args = continued_args(args, state, source)
@@ -527,6 +530,7 @@ class ContinualTrainer(ContinualHubMixin, Trainer):
             result = future.result()
             if not result:
                 logger.error("Push of %s failed; push it again with: %s", result.folder, result.retry_command)
+                self.failed_pushes.append(result)
         self._pushes = []
 
     def _load_task_checkpoint(self, folder: str) -> int:

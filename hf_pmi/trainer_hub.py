@@ -118,6 +118,7 @@ def card_state(trainer, g: int, result, folder: str) -> dict:
         "a_avg": result.a_avg,
         "forgetting": result.forgetting,
         "bwt": result.bwt,
+        "unevaluated_tasks": result.unevaluated_tasks,  # a continued checkpoint's earlier tasks: A_last says so
         "seen_accuracy": result.all_seen_accuracy,
         "old_accuracy": result.old_class_accuracy[-1],
         "new_accuracy": result.new_class_accuracy[-1],

@@ -15,6 +15,7 @@ Example:
 
 from __future__ import annotations
 
+import difflib
 import math
 import os
 import tempfile
@@ -74,11 +75,21 @@ def check_distinct_prompts(names: list[str], prompt_ids, max_length: int) -> Non
     for name, ids in zip(names, prompt_ids.reshape(len(names), -1)):
         rows.setdefault(ids.numpy().tobytes(), []).append(name)
     same = [group for group in rows.values() if len(group) > 1]
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise ValidationError(
+            f"Class name(s) {repeated} occur more than once: each class needs a name of its own (CLIP classifies by "
+            f"name, so two classes with one name could never be told apart). Rename them, e.g. with class_names=[...] "
+            f"or by fixing the dataset's ClassLabel names, such as '{repeated[0]} (1)' and '{repeated[0]} (2)'; if they "
+            f"are one class, merge their labels."
+        )
     if same:
         raise ValidationError(
-            f"Class names {same[0]} give identical prompts once the tokenizer cuts them to {max_length} tokens, so "
-            f"the model could not tell them apart{f' ({len(same)} such groups)' if len(same) > 1 else ''}. Shorten "
-            f"the names (or the prompt template) so that they differ within the first {max_length} tokens."
+            f"Class names {same[0]} give identical prompts once the tokenizer cuts every prompt to {max_length} tokens: "
+            f"they differ only after the cut{f' ({len(same)} such groups)' if len(same) > 1 else ''}, so the model could "
+            f"not tell them apart. Make them differ early: put the distinguishing words first (rename the classes "
+            f"with class_names=[...]), or use a shorter prompt template (--template 'a {{}}.') so that more of each "
+            f"name fits."
         )
 
 
@@ -169,6 +180,17 @@ def require_positive(name: str, value, meaning: str = "") -> None:
     require(finite(value) and value > 0, name, value, f"> 0{meaning}")
 
 
+def check_bn_rates(config) -> None:
+    """Learning rates and loss weights of a BN-family run (`hf_pmi.resnet.ResNetContinualConfig`): a NaN or
+    infinite rate would train every weight to NaN, so it is refused before any work (as the CLIP path does)."""
+    for name in ("lr", "head_lr"):
+        value = getattr(config, name)
+        require(finite(value) and value > 0, name, value, "a finite number > 0 (NaN or inf trains every weight to "
+                "NaN)", f"Pass a number such as --{name} 0.1.")
+    for name, value in config.weights.items():
+        require_weight(f"weights[{name!r}]", value)
+
+
 def _value(setting):
     return getattr(setting, "value", setting)  # an enum of transformers (IntervalStrategy, ...) or its string
 
@@ -194,6 +216,8 @@ def check_task_loop_arguments(args) -> None:
             "load_best_model_at_end=True is not supported: there is no evaluation within a task to choose a best "
             "model by, and every task continues from the previous task's last weights. Drop --load_best_model_at_end."
         )
+    require(args.max_steps != 0, "max_steps", args.max_steps, "> 0 (steps per task) or -1 (train for "
+            "num_train_epochs instead)", "0 would not train at all: drop --max_steps to train by epochs.")
     if not args.do_train:
         raise ValidationError(
             "do_train=False is not supported: a continual run always learns its tasks. To evaluate a model "
@@ -351,3 +375,86 @@ def check_test_split(data, test_split) -> None:
             f"No {test_split!r} split in {list(data)}: without test data every accuracy would be None. Name the "
             f"test split with test_split= (--test_split), or pass test_split=None to train without evaluation."
         )
+
+
+def check_named_splits(data, train_split: str, test_split: str | None) -> None:
+    """The splits a run names must exist. A missing test split is allowed only where the data has no split but
+    the training one (then a share of it is held out): otherwise a misspelt name would silently evaluate on
+    held-out training images instead of the data's own test split.
+
+    Example:
+        >>> check_named_splits({"train": 0, "test": 0}, "train", "tset")
+        Traceback (most recent call last):
+        ...
+        hf_pmi.validation.ValidationError: No 'tset' split in the data, which has the splits ['train', 'test']. ...
+    """
+    if not hasattr(data, "keys"):
+        return  # a single split: the caller holds out its own test data
+    splits = list(data.keys())
+    if train_split not in splits:
+        raise ValidationError(
+            f"No {train_split!r} split in the data, which has the splits {splits}. Name the training split with "
+            f"--train_split (train_split=), e.g. --train_split {splits[0]}."
+        )
+    others = [s for s in splits if s != train_split]
+    if test_split and test_split not in splits and others:
+        close = difflib.get_close_matches(test_split, others, n=1)
+        raise ValidationError(
+            f"No {test_split!r} split in the data, which has the splits {splits}. Name its test split with "
+            f"--test_split (test_split=), e.g. --test_split {(close or others)[0]}; a share of the training split is "
+            f"held out (--test_size) only for data that has no split but {train_split!r}."
+        )
+
+
+#: Image-processor settings a model is trained under: a continuation must prepare images the same way.
+PROCESSOR_SETTINGS = ("size", "crop_size", "image_mean", "image_std", "rescale_factor", "do_normalize", "do_center_crop")
+
+
+def check_same_processor(folder: str, processing_class, where: str) -> None:
+    """A processor passed to continue a checkpoint must prepare images as the checkpoint's own did (its
+    ``preprocessor_config.json``, or the image processor in ``processor_config.json``): another size or
+    normalisation silently costs the old classes' accuracy."""
+    import json as _json
+
+    from .integrity import read_json
+
+    if processing_class is None:
+        return
+    if os.path.isfile(os.path.join(folder, "preprocessor_config.json")):  # an image processor saved on its own
+        saved = read_json(os.path.join(folder, "preprocessor_config.json"))
+    elif os.path.isfile(os.path.join(folder, "processor_config.json")):  # a processor (transformers v5: one file)
+        saved = read_json(os.path.join(folder, "processor_config.json")).get("image_processor") or {}
+    else:
+        return
+    given = getattr(processing_class, "image_processor", processing_class)
+    given = given.to_dict() if hasattr(given, "to_dict") else {}
+    given = _json.loads(_json.dumps({k: given[k] for k in PROCESSOR_SETTINGS if k in given}, default=str))
+    differ = {key: (saved[key], given[key]) for key in PROCESSOR_SETTINGS if key in saved and key in given
+              and saved[key] != given[key]}
+    if differ:
+        details = "; ".join(f"{k}: checkpoint {a}, given {b}" for k, (a, b) in differ.items())
+        raise ValidationError(
+            f"The processor passed to continue {where} prepares images differently from the checkpoint's own ({details}). "
+            f"Its model learned on images prepared the checkpoint's way, so old classes would lose accuracy silently. "
+            f"Leave processing_class out (the checkpoint's processor is used), or pass one with the same settings."
+        )
+
+
+def warn_unscored_classes(test, label_column: str, names: list[str]) -> list[str]:
+    """Warn (`UserWarning`) about training classes without a single test example: they are never scored, so
+    every accuracy covers the other classes only. Returns their names (none for streamed test data)."""
+    import warnings
+
+    labels = _label_array(test, label_column)
+    if labels is None:
+        return []
+    present = {int(y) for y in np.unique(labels)}
+    missing = [name for i, name in enumerate(names) if i not in present]
+    if missing:
+        warnings.warn(
+            f"{len(missing)} class(es) have no test examples and are never scored: {missing[:10]}"
+            f"{' ...' if len(missing) > 10 else ''}. Every accuracy (A_last, the accuracy matrix) covers the other "
+            f"classes only. Add test images for them, or drop them from the training data.",
+            UserWarning, stacklevel=3,
+        )
+    return missing

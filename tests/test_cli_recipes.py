@@ -48,7 +48,10 @@ def test_hf_pmi_help_lists_the_commands_and_the_version():
 
 
 def test_train_help_reads_by_config_and_pmi_is_the_default_method():
-    text = run([sys.executable, "-m", "hf_pmi.cli", "train", "--help"]).stdout
+    short = run([sys.executable, "-m", "hf_pmi.cli", "train", "--help"]).stdout
+    assert short.count("\n") < 100 and "--output_dir" in short and "--help-all lists all" in short  # two screens
+    assert "(default: pmi)" in short and "--inversion_batch_size" not in short
+    text = run([sys.executable, "-m", "hf_pmi.cli", "train", "--help-all"]).stdout
     titles = ["recipe (RecipeArguments):", "continual run (ContinualConfig):", "replay training (ReplayConfig):",
               "inversion (InversionConfig):", "Trainer (transformers.TrainingArguments, with hf_pmi's defaults):"]
     where = [text.index(t) for t in titles]

@@ -177,7 +177,7 @@ def test_refused_commit_is_reported_not_raised_and_a_later_push_succeeds(hub_cli
     check_hub_access(REPO)
     before = _digest(task0)
 
-    hub_client.fail_next_commits(1, status=500)
+    hub_client.fail_next_commits(3, status=500)  # the first push and its two retries
     with caplog.at_level(logging.ERROR, logger="hf_pmi"):
         result = push_task_checkpoint(task0, REPO, task_id=0)
     assert not result and result.commit_sha is None
@@ -193,7 +193,7 @@ def test_refused_commit_is_reported_not_raised_and_a_later_push_succeeds(hub_cli
     assert set(hub_client.repos[REPO].files("task-0")) == set(before) | {".gitattributes"}
 
     # A failure in the background is reported through the future's result, not raised.
-    hub_client.fail_next_commits(1, status=503)
+    hub_client.fail_next_commits(3, status=503)
     assert not push_task_checkpoint(task1, REPO, task_id=5, run_as_future=True).result(timeout=30)
     assert _digest(task1) and hub_client.repos[REPO].files("task-5") == hub_client.repos[REPO].files("main")
 
@@ -318,3 +318,13 @@ def test_model_card_renders_valid_metadata_and_the_matrix(hub_client, tmp_path):
     assert ModelCard(minimal).data.base_model is None  # a local path is not Hub metadata
     with pytest.raises(ValueError, match="num_tasks"):
         render_model_card({"accuracy_matrix": [[0.5]]})
+
+
+def test_a_push_that_fails_once_is_retried_and_a_missing_folder_is_not(hub_client, two_tasks, tmp_path):
+    task0, _ = two_tasks
+    check_hub_access(REPO)
+    hub_client.fail_next_commits(1, status=502)  # a passing Hub error
+    result = push_task_checkpoint(task0, REPO, task_id=0)
+    assert result.ok and "config.json" in hub_client.repos[REPO].files("task-0")
+    missing = push_task_checkpoint(tmp_path / "nowhere", REPO, task_id=1, retries=5)
+    assert not missing and "FileNotFoundError" in missing.error  # not transient: at once, no waiting

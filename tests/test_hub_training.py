@@ -89,6 +89,11 @@ def test_push_per_task_reload_each_revision_and_continue(tmp_path, hub_client, d
     result = cont.train()
     assert len(result.accuracy_matrix) == 3 and result.accuracy_matrix[2][2] is not None
     assert result.accuracy_matrix[2][:2] == [None, None]  # old tasks: no data here, by design
+    # nothing claims what was not measured (#31): A_last says which tasks it covers, forgetting / BWT unknown
+    assert result.forgetting is None and result.bwt is None and result.unevaluated_tasks == [0, 1]
+    card = repo.files("task-2")["README.md"].decode()
+    assert "tasks 0, 1 were not evaluated" in card and "no old task was evaluated" in card, card
+    assert "over all seen classes" not in card
     state = json.loads(repo.files("task-2")["continual_state.json"])
     assert state["task_id"] == 2 and state["seen_classes"] == old.class_names + new.class_names
     assert repo.files("main") == repo.files("task-2")
@@ -100,7 +105,7 @@ def test_push_per_task_reload_each_revision_and_continue(tmp_path, hub_client, d
 
 def test_refused_upload_keeps_training_and_logs_how_to_retry(tmp_path, hub_client, digits, processor, caplog):
     old, _ = first_tasks(digits)
-    hub_client.fail_next_commits(1)  # the push of task-0 is refused
+    hub_client.fail_next_commits(3)  # the push of task-0 is refused, and its two retries
     trainer = ContinualTrainer(model=ContinualCLIP.from_clip(build_clip("tiny")), args=args_for(tmp_path, "run"),
                                tasks=old, processing_class=processor, method_config=FAST_PMI)
     with caplog.at_level(logging.ERROR, logger="hf_pmi"):

@@ -113,9 +113,10 @@ def test_an_old_checkpoint_without_its_own_manifest_is_verified_by_its_task_stat
     task = run_copy / "task-1"
     for path in (task / "continual_clip.json", task / "feature_bank" / "feature_bank.json"):
         meta = json.loads(path.read_text())
-        del meta["checksums"]
+        del meta["checksums"], meta["json_sha256"]  # neither recorded by older versions
         path.write_text(json.dumps(meta))
     state = json.loads((task / "continual_state.json").read_text())
+    del state["json_sha256"]
     state["checksums"] = weight_checksums(str(task))  # what older versions recorded: the weights only
     (task / "continual_state.json").write_text(json.dumps(state))
     ContinualCLIP.from_pretrained(task)
@@ -125,3 +126,56 @@ def test_an_old_checkpoint_without_its_own_manifest_is_verified_by_its_task_stat
     flip_a_bit(task / "feature_bank" / "feature_bank.safetensors")
     with pytest.raises(ChecksumError, match=r"feature_bank\.safetensors is corrupt"):
         FeatureBank.from_pretrained(task / "feature_bank")
+
+
+def edit_text(path, old, new):
+    """Change `old` to `new` (same length) in a JSON file, keeping it valid JSON: a flipped bit in a name."""
+    text = path.read_text()
+    assert old in text and len(old) == len(new)
+    path.write_text(text.replace(old, new, 1))
+
+
+def test_a_changed_class_name_in_the_json_that_lists_the_checksums_is_refused(tmp_path, processor):
+    """continual_clip.json and feature_bank.json record the other files' checksums and their own (#31)."""
+    model = ContinualCLIP.from_clip(build_clip("tiny"), ["cat", "dog"], processor.tokenizer)
+    model.save_pretrained(tmp_path / "model")
+    edit_text(tmp_path / "model" / "continual_clip.json", '"cat"', '"cot"')
+    with pytest.raises(ChecksumError, match=r"continual_clip\.json is corrupt.*Copy or download"):
+        ContinualCLIP.from_pretrained(tmp_path / "model")
+
+    bank = FeatureBank()
+    bank.add_classes([0, 1], {0: torch.randn(8, 4), 1: torch.randn(8, 4)}, train_contrastive=False)
+    bank.save_pretrained(tmp_path / "bank")
+    edit_text(tmp_path / "bank" / "feature_bank.json", '"shrinkage": 0', '"shrinkage": 1')
+    with pytest.raises(ChecksumError, match=r"feature_bank\.json is corrupt"):
+        FeatureBank.from_pretrained(tmp_path / "bank")
+
+
+def test_a_changed_task_state_is_refused_by_every_door(run_copy):
+    """continual_state.json lists the task classes and every checksum: a change is refused, not carried on."""
+    from hf_pmi.cli import main
+
+    task = run_copy / "task-1"
+    state = json.loads((task / "continual_state.json").read_text())
+    first = state["task_classes"][0][0]
+    other = next(c for c in range(10) if c != first and len(str(c)) == len(str(first)))
+    text = (task / "continual_state.json").read_text()
+    head, tail = text.split('"task_classes"', 1)
+    tail = tail.replace(str(first), str(other), 1)
+    (task / "continual_state.json").write_text(head + '"task_classes"' + tail)
+    with pytest.raises(ChecksumError, match=r"continual_state\.json is corrupt"):
+        ContinualTrainer.from_pretrained(str(task), tasks=["a new digit"], args=args_for(run_copy.parent / "c"))
+    with pytest.raises(ChecksumError, match=r"continual_state\.json is corrupt"):
+        main(["eval", "--checkpoint", str(task)])
+
+
+def test_continuing_a_clip_task_with_another_normalisation_is_refused(run_copy, processor):
+    import copy
+
+    from hf_pmi.validation import ValidationError
+
+    other = copy.deepcopy(processor)
+    other.image_processor.image_std = [0.5, 0.5, 0.5]
+    with pytest.raises(ValidationError, match=r"image_std: checkpoint .*given \[0.5, 0.5, 0.5\]"):
+        ContinualTrainer.from_pretrained(str(run_copy / "task-1"), tasks=["a new digit"],
+                                         args=args_for(run_copy.parent / "c"), processing_class=other)

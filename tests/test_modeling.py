@@ -8,6 +8,7 @@ from transformers import CLIPModel
 
 from hf_pmi import ContinualCLIP
 from hf_pmi.blocks import VisionBlocks
+from hf_pmi.integrity import write_json
 from hf_pmi.testing import build_clip, build_tokenizer
 
 
@@ -155,7 +156,7 @@ def test_a_checkpoint_of_a_newer_format_names_the_version_and_the_fix(tmp_path, 
     meta = json.loads((tmp_path / "continual_clip.json").read_text())
     assert meta["format_version"] == 2
     meta["format_version"] = 99
-    (tmp_path / "continual_clip.json").write_text(json.dumps(meta))
+    write_json(str(tmp_path / "continual_clip.json"), meta, seal=True)  # as a newer hf_pmi would write it
     with pytest.raises(ValueError, match="format version 99.*upgrade hf_pmi"):
         ContinualCLIP.from_pretrained(tmp_path)
 

@@ -13,7 +13,7 @@ from peft import LoraConfig
 
 from hf_pmi import ContinualCLIP, ContinualConfig, ContinualTrainer, split_class_incremental
 from hf_pmi.bank import FeatureBank
-from hf_pmi.integrity import weight_checksums
+from hf_pmi.integrity import weight_checksums, write_json
 from hf_pmi.modeling import class_text_embeddings
 from hf_pmi.names_only import (REFERENCE_PRESET, NamesOnlyConfig, boundary_target, make_names_only, names_only_tasks,
                                nearest_classes, project_name, rotate_toward)
@@ -268,7 +268,7 @@ def test_continued_checkpoint_errors(tmp_path, checkpoint):
     bank.save_pretrained(folder / "feature_bank")
     state = json.loads((folder / "continual_state.json").read_text())
     state["checksums"] = weight_checksums(str(folder))  # an honest old bank, not a corrupt file
-    (folder / "continual_state.json").write_text(json.dumps(state))
+    write_json(str(folder / "continual_state.json"), state, seal=True)
     with pytest.raises(ValueError, match="record_raw_gaussians"):
         ContinualTrainer.from_pretrained(str(folder), tasks=["a new digit"], args=args_for(tmp_path, "d"),
                                          method_config=FAST_PMI)

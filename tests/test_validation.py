@@ -18,7 +18,7 @@ from PIL import Image
 from hf_pmi import ContinualCLIP, ContinualConfig, ContinualTrainer, FeatureBank, split_class_incremental
 from hf_pmi.arguments import flag_dataclasses, from_flags
 from hf_pmi.data import ContinualCollator
-from hf_pmi.integrity import file_checksums
+from hf_pmi.integrity import file_checksums, write_json
 from hf_pmi.methods import METHODS
 from hf_pmi.testing import build_clip, load_digits_dataset
 from transformers import HfArgumentParser
@@ -264,10 +264,10 @@ def test_checkpoint_whose_class_list_and_prompts_disagree(tmp_path, processor, f
     config = out / "task-0" / "continual_clip.json"
     meta = json.loads(config.read_text())
     meta["class_names"] = meta["class_names"][:-1]
-    config.write_text(json.dumps(meta))
+    write_json(str(config), meta, seal=True)
     state = json.loads((out / "task-0" / "continual_state.json").read_text())
     state["checksums"] = file_checksums(str(out / "task-0"), exclude=("continual_state.json",))  # not a corrupt file:
-    (out / "task-0" / "continual_state.json").write_text(json.dumps(state))  # a writer that disagreed with itself
+    write_json(str(out / "task-0" / "continual_state.json"), state, seal=True)  # a writer that disagreed with itself
     refused(tmp_path, r"lists 4 class names and 1 template\(s\) but holds prompts of shape \(5, 1",
             lambda o: run(o, processor, resume=True), out=out)
 
@@ -277,7 +277,7 @@ def test_bank_json_with_zero_classes(tmp_path):
     bank.add_classes([0, 1], {0: torch.randn(6, 8), 1: torch.randn(6, 8)}, train_contrastive=False)
     bank.save_pretrained(tmp_path / "bank")
     config = tmp_path / "bank" / "feature_bank.json"
-    config.write_text(config.read_text().replace('"num_classes": 2', '"num_classes": 0'))
+    write_json(str(config), {**json.loads(config.read_text()), "num_classes": 0}, seal=True)  # a writer that erred
     with pytest.raises(ValueError, match=r"num_classes=0 .* holds 2 classes.*set num_classes to 2"):
         FeatureBank.from_pretrained(tmp_path / "bank")
 
@@ -381,7 +381,7 @@ def test_empty_class_names_are_refused(tmp_path, processor):
 def test_class_names_identical_after_truncation_are_refused_before_the_first_task(tmp_path, processor):
     long = "a very long class name that the tokenizer cuts before its end, number "
     names = [long + str(i) for i in range(10)]  # they differ beyond the 32 tokens of the tiny CLIP's prompts
-    refused(tmp_path, r"give identical prompts once the tokenizer cuts them to 32 tokens",
+    refused(tmp_path, r"give identical prompts once the tokenizer cuts every prompt to 32 tokens",
             lambda out: run(out, processor, split={"num_tasks": 5, "class_names": names}))
 
 
@@ -406,7 +406,8 @@ def test_a_processor_of_another_image_size_is_refused_on_continue_and_resume(tmp
     out = copy_run(finished_run, tmp_path)
     refused(tmp_path, r"makes 64x64 images but the model takes 32x32.*AutoProcessor\.from_pretrained",
             lambda o: run(o, big, resume=True), out=out)
-    with pytest.raises(ValueError, match=r"makes 64x64 images but the model takes 32x32"):
+    # continuing: refused as a processor other than the checkpoint's own (#31), before the size check
+    with pytest.raises(ValueError, match=r"prepares images differently.*given \{'shortest_edge': 64\}"):
         ContinualTrainer.from_pretrained(str(finished_run / "task-1"), tasks=["a new digit"], processing_class=big,
                                          args=make_args(tmp_path / "continued", method="finetune"))
 

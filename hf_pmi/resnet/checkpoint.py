@@ -37,7 +37,7 @@ from safetensors.torch import save_file
 
 from ..checkpoint import STATE_NAME, read_state, write_json
 from ..integrity import file_checksums, load_safetensors, verify_checksums
-from ..metrics import format_matrix
+from ..metrics import a_last_scope, format_matrix
 from ..model_card import find_template, plot_accuracy_matrix
 
 FORMAT = "hf_pmi.resnet.task"
@@ -97,7 +97,7 @@ def _write_card(folder: str, model, state: dict, has_bank: bool, repo_id: str | 
         else "a random start (DeepInversion-style)",
         task_id=t, tasks_done=t + 1, num_tasks=state["num_tasks"], num_seen_classes=seen, repo_id=repo_id,
         matrix_table="```\n" + format_matrix(rows) + "\n```",
-        a_last=f"{state.get('a_last', 0.0):.3f}", a_avg=f"{state.get('a_avg', 0.0):.3f}",
+        a_last=f"{state.get('a_last', 0.0):.3f}", a_last_scope=a_last_scope([j for j in range(t + 1) if matrix[-1][j] is None]), a_avg=f"{state.get('a_avg', 0.0):.3f}",
         load_path=repo_id or f"path/to/task-{t}", revision=f"task-{t}" if repo_id else None,
         image_size=getattr(model.config, "image_size", "H"), has_bank=has_bank,
     )

@@ -62,6 +62,7 @@ from ..checkpoint import latest_task_checkpoint
 from ..integrity import load_safetensors
 from ..metrics import continual_metrics
 from ..statistics import eval_mode
+from ..validation import check_bn_rates
 from .checkpoint import BANK_DIR, load_task, save_task
 from .heads import (
     classifier_layer,
@@ -139,6 +140,7 @@ class ResNetContinualConfig:
         missing = {"l_ce", "l_hkd", "l_rkd", "l_ft"} - set(self.weights)
         if missing:
             raise ValueError(f"weights lacks {sorted(missing)}; give all of l_ce, l_hkd, l_rkd, l_ft.")
+        check_bn_rates(self)
 
 
 def own_classes(model: nn.Module) -> int:
@@ -486,7 +488,8 @@ def _learn(model, tasks, config, output_dir, hub, start_from, start, processor, 
                 from ..hub import push_task_checkpoint
 
                 result = push_task_checkpoint(folder, hub_model_id, g, token=hub_token, endpoint=hub_endpoint)
-                pushes.append({"task": g, "ok": bool(result), "commit": getattr(result, "commit_sha", None)})
+                pushes.append({"task": g, "ok": bool(result), "commit": getattr(result, "commit_sha", None),
+                               "folder": folder, "error": result.error, "retry_command": result.retry_command})
         events("on_task_end", g, {"accuracy_matrix": matrix, "counts": counts, "folder": folder, "losses": losses,
                                   "task_seconds": task_seconds})
     return {

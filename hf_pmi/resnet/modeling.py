@@ -23,6 +23,7 @@ Example:
 
 from __future__ import annotations
 
+import os
 import warnings
 from dataclasses import dataclass
 
@@ -153,6 +154,19 @@ class ResNet32ForImageClassification(ResNet32PreTrainedModel):
             warnings.filterwarnings("ignore", message="Initializing zero-element tensors")
             self.classifier = nn.Linear(config.feature_dim, config.num_labels, bias=config.classifier_bias)
         self.post_init()
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        """`PreTrainedModel.from_pretrained`, after verifying a task folder's files against the checksums its
+        ``continual_state.json`` records (`hf_pmi.checkpoint.verify_task_folder`; also through
+        ``AutoModelForImageClassification`` and ``pipeline``); from the Hub, safetensors weights only."""
+        from ..checkpoint import verify_task_folder
+
+        verify_task_folder(pretrained_model_name_or_path, kwargs.get("revision"), token=kwargs.get("token"),
+                           cache_dir=kwargs.get("cache_dir"), subfolder=kwargs.get("subfolder") or None)
+        if not os.path.isdir(os.fspath(pretrained_model_name_or_path)):
+            kwargs.setdefault("use_safetensors", True)  # a pickle is never loaded from the Hub
+        return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
 
     def forward(self, pixel_values: torch.Tensor | None = None, labels: torch.Tensor | None = None,
                 output_hidden_states: bool | None = None, return_dict: bool | None = None,

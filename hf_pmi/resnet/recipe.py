@@ -144,13 +144,15 @@ def parse_args(argv: list[str] | None = None, defaults: dict[str, Any] | None = 
     `defaults` (flag name -> value) in place of the dataclasses' own."""
     from transformers import HfArgumentParser
 
+    from ..arguments import parse_flags
+
     parser = HfArgumentParser((ResNetRecipeArguments, ResNetTrainingArguments), prog=prog)
     known = {f.name for cls in (ResNetRecipeArguments, ResNetTrainingArguments) for f in dataclasses.fields(cls)}
     unknown = sorted(set(defaults or {}) - known)
     if unknown:
         raise ValueError(f"Recipe defaults name unknown flags {unknown}; the flags are {sorted(known)}.")
     parser.set_defaults(**(defaults or {}))
-    recipe, training = parser.parse_args_into_dataclasses(args=argv)
+    recipe, training = parse_flags(parser, argv)  # an unknown flag: a usage error naming it and the closest one
     return recipe, training
 
 
@@ -195,8 +197,9 @@ def run(recipe: ResNetRecipeArguments, training: ResNetTrainingArguments) -> dic
     from transformers.image_utils import PILImageResampling
 
     from ..config import ContinualConfig
+    from ..hub import exit_if_pushes_failed
     from ..lock import RunLock
-    from ..metrics import format_matrix
+    from ..metrics import a_last_scope, format_matrix, format_metric
     from ..trainer import ContinualTrainer
 
     training.continual_config(recipe.num_tasks, recipe.num_tasks)  # check the flags before any data is read
@@ -223,5 +226,7 @@ def run(recipe: ResNetRecipeArguments, training: ResNetTrainingArguments) -> dic
         json.dump(record, f, indent=2, default=str)
     print(f"\n{config.method} (seed {config.seed}), accuracy (%) after task i on task j:\n"
           f"{format_matrix(result.accuracy_matrix)}")
-    print(f"A_last {result.a_last:.4f}  A_avg {result.a_avg:.4f}  forgetting {result.forgetting:.4f}  -> {path}")
+    print(f"A_last {format_metric(result.a_last)} (over {a_last_scope(result.unevaluated_tasks)})  A_avg "
+          f"{format_metric(result.a_avg)}  forgetting {format_metric(result.forgetting)}  -> {path}")
+    exit_if_pushes_failed(trainer.failed_pushes)  # exit status 1, each retry command printed
     return record

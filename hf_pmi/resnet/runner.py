@@ -142,6 +142,7 @@ class BNRun:
                           hub_model_id=args.hub_model_id if args.push_to_hub else None, hub_token=args.hub_token,
                           start_from=self.start_from, processor=self.processor, events=self._event)
         self.inversion = {k: out[k] for k in ("inversion_seconds", "inversion_passes", "inverted_classes")}
+        self.trainer.failed_pushes = [push for push in out["pushes"] if not push["ok"]]  # the CLI exits 1 on them
         return self._result(out["accuracy_matrix"], out["counts"], out["task_seconds"], out["losses"])
 
     def _result(self, matrix, counts, task_seconds, losses) -> ContinualResult:
