@@ -243,10 +243,14 @@ class RanPACHead(ContinualHead):
             return float(self.ridge)
         perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed))
         val, fit = perm[:n_val], perm[n_val:]
-        evals, evecs = torch.linalg.eigh(h[fit].t() @ h[fit])
-        rotated_q = evecs.t() @ (h[fit].t() @ y[fit])
-        h_val = h[val] @ evecs
-        errors = [((h_val / (evals + r)) @ rotated_q - y[val]).pow(2).mean().item() for r in RIDGE_GRID]
+        h_fit, h_val, y_fit = h[fit], h[val], y[fit]
+        if len(fit) < self.projection_dim:  # the same fit in its dual form, W = H^T (H H^T + r I)^-1 Y: n x n, not M x M
+            evals, evecs = torch.linalg.eigh(h_fit @ h_fit.t())
+            left, right = h_val @ h_fit.t() @ evecs, evecs.t() @ y_fit
+        else:
+            evals, evecs = torch.linalg.eigh(h_fit.t() @ h_fit)
+            left, right = h_val @ evecs, evecs.t() @ (h_fit.t() @ y_fit)
+        errors = [((left / (evals + r)) @ right - y[val]).pow(2).mean().item() for r in RIDGE_GRID]
         best = min(range(len(errors)), key=lambda i: (errors[i] if math.isfinite(errors[i]) else math.inf))
         return RIDGE_GRID[best]
 

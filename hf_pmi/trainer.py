@@ -1,16 +1,14 @@
 """`ContinualTrainer`: a `transformers.Trainer` that learns a sequence of class-incremental tasks.
 
 For each task t: add its classes to the model -> ``method.before_task`` -> train (a fresh optimizer
-and schedule) -> evaluate every seen task (a row of the accuracy matrix) -> ``method.after_task``
-(statistics, feature bank, replay synthesis) -> write ``output_dir/task-{t}/`` and
-``output_dir/results.json``. Task begin/end events reach callbacks that define
+and schedule) -> add the task's classes to the classifier head (`hf_pmi.trainer_heads`) -> evaluate every
+seen task (a row of the accuracy matrix) -> ``method.after_task`` (statistics, feature bank, replay
+synthesis) -> write ``output_dir/task-{t}/`` and ``output_dir/results.json``. Task begin/end events reach callbacks that define
 ``on_task_begin`` / ``on_task_end``.
 
-Given an image classifier with BatchNorm instead of a `ContinualCLIP` (`ResNet32ForImageClassification`,
-transformers' `ResNetForImageClassification`, any `AutoModelForImageClassification` model whose head is a
-final linear layer), the trainer runs the BN family's loop (`hf_pmi.resnet.runner`): the same tasks,
-output folders, resume, Hub branches, callbacks and `ContinualResult`, with the schedule and replay
-settings of a `hf_pmi.resnet.continual.ResNetContinualConfig` given as ``method_config``.
+Given an image classifier with BatchNorm instead of a `ContinualCLIP` (any `AutoModelForImageClassification`
+model whose head is a final linear layer), it runs the BN family's loop (`hf_pmi.resnet.runner`) with the same
+tasks, folders, resume, Hub branches and callbacks, settings in a ``ResNetContinualConfig`` (``method_config``).
 
 Example:
     >>> from hf_pmi import ContinualCLIP, ContinualConfig, ContinualTrainer, split_class_incremental
@@ -44,15 +42,14 @@ from .config import ContinualConfig
 from .data import ContinualCollator, ContinualTasks, TaskPlan
 from .evaluation import task_accuracies
 from .guard import DivergenceGuard, check_loss, check_weights
-from .heads import TEXT, build_head
-from .hub import check_hub_access, push_task_checkpoint
+from .hub import push_task_checkpoint
 from .lock import RunLock
-from .integrity import file_checksums, read_json, sha256_file, verify_checksums
+from .integrity import verify_checksums
 from .log import get_logger, set_verbosity
 from .methods import MethodConfig, method_class
 from .metrics import continual_metrics
 from .model_card import write_model_card
-from .modeling import CONFIG_NAME as CLIP_CONFIG_NAME
+from .clip_checkpoint import task_file_checksums
 from .modeling import ContinualCLIP
 from .names_only import is_names_only, names_only_tasks
 from .resnet.checkpoint import FORMAT as BN_TASK_FORMAT
@@ -63,15 +60,17 @@ from .resume import (
 )
 from .seeding import task_seed
 from .tracking import ContinualCallbackHandler, summary_line, task_metrics
+from .trainer_heads import ContinualHeadMixin
 from .trainer_hub import ContinualHubMixin, card_state, continued_args
 from .validation import (check_checkpoint_prompts, check_distinct_prompts, check_output_dir_writable,
-                         check_processor_fits, check_same_processor, check_templates, check_training_settings)
+                         check_processor_fits, check_same_processor, check_templates, check_training_settings,
+                         refuse_known_classes)
 
 logger = get_logger()
 __all__ = ["ContinualResult", "ContinualTrainer", "latest_task_checkpoint"]
 
 
-class ContinualTrainer(ContinualHubMixin, Trainer):
+class ContinualTrainer(ContinualHeadMixin, ContinualHubMixin, Trainer):
     """Trains a `ContinualCLIP` (or an image classifier with BatchNorm) on `ContinualTasks`, one task after another.
 
     Args:
@@ -175,48 +174,6 @@ class ContinualTrainer(ContinualHubMixin, Trainer):
                 f"{self.args.method!r})."
             )
         self.method.validate()
-
-    def _setup_head(self) -> None:
-        """The classifier head the model predicts with (`hf_pmi.heads`): ``args.head``; unset, a continued model's
-        own, else the method's (`text` for names-only tasks: they have no image to take statistics from). Checked
-        before any work: a continued model's old classes have statistics for its own head only."""
-        model = self.accelerator.unwrap_model(self.model)
-        names_only = any(is_names_only(t) for t in self.tasks)
-        continued = self.tasks.task_offset > 0 or model.head is not None
-        name = self.args.head or (model.head_name if continued else TEXT if names_only else self.method.default_head)
-        if model.head_name != TEXT and name != model.head_name and model.num_classes:
-            raise ValueError(
-                f"The model predicts with the {model.head_name} head, whose statistics cover its {model.num_classes} "
-                f"classes; a {name} head would know none of them. Continue with head={model.head_name!r} (or leave "
-                f"`head` unset)."
-            )
-        if name != TEXT and names_only:
-            raise ValueError(f"Names-only tasks have no image to collect the {name} head's statistics from: use "
-                             f"head='text' (the CLIP text head) for them.")
-        if name != TEXT and model.head is None:
-            if self.tasks.task_offset:
-                raise ValueError(
-                    f"The {name} head learns a class from its images as its task is trained, and the continued "
-                    f"model's {model.num_classes} classes have no statistics: continue with head='text', or start the "
-                    f"run from the first task with head={name!r}."
-                )
-            model.set_head(build_head(name, model.feature_dim, projection_dim=self.args.head_projection_dim,
-                                      seed=self.args.seed))
-
-    def _update_head(self, t: int) -> None:
-        """Add task `t`'s classes to the head: the pooled features of its training images through the model as
-        trained (each process sees all of them, so every process holds the same head); the method first moves
-        the old classes' statistics to the current features where it can (``refresh_head``)."""
-        model = self.accelerator.unwrap_model(self.model)
-        if model.head is None:
-            return
-        model.eval()
-        self.method.refresh_head(model)
-        feats, labels = [], []
-        for pixel_values, y in self.method.real_batches(self.tasks[t].train):
-            feats.append(model.pooled_features(pixel_values))
-            labels.append(y)
-        model.head.update(torch.cat(feats), torch.cat(labels))
 
     # ----- the task loop -----------------------------------------------------------------------
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs) -> ContinualResult:
@@ -382,7 +339,7 @@ class ContinualTrainer(ContinualHubMixin, Trainer):
         verify_checksums(folder, state.get("checksums"))
         model = ContinualCLIP.from_pretrained(folder)
         restore_trainable(model, state.get("trainable_parameters"), folder)
-        _refuse_known_classes(model.class_names, tasks, path_or_repo_id)
+        refuse_known_classes(model.class_names, tasks, path_or_repo_id)
         check_same_processor(folder, processing_class, path_or_repo_id)  # another size/normalisation: refused
         if processing_class is None:
             from transformers import AutoProcessor
@@ -415,7 +372,7 @@ class ContinualTrainer(ContinualHubMixin, Trainer):
                              "learns new classes from images: pass tasks from `split_class_incremental(...)`.")
         verify_checksums(folder, state.get("checksums"))  # before anything is built from it (the run loads the pool)
         model = AutoModelForImageClassification.from_pretrained(folder)
-        _refuse_known_classes(model.config.id2label.values(), tasks, source)
+        refuse_known_classes(model.config.id2label.values(), tasks, source)
         check_same_processor(folder, processing_class, source)
         if processing_class is None and os.path.isfile(os.path.join(folder, "preprocessor_config.json")):
             processing_class = AutoImageProcessor.from_pretrained(folder)
@@ -516,23 +473,6 @@ class ContinualTrainer(ContinualHubMixin, Trainer):
         """Class ids of every task up to global task `g` (a continued checkpoint's tasks first)."""
         return (self._previous_task_classes + [t.class_ids for t in self.tasks])[: g + 1]
 
-    # ----- Hub ---------------------------------------------------------------------------------
-    def init_hf_repo(self, token: str | None = None, private: bool | None = None) -> None:
-        """Called by `Trainer.__init__` when ``push_to_hub``: fail now, not after hours of training."""
-        if not self.args.hub_model_id:
-            raise ValueError("push_to_hub=True needs hub_model_id='namespace/name' (the repo that gets a branch per task).")
-        check_hub_access(self.args.hub_model_id, token=token or self.args.hub_token,
-                         private=private if private is not None else self.args.hub_private_repo)
-        self.hub_model_id = self.args.hub_model_id
-
-    def _wait_for_pushes(self) -> None:
-        for future in self._pushes:
-            result = future.result()
-            if not result:
-                logger.error("Push of %s failed; push it again with: %s", result.folder, result.retry_command)
-                self.failed_pushes.append(result)
-        self._pushes = []
-
     def _load_task_checkpoint(self, folder: str) -> int:
         if not os.path.isfile(os.path.join(folder, STATE_NAME)):
             raise FileNotFoundError(
@@ -559,20 +499,3 @@ class ContinualTrainer(ContinualHubMixin, Trainer):
             print(f"[hf_pmi] Resuming from {folder}: {state['task_id'] + 1} of {self.num_total_tasks} tasks "
                   f"finished, continuing with task {state['task_id'] + 1}.", flush=True)
         return state["task_id"]
-
-
-def _refuse_known_classes(known, tasks: ContinualTasks, source: str) -> None:
-    """A continued run learns new classes only: names the checkpoint already has are refused."""
-    clash = sorted(set(known) & set(tasks.class_names))
-    if clash:
-        raise ValueError(f"Class name(s) {clash} already exist in {source}: a continued run learns new classes only. "
-                         f"Drop them from the new data or rename them.")
-
-
-def task_file_checksums(folder: str) -> dict[str, str]:
-    """The sha256 of every safetensors and JSON file of a task folder being written; the model's files
-    are taken from its own manifest (just computed by `ContinualCLIP.save_pretrained`), not hashed twice."""
-    model_files = read_json(os.path.join(folder, CLIP_CONFIG_NAME)).get("checksums", {})
-    sums = {**model_files, **file_checksums(folder, exclude=(CLIP_CONFIG_NAME, *model_files)),
-            CLIP_CONFIG_NAME: sha256_file(os.path.join(folder, CLIP_CONFIG_NAME))}
-    return dict(sorted(sums.items()))

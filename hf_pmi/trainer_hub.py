@@ -165,6 +165,22 @@ def continued_args(args, state: dict, source: str):
 class ContinualHubMixin:
     """The `Trainer` entry points that save, push and describe a model, for continual runs (module docstring)."""
 
+    def init_hf_repo(self, token: str | None = None, private: bool | None = None) -> None:
+        """Called by `Trainer.__init__` when ``push_to_hub``: fail now, not after hours of training."""
+        if not self.args.hub_model_id:
+            raise ValueError("push_to_hub=True needs hub_model_id='namespace/name' (the repo that gets a branch per task).")
+        check_hub_access(self.args.hub_model_id, token=token or self.args.hub_token,
+                         private=private if private is not None else self.args.hub_private_repo)
+        self.hub_model_id = self.args.hub_model_id
+
+    def _wait_for_pushes(self) -> None:
+        for future in self._pushes:
+            result = future.result()
+            if not result:
+                logger.error("Push of %s failed; push it again with: %s", result.folder, result.retry_command)
+                self.failed_pushes.append(result)
+        self._pushes = []
+
     def _latest_task_folder(self, what: str) -> str:
         folder = latest_task_checkpoint(self.args.output_dir)
         if folder is None:

@@ -458,3 +458,11 @@ def warn_unscored_classes(test, label_column: str, names: list[str]) -> list[str
             UserWarning, stacklevel=3,
         )
     return missing
+
+
+def refuse_known_classes(known, tasks, source: str) -> None:
+    """A continued run learns new classes only: names the checkpoint already has are refused."""
+    clash = sorted(set(known) & set(tasks.class_names))
+    if clash:
+        raise ValueError(f"Class name(s) {clash} already exist in {source}: a continued run learns new classes only. "
+                         f"Drop them from the new data or rename them.")
