@@ -302,11 +302,9 @@ class ContinualTrainer(ContinualHeadMixin, ContinualHubMixin, Trainer):
             )
         model.add_classes(task.class_names, self.processing_class.tokenizer)
 
-    def _task_event(self, event: str, task_id: int, **kw) -> None:
-        for callback in self.callback_handler.callbacks:
-            fn = getattr(callback, event, None)
-            if fn is not None:
-                fn(self.args, self.state, self.control, task_id=task_id, trainer=self, **kw)
+    def _task_event(self, event: str, task_id: int, **kw) -> None:  # callbacks' on_task_begin / on_task_end
+        for fn in filter(None, (getattr(c, event, None) for c in self.callback_handler.callbacks)):
+            fn(self.args, self.state, self.control, task_id=task_id, trainer=self, **kw)
 
     @classmethod
     def from_pretrained(
