@@ -192,9 +192,14 @@ def main():
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--projection_sweep", action="store_true",
                         help="Also measure the frozen ranpac head's A_last for each projection size (seed 0).")
+    parser.add_argument("--table", action="store_true", help="Print the summary of --output as a markdown table.")
     parser.add_argument("--workdir", default=os.path.join(ROOT, "runs", "heads"))
     parser.add_argument("--output", default=os.path.join(ROOT, "benchmarks", "results", "heads.json"))
     opts = parser.parse_args()
+    if opts.table:
+        with open(opts.output) as f:
+            print(markdown_table(json.load(f)))
+        return
     os.makedirs(opts.workdir, exist_ok=True)
     previous, sweep = [], []
     if os.path.isfile(opts.output):  # rows of data sets / runs not asked for this time are kept
@@ -249,6 +254,23 @@ def main():
     with open(opts.output, "w") as f:
         json.dump(doc, f, indent=1)
     plot(summary, opts.output.replace(".json", ".png"))
+
+
+def markdown_table(doc: dict) -> str:
+    """The summary as docs/benchmarks.md shows it: mean ± sample std over the seeds of every run."""
+    lines = ["| data | run | head | seeds | A_last | oracle ridge head | oracle class means | synthesis s | wall s |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    heads = {(r["data"], r["method"]): r["head"] for r in doc["runs"]}
+    for data, runs in doc["summary"].items():
+        for name, m in runs.items():
+            cells = [f"{m[k][0]:.3f} ± {m[k][1]:.3f}" for k in ("a_last", "oracle_ridge", "oracle_ncm")]
+            lines.append(f"| {data} | {name} | {heads[data, name]} | {','.join(map(str, m['seeds']))} | "
+                         f"{' | '.join(cells)} | {m['synthesis_seconds'][0]:.1f} | {m['wall_seconds'][0]:.0f} |")
+    sweep = doc.get("projection_sweep") or []
+    if sweep:
+        lines += ["", "| data | ranpac projection M | A_last (frozen, seed 0) | head size (MB) |", "|---|---|---|---|"]
+        lines += [f"| {r['data']} | {r['projection_dim']} | {r['a_last']:.3f} | {r['megabytes']:.1f} |" for r in sweep]
+    return "\n".join(lines)
 
 
 def plot(summary: dict, path: str) -> None:

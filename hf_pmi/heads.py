@@ -26,16 +26,14 @@ Example:
 
 from __future__ import annotations
 
-import json
 import math
 import os
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
 from torch import nn
 
-from .integrity import load_safetensors, read_json
+from .integrity import load_safetensors, read_json, save_safetensors, write_json
 
 HEAD_FOLDER = "head"
 CONFIG_NAME = "head.json"
@@ -125,18 +123,17 @@ class ContinualHead(nn.Module):
             raise ValueError(
                 f"The {self.name} head has no statistics for classes {missing[:10]}{'...' if len(missing) > 10 else ''} "
                 f"of the model's {num_classes}: a head learns a class from its images when its task is trained "
-                f"(`ContinualTrainer`), or with `model.update_head(features, labels)`. Classes learned from their "
-                f"names only need head='text'."
+                f"(`ContinualTrainer`), or with `model.head.update(model.pooled_features(images), labels)`. Classes "
+                f"learned from their names only need head='text'."
             )
 
     # ----- save / load ---------------------------------------------------------------------------
     def save_pretrained(self, folder: str) -> None:
         os.makedirs(folder, exist_ok=True)
         tensors = {k: v.contiguous().cpu() for k, v in self.state_dict().items()}
-        save_file(tensors, os.path.join(folder, WEIGHTS_NAME), metadata={"format": "pt"})
+        save_safetensors(tensors, os.path.join(folder, WEIGHTS_NAME), metadata={"format": "pt"})
         meta = {"head": self.name, "feature_dim": self.feature_dim, "settings": self.settings()}
-        with open(os.path.join(folder, CONFIG_NAME), "w") as f:
-            json.dump(meta, f, indent=2, sort_keys=True)
+        write_json(os.path.join(folder, CONFIG_NAME), meta, seal=True)
 
     @classmethod
     def from_pretrained(cls, folder: str) -> "ContinualHead":
