@@ -124,6 +124,8 @@ def oracle_heads(checkpoint: str, data) -> dict:
     label_map = {i: model.class_names.index(n) for i, n in enumerate(names) if n in model.class_names}
     collate = ContinualCollator(processor.image_processor, label_map)
 
+    predictions = []
+
     def features(split):
         ds = data[split].filter(lambda y: y in label_map, input_columns="label")
         feats, labels = [], []
@@ -131,10 +133,13 @@ def oracle_heads(checkpoint: str, data) -> dict:
             batch = collate([ds[i] for i in range(start, min(start + 256, len(ds)))])
             feats.append(model.pooled_features(batch["pixel_values"]))
             labels.append(batch["labels"])
+            if split == "test":  # the reloaded checkpoint's own predictions (its head)
+                with torch.no_grad():
+                    predictions.append(model(pixel_values=batch["pixel_values"]).prediction_logits.argmax(-1))
         return torch.cat(feats), torch.cat(labels)
 
     (x, y), (xt, yt) = features("train"), features("test")
-    out = {}
+    out = {"reloaded_accuracy": (torch.cat(predictions) == yt).float().mean().item()}
     for name in ("ranpac", "ncm"):
         head = build_head(name, model.feature_dim)
         head.update(x, y)
