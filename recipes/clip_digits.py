@@ -3,8 +3,9 @@
 Needs no network: the model, the tokenizer and the data are made locally (`hf_pmi.testing`). As in
 the method's own setting, the CLIP is pre-trained (here on rendered letters, `letters_clip`) and
 adapted with LoRA. The default mini backbone ships with hf_pmi (made by ``python -m
-hf_pmi.testing.backbones --export letters``, sha256 verified on load), so the demo starts at once and
-gives the same numbers on every machine; ``--model_size tiny`` pre-trains a tiny one on first use
+hf_pmi.testing.backbones --export letters``, sha256 verified on load), so the demo starts at once from
+the same weights on every machine (a seed gives bit-identical numbers on one machine; another CPU's
+floating-point kernels may round differently and end a little elsewhere); ``--model_size tiny`` pre-trains a tiny one on first use
 (~25 s, then cached). ``--backbone scratch --lora_r 0`` trains a random CLIP whole instead, a much
 harder regime (docs/benchmarks.md).
 

@@ -11,7 +11,7 @@ task at a time is a different and much harder regime, docs/benchmarks.md):
 With their default arguments (the demos' backbones) both ship with hf_pmi, made by this module's
 pre-training functions (``python -m hf_pmi.testing.backbones --export letters`` / ``--export shapes``;
 the files, their sha256 and that command are in ``hf_pmi/testing/pretrained/SHIPPED.json``): they
-load at once, sha256 verified, and give the same numbers on every machine. Any other configuration
+load at once, sha256 verified: the same weights on every machine. Any other configuration
 is pre-trained by a function of this module the first time it is asked for and then loaded from the
 cache (`hf_pmi.testing.cache`). Run ``python -m hf_pmi.testing.backbones`` to load (or pre-train) the
 shapes CLIP and print its zero-shot accuracies.

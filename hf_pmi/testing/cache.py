@@ -5,7 +5,8 @@
 1. **shipped**: when ``name`` and ``kwargs`` are those of a backbone shipped in the package
    (``hf_pmi/testing/pretrained/``, listed in `SHIPPED_MANIFEST` with the command that made each file
    and its sha256), that file is loaded, after its sha256 is verified. Nothing is trained, so a demo
-   gives the same numbers on every machine. A file that does not match its checksum is an error
+   starts from the same weights on every machine (its numbers are bit-identical for a seed on one machine;
+   another CPU's floating-point kernels can round differently and move them a little). A file that does not match its checksum is an error
    naming the fix.
 2. **cached**: otherwise from the cache folder ``<cache_dir>/<name>-<kwargs>`` (``$HF_PMI_CACHE``, else
    ``~/.cache/hf_pmi``), trained first when that folder holds none. ``train`` is a function
