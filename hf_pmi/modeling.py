@@ -116,7 +116,9 @@ class ContinualCLIP(nn.Module):
         self.register_buffer("prompt_ids", torch.zeros(0, len(self.templates), length, dtype=torch.long))
         self.register_buffer("prompt_mask", torch.zeros(0, len(self.templates), length, dtype=torch.long))
         self.router = ClassRouter(self.clip_config.projection_dim)
-        self.head: ContinualHead | None = None  # None: the text head (`hf_pmi.heads`)
+        # None: the text head (`hf_pmi.heads`). Not a registered submodule: its statistics are saved in head/, not in
+        # the model's state dict, and DDP does not broadcast them at every step (every process holds the same head)
+        object.__setattr__(self, "head", None)
         self._text_cache: torch.Tensor | None = None
         self._raw_classifier: torch.Tensor | None = None
         base = unwrap_clip(self.clip)
@@ -211,7 +213,7 @@ class ContinualCLIP(nn.Module):
             )
         if head is not None and head.feature_dim != self.feature_dim:
             raise ValueError(f"The head reads {head.feature_dim}-dim features but the model's are {self.feature_dim}.")
-        self.head = head.to(self.prompt_ids.device) if head is not None else None
+        object.__setattr__(self, "head", head.to(self.prompt_ids.device) if head is not None else None)
 
     @torch.no_grad()
     def pooled_features(self, pixel_values: torch.Tensor | None = None, replay_inputs: torch.Tensor | None = None,
@@ -358,7 +360,7 @@ class ContinualCLIP(nn.Module):
             routed = self._route(inputs[0], replay_block, image_logits)
         if image_logits is not None and self.head is not None and not self.training:
             self.head.check_ready(self.num_classes)
-            head_logits = self.head(pooled[:n].detach())
+            head_logits = self.head.to(pooled.device)(pooled[:n].detach())
         out = ContinualCLIPOutput(
             logits=image_logits,
             routed_logits=routed,

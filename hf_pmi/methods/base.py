@@ -165,11 +165,12 @@ class ContinualMethod:
     def snapshot_teacher(self):
         """A frozen copy of the current model (the teacher for the next task)."""
         model = self.unwrapped_model
-        head, model.head = getattr(model, "head", None), None  # the teacher gives features and logits, not head scores
+        head = getattr(model, "head", None)  # the teacher gives features and logits, not head scores
+        object.__setattr__(model, "head", None)
         try:
             teacher = copy.deepcopy(model).eval()
         finally:
-            model.head = head
+            object.__setattr__(model, "head", head)
         teacher.requires_grad_(False)
         return teacher
 
