@@ -20,7 +20,6 @@ is inverted once, after its task, and kept. ``exemplar_replay`` keeps real image
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -53,9 +52,6 @@ from .training import (
     stage_epochs,
 )
 
-if TYPE_CHECKING:
-    from .continual import ResNetContinualConfig, TensorTask
-
 INVERTING = ("pmi", "full_inversion")
 # The train_head stage of the reference weighs the hard KD by hkd_factor * 0.01.
 HEAD_STAGE_HKD = 0.01
@@ -81,7 +77,7 @@ def _logits(model: nn.Module, x: torch.Tensor, device) -> torch.Tensor:
 
 
 class Learner:
-    def __init__(self, model: nn.Module, config: "ResNetContinualConfig"):
+    def __init__(self, model: nn.Module, config: "ResNetContinualConfig"):  # noqa: F821 (from .continual; not imported: no cycle)
         self.model, self.config = model, config
         self.device = next(model.parameters()).device  # tasks and the pool stay on the CPU; batches move here
         self.generator = torch.Generator().manual_seed(config.seed)
