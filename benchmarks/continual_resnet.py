@@ -1,23 +1,28 @@
-"""Data-free class-incremental learning of a ResNet trained from scratch (issue 22, the paper's Table 1 path).
+"""Data-free class-incremental learning of a ResNet trained from scratch (issues 22 and 30: the paper's ResNet path).
 
-    OMP_NUM_THREADS=1 python benchmarks/continual_resnet.py --seeds 0 1 2 --jobs 2   # -> benchmarks/results/continual_resnet.json
+    OMP_NUM_THREADS=1 python benchmarks/continual_resnet.py --seeds 0 1 2 --jobs 1 --methods finetune lwf pmi \
+        full_inversion --blocks_per_stage 3 --later_epochs 10 --workdir runs/continual_resnet30
+        # -> benchmarks/results/continual_resnet.json (docs/resnet.md, "After issue 30")
 
 World: the offline fonts letters (`hf_pmi.testing.fonts`: 20 letters in many faces, colours and
 backgrounds, 16 px), ``--train_per_class`` training and 50 test images per letter (test images of
 another seed), normalised by the per-channel moments of the first task's training images (all a
 continual learner has at the start). 5 tasks of 4 letters, the class order shuffled by the seed.
-Model: `ResNet32ForImageClassification` (``--blocks_per_stage`` 5: ResNet-32) from scratch, seeded.
-Loop: `hf_pmi.resnet.continual.learn_tasks` (SGD one-cycle to lr 0.1, ``--first_epochs`` (60) on the
-first task: from scratch the net needs them to pass 0.99 on its 4 letters; ``--later_epochs`` (20)
-on the others; head fine-tuning for replay methods; the reference ResNet path's loss weights and
-inversion budget: 50 steps per block, 160 refinement steps).
+Model: `ResNet32ForImageClassification` (``--blocks_per_stage`` 5: ResNet-32, 3: ResNet-20) from scratch, seeded.
+Loop: `hf_pmi.resnet.continual.learn_tasks` with the reference's choices by default (``--schedule staged``:
+the first task ``--first_epochs`` (60) at lr 0.1, x0.1 at 40 % / 60 %; later tasks ``--later_epochs`` split
+20 : 20 : 120 over the stages; ``--regenerate 1``: the pool re-fitted and inverted anew after every task;
+``--selection cfs``), ``--head_epochs`` of head fine-tuning at ``--head_lr``, per-image crops of ``--shift`` px
+(no flip: letters); the reference ResNet path's loss weights and inversion budget (50 steps per block,
+160 refinement steps). Task 0 is trained once per seed and loaded by the other methods (`shared_first_task`).
 Methods: ``finetune``, ``lwf``, ``pmi``, ``full_inversion`` (random start, the same passes),
 ``exemplar_replay`` (real images, not data-free) with ``--replay_per_class`` samples per class, and
 ``joint`` (`finetune` on one task of all 20 letters, the same first-task epochs: the upper bound).
 
 Each run is one process (one torch thread), ``--jobs`` at a time; finished runs under ``--workdir``
-are reused when their settings match. Writes ``{"runs": [{"method", "seed", "a_last", "a_avg",
-"inversion_seconds", ...}], "summary": {method: mean/std}}``.
+are reused when their settings match, and runs of other invocations with the same settings already in
+``--output`` are kept. Writes ``{"runs": [{"method", "seed", "a_last", "a_avg", "inversion_seconds", ...}],
+"summary": {method: mean / sample std}}``.
 """
 
 from __future__ import annotations
