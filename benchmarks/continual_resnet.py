@@ -1,28 +1,35 @@
-"""Data-free class-incremental learning of a ResNet trained from scratch (issue 22, the paper's Table 1 path).
+"""Data-free class-incremental learning of a ResNet trained from scratch (issues 22 and 30: the paper's ResNet path).
 
-    OMP_NUM_THREADS=1 python benchmarks/continual_resnet.py --seeds 0 1 2 --jobs 2   # -> benchmarks/results/continual_resnet.json
+    OMP_NUM_THREADS=1 python benchmarks/continual_resnet.py --seeds 0 1 2 --jobs 1 --methods finetune lwf pmi \
+        full_inversion --blocks_per_stage 3 --later_epochs 10 --workdir runs/continual_resnet30
+        # -> benchmarks/results/continual_resnet.json (docs/resnet.md, "After issue 30")
 
 World: the offline fonts letters (`hf_pmi.testing.fonts`: 20 letters in many faces, colours and
 backgrounds, 16 px), ``--train_per_class`` training and 50 test images per letter (test images of
 another seed), normalised by the per-channel moments of the first task's training images (all a
 continual learner has at the start). 5 tasks of 4 letters, the class order shuffled by the seed.
-Model: `ResNet32ForImageClassification` (``--blocks_per_stage`` 5: ResNet-32) from scratch, seeded.
-Loop: `hf_pmi.resnet.continual.learn_tasks` (SGD one-cycle to lr 0.1, ``--first_epochs`` (60) on the
-first task: from scratch the net needs them to pass 0.99 on its 4 letters; ``--later_epochs`` (20)
-on the others; head fine-tuning for replay methods; the reference ResNet path's loss weights and
-inversion budget: 50 steps per block, 160 refinement steps).
+Model: `ResNet32ForImageClassification` (``--blocks_per_stage`` 5: ResNet-32, 3: ResNet-20) from scratch, seeded.
+Loop: `hf_pmi.resnet.continual.learn_tasks` with the reference's choices by default (``--schedule staged``:
+the first task ``--first_epochs`` (60) at lr 0.1, x0.1 at 40 % / 60 %; later tasks ``--later_epochs`` split
+20 : 20 : 120 over the stages; ``--regenerate 1``: the pool re-fitted and inverted anew after every task;
+``--selection cfs``), ``--head_epochs`` of head fine-tuning at ``--head_lr``, per-image crops of ``--shift`` px
+(no flip: letters); the reference ResNet path's loss weights and inversion budget (50 steps per block,
+160 refinement steps). Task 0 is trained once per seed and loaded by the other methods (`shared_first_task`).
 Methods: ``finetune``, ``lwf``, ``pmi``, ``full_inversion`` (random start, the same passes),
 ``exemplar_replay`` (real images, not data-free) with ``--replay_per_class`` samples per class, and
 ``joint`` (`finetune` on one task of all 20 letters, the same first-task epochs: the upper bound).
 
 Each run is one process (one torch thread), ``--jobs`` at a time; finished runs under ``--workdir``
-are reused when their settings match. Writes ``{"runs": [{"method", "seed", "a_last", "a_avg",
-"inversion_seconds", ...}], "summary": {method: mean/std}}``.
+are reused when their settings match, and runs of other invocations with the same settings already in
+``--output`` are kept. Writes ``{"runs": [{"method", "seed", "a_last", "a_avg", "inversion_seconds", ...}],
+"summary": {method: mean / sample std}}``.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import hashlib
 import json
 import os
 import platform
@@ -73,17 +80,59 @@ def run_one(method: str, seed: int, settings: dict) -> dict:
     torch.manual_seed(seed)
     model = ResNet32ForImageClassification(ResNet32Config(
         num_labels=0, image_size=IMAGE_SIZE, blocks_per_stage=settings["blocks_per_stage"]))
-    config = ResNetContinualConfig(method="finetune" if method == "joint" else method, seed=seed,
-                                   epochs=settings["first_epochs"], later_epochs=settings["later_epochs"], replay_per_class=settings["replay_per_class"])
+    config = ResNetContinualConfig(
+        method="finetune" if method == "joint" else method, seed=seed, epochs=settings["first_epochs"],
+        later_epochs=settings["later_epochs"], replay_per_class=settings["replay_per_class"],
+        schedule=settings["schedule"], regenerate=bool(settings["regenerate"]), selection=settings["selection"],
+        head_epochs=settings["head_epochs"], head_lr=settings["head_lr"], shift=settings["shift"])
     t0 = time.perf_counter()
-    result = learn_tasks(model, tasks, config)
+    with shared_first_task(Path(settings["workdir"]), seed, settings, enabled=method != "joint"):
+        result = learn_tasks(model, tasks, config)
     return {
         "method": method, "seed": seed, "a_last": result["a_last"], "a_avg": result["a_avg"],
         "forgetting": result["forgetting"], "inversion_seconds": result["inversion_seconds"],
         "inversion_passes": result["inversion_passes"], "wall_seconds": time.perf_counter() - t0,
         "accuracy_matrix": result["accuracy_matrix"], "class_order": [LETTERS[i] for i in order],
-        "inverted_classes": result["inverted_classes"], "settings": settings,
+        "inverted_classes": result["inverted_classes"],
+        "settings": {k: v for k, v in settings.items() if k != "workdir"},
+        "first_task_loaded": method != "joint" and result["task_seconds"][0] < 1.0,  # then wall_seconds lacks task 0
     }
+
+
+@contextlib.contextmanager
+def shared_first_task(workdir: Path, seed: int, settings: dict, enabled: bool = True):
+    """Task 0 is the same for every method of a seed (same initialisation, batches and crops; no teacher, so
+    plain CE): train it once, then load its weights and random state in the other methods' runs, which then
+    go on exactly as if they had trained it themselves (CPU, one thread: the same operations give the same bits)."""
+    import torch
+
+    from hf_pmi.resnet.learner import Learner
+
+    keys = ("train_per_class", "first_epochs", "blocks_per_stage", "schedule", "shift")
+    tag = hashlib.sha256(json.dumps({k: settings[k] for k in keys}, sort_keys=True).encode()).hexdigest()[:12]
+    cache = workdir / f"task0-seed{seed}-{tag}.pt"
+    original = Learner.train_task
+
+    def train_task(self, task, teacher, n_old):
+        if teacher is not None:
+            return original(self, task, teacher, n_old)
+        if cache.exists():
+            blob = torch.load(cache)
+            self.model.load_state_dict(blob["model"])
+            self.generator.set_state(blob["generator"])
+            torch.set_rng_state(blob["torch_rng"])
+            return blob["losses"]
+        losses = original(self, task, teacher, n_old)
+        torch.save({"model": self.model.state_dict(), "generator": self.generator.get_state(),
+                    "torch_rng": torch.get_rng_state(), "losses": losses}, cache)
+        return losses
+
+    if enabled:
+        Learner.train_task = train_task
+    try:
+        yield
+    finally:
+        Learner.train_task = original
 
 
 def summarise(runs: list[dict]) -> dict:
@@ -95,7 +144,8 @@ def summarise(runs: list[dict]) -> dict:
         out[method] = {}
         for key in ("a_last", "a_avg", "inversion_seconds", "wall_seconds"):
             vals = [r[key] for r in rows]
-            out[method][key] = {"mean": statistics.mean(vals), "std": statistics.pstdev(vals)}
+            # sample standard deviation (n - 1) over seeds
+            out[method][key] = {"mean": statistics.mean(vals), "std": statistics.stdev(vals) if len(vals) > 1 else 0.0}
         out[method]["seeds"] = [r["seed"] for r in rows]
     return out
 
@@ -110,16 +160,27 @@ def main(argv=None):
     parser.add_argument("--first_epochs", type=int, default=60, help="epochs of task 0 (and of joint)")
     parser.add_argument("--later_epochs", type=int, default=20, help="epochs of tasks 1-4")
     parser.add_argument("--replay_per_class", type=int, default=20, help="kept samples per old class")
-    parser.add_argument("--blocks_per_stage", type=int, default=5, help="5: ResNet-32")
+    parser.add_argument("--blocks_per_stage", type=int, default=5, help="5: ResNet-32, 3: ResNet-20")
+    parser.add_argument("--schedule", default="staged", choices=("staged", "one_cycle"),
+                        help="staged: the reference's later-task stages (ResNetContinualConfig.schedule)")
+    parser.add_argument("--regenerate", type=int, default=1, choices=(0, 1),
+                        help="1: the reference's pool, re-fitted and inverted anew after every task; 0: each class once")
+    parser.add_argument("--selection", default="cfs", choices=("cfs", "gaussian"), help="inversion targets (reference: cfs)")
+    # the reference's 40 head epochs at lr 0.005 per 160 later-task epochs, scaled to 20 later epochs
+    parser.add_argument("--head_epochs", type=int, default=5)
+    parser.add_argument("--head_lr", type=float, default=0.005)
+    parser.add_argument("--shift", type=int, default=2, help="random-crop padding (px) of the 16 px letters")
     parser.add_argument("--workdir", default="runs/continual_resnet")
     parser.add_argument("--output", default="benchmarks/results/continual_resnet.json")
     parser.add_argument("--_run", nargs=2, help=argparse.SUPPRESS)  # internal: method seed, in a child process
     args = parser.parse_args(argv)
-    settings = {k: getattr(args, k) for k in ("train_per_class", "first_epochs", "later_epochs", "replay_per_class", "blocks_per_stage")}
+    settings = {k: getattr(args, k) for k in ("train_per_class", "first_epochs", "later_epochs", "replay_per_class",
+                                              "blocks_per_stage", "schedule", "regenerate", "selection", "head_epochs",
+                                              "head_lr", "shift")}
     workdir = Path(args.workdir)
     if args._run:
         method, seed = args._run[0], int(args._run[1])
-        row = run_one(method, seed, settings)
+        row = run_one(method, seed, {**settings, "workdir": str(workdir)})
         (workdir / f"{method}-{seed}.json").write_text(json.dumps(row, indent=1))
         return
     workdir.mkdir(parents=True, exist_ok=True)

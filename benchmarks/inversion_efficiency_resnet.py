@@ -269,7 +269,8 @@ def main(argv=None):
         "machine": machine(), "model": {"architecture": "ResNet-32 (hf_pmi.resnet, 0.46 M parameters)", **info},
         "targets": {"count": n, "per_class": args.per_class, "seed": args.target_seed,
                     "source": "diagonal class Gaussians of the training images' pooled features"},
-        "inversion": {k: v for k, v in BNInversionConfig(**base).to_dict().items() if k not in ("mode", "chain")},
+        "inversion": {k: v for k, v in BNInversionConfig(input_prior=args.input_prior, a_layer=args.a_layer, **base).to_dict().items()
+                      if k not in ("mode", "chain")},  # the chain's own prior and weight, not the defaults
         "chain_prior": {"input_prior": args.input_prior, "a_layer": args.a_layer},
         "random_budget": args.random_budget, "own_schedule": args.own_schedule, "seeds": args.seeds, "total_seconds": time.perf_counter() - t_start,
         "note": "passes_ratio = passes a random start (refinement settings, random_budget x the run's passes) needs to "

@@ -1,5 +1,5 @@
 """ResNet-32 from scratch on Tiny-ImageNet (200 classes, 64 px), 5 equal tasks of 40 classes: the paper's
-ResNet path on its second dataset.
+ResNet path on its second dataset, with the settings of the reference's Tiny-ImageNet scripts. Not run here.
 
     accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no \\
         recipes/resnet_tiny_imagenet.py --output_dir runs/resnet32-tiny-pmi
@@ -10,6 +10,8 @@ are 64 / 32 / 16 px per stage and global pooling takes the rest, at 4x the compu
 "valid" images as test data; some are greyscale and become RGB), normalised with ImageNet's mean and std.
 Inversion refines 1000 targets at a time (the reference's Tiny-ImageNet ``gen_batch_size``); other
 defaults and their sources: `hf_pmi.resnet.recipe`. Offline: ``--data_dir path/to/images --test_split test``.
+Remaining deviations (docs/resnet.md, "Deviations"): as `recipes/resnet32_cifar100.py`'s; the 4 px crop is
+CIFAR's, assumed for 64 px too.
 """
 
 from hf_pmi.resnet.recipe import parse_args, run
@@ -17,7 +19,8 @@ from hf_pmi.resnet.recipe import parse_args, run
 # zh-plus/tiny-imagenet's columns and test split; 64 px; ImageNet's per-channel mean / std
 DEFAULTS = {"dataset_name": "zh-plus/tiny-imagenet", "image_column": "image", "label_column": "label",
             "test_split": "valid", "image_size": 64, "num_tasks": 5, "mean": [0.485, 0.456, 0.406],
-            "std": [0.229, 0.224, 0.225], "inversion_refine_batch": 1000}
+            "std": [0.229, 0.224, 0.225], "inversion_refine_batch": 1000,
+            "reference_dataset": "tiny-imagenet"}  # its scripts: the last stage at lr 5e-3 for every split
 
 
 def main(argv=None):

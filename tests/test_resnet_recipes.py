@@ -105,11 +105,18 @@ def test_recipe_defaults_follow_the_reference():
 
     tiny_defaults = load_recipe("resnet_tiny_imagenet").DEFAULTS
     recipe, training = parse_args(["--output_dir", "o"], tiny_defaults)
-    config = training.continual_config(recipe.num_tasks, num_classes=200)
+    config = training.continual_config(recipe.num_tasks, num_classes=200, dataset=recipe.reference_dataset)
     assert (recipe.dataset_name, recipe.test_split, recipe.image_size) == ("zh-plus/tiny-imagenet", "valid", 64)
-    assert (config.replay_per_class, config.inversion.refine_batch, config.weights["l_ft"]) == (125, 1000, 1.5)
+    assert (config.init_samples, config.per_task_samples) == (6000, 5000)  # task_cont_tiny_5_task.sh
+    assert (config.inversion.refine_batch, config.weights["l_ft"]) == (1000, 1.5)
+    assert (config.schedule, config.regenerate, config.selection, config.flip, config.shift) == ("staged", True, "cfs", True, 4)
+    recipe, training = parse_args(["--output_dir", "o", "--num_tasks", "20"], tiny_defaults)
+    assert training.continual_config(20, 200, recipe.reference_dataset).stage_lrs == (0.1, 0.05, 5e-3)  # Tiny: 5e-3
     recipe, training = parse_args(["--output_dir", "o", "--num_tasks", "20"])
-    assert training.continual_config(recipe.num_tasks, num_classes=100).replay_per_class == 200
+    config = training.continual_config(recipe.num_tasks, num_classes=100, dataset=recipe.reference_dataset)
+    assert (config.init_samples, config.per_task_samples, config.stage_lrs[-1]) == (2000, 1000, 1e-2)  # CIFAR 20 tasks
+    recipe, training = parse_args(["--output_dir", "o", "--replay_per_class", "7"])
+    assert training.continual_config(5, 100).replay_per_class == 7 and training.continual_config(5, 100).init_samples is None
     with pytest.raises(ValueError, match="unknown flags"):
         parse_args(["--output_dir", "o"], {"epoch": 3})
 
@@ -137,12 +144,13 @@ def test_bad_input_fails_before_training(tmp_path, capsys):
     assert not (tmp_path / "out" / "task-0").exists()
 
 
-def test_recipe_pmi_inverts_each_class_once(folder, tmp_path):
+def test_recipe_pmi_regenerates_the_pool_after_every_task(folder, tmp_path):
     """The default method through the recipe's flags, at a toy inversion budget."""
     argv = ["--data_dir", str(folder), "--output_dir", str(tmp_path / "out"), *TINY, "--method", "pmi",
             "--replay_per_class", "4", "--inversion_layer_steps", "1", "--inversion_refine_steps", "2"]
     result = load_recipe("resnet32_cifar100").main(argv)
-    assert result["inversion_passes"] > 0 and sorted(result["inverted_classes"].values()) == [1] * 4  # every class once, the saved last task's too
+    # the reference's pool: task 0's classes inverted after task 0 and again after task 1 (saved last task)
+    assert result["inversion_passes"] > 0 and sorted(result["inverted_classes"].values()) == [1, 1, 2, 2]
     with open(tmp_path / "out" / "results.json") as f:
         config = json.load(f)["config"]
     assert (config["replay_per_class"], config["inversion"]["layer_steps"], config["inversion"]["refine_steps"]) == (4, 1, 2)

@@ -136,8 +136,8 @@ def test_a_pushed_task_is_continued_from_the_hub_without_old_images(tmp_path, hu
     assert [n for n in os.listdir(tmp_path / "b") if n.startswith("task-")] == ["task-2"]  # after the Hub run's tasks
     # old classes, never shown in this run, are still recognised (replayed from the checkpoint's pool),
     # unlike a continuation that replays nothing (finetune on the same checkpoint)
-    plain = ContinualTrainer.from_pretrained("tester/r32", revision="task-1", tasks=new,
-                                             args=args(tmp_path / "c", "finetune"))
+    plain = ContinualTrainer.from_pretrained("tester/r32", revision="task-1", tasks=new,  # every parameter trained
+                                             args=args(tmp_path / "c", "finetune"), method_config=schedule(schedule="one_cycle"))
     plain.train()
     old = split_class_incremental(colours(["red", "green", "blue", "yellow"], seed=2), num_tasks=1, seed=None)
     proc = trainer.bn_run.processor
@@ -157,6 +157,8 @@ def old_class_accuracy(model, task):
 @pytest.mark.parametrize("change, error, match", [
     (dict(method="feature_replay"), ValueError, "not one of the BatchNorm family's"),
     (dict(learning_rate=0.1), ValueError, r"ResNetContinualConfig.*'learning_rate': 'lr'"),
+    (dict(gradient_accumulation_steps=2), ValueError, r"ignores \['gradient_accumulation_steps'\].*batch_size"),
+    (dict(max_grad_norm=0.5), ValueError, r"ignores \['max_grad_norm'\].*does not clip"),
 ])
 def test_settings_the_loop_would_ignore_are_refused(tmp_path, change, error, match):
     tasks = split_class_incremental(colours(["red", "green"], n_train=2, n_test=1), num_tasks=1, seed=None)
@@ -204,6 +206,7 @@ def test_transformers_resnet_learns_through_the_trainer_with_its_processor_size(
     assert model.config.num_labels == 4 and model.classifier[-1].out_features == 4
     assert result.accuracy_matrix[0][0] > 0.9  # chance 0.5
     state = json.loads((tmp_path / "o" / "task-1" / "continual_state.json").read_text())
-    assert state["inverted_classes"] == {"0": 1, "1": 1, "2": 1, "3": 1}  # each class once, from BN statistics
+    # the reference's pool: after task 1 every seen class is inverted anew (the first task's classes a second time)
+    assert state["inverted_classes"] == {"0": 2, "1": 2, "2": 1, "3": 1}
     saved = json.loads((tmp_path / "o" / "task-1" / "preprocessor_config.json").read_text())
     assert saved["size"] == {"height": 16, "width": 16} and saved["image_mean"] == [0.5] * 3

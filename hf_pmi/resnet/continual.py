@@ -1,22 +1,24 @@
-"""Class-incremental learning of a BatchNorm image classifier: the R-DFCIL loop of the reference's
-ResNet path, on tensors, with each class inverted once.
+"""Class-incremental learning of a BatchNorm image classifier: the loop of the reference's ResNet path
+(R-DFCIL's, with PMI's inversion and contrastive feature selection), on tensors.
 
-For each task: grow the head (`grow_classifier`) -> train on the task's images with the method's
-losses (a frozen copy of the previous model is the teacher) -> fine-tune the head on real plus
-replayed samples (replay methods, as R-DFCIL) -> evaluate every seen task (a row of the accuracy
-matrix) -> add the new classes to the replay pool. Methods (`METHODS`):
+For each task: grow the head (`grow_classifier`) -> train on the task's images with the method's losses
+(a frozen copy of the previous model is the teacher), in the reference's stages for later tasks
+(`hf_pmi.resnet.training`: the new rows alone, then the last block, then everything at a low lr; the
+old classifier rows frozen) -> fine-tune the head on real plus replayed samples (replay methods, as
+R-DFCIL) -> evaluate every seen task (a row of the accuracy matrix) -> renew the replay pool
+(`hf_pmi.resnet.learner`). Methods (`METHODS`):
 
 - ``finetune``: CE over all seen classes on the task's images;
 - ``lwf``: the same CE plus the KL between the teacher's and the student's old-class logits at
   temperature ``lwf_temperature`` on the same images;
 - ``pmi`` / ``full_inversion``: the replay losses of `hf_pmi.resnet.losses` (local CE, hard KD on
-  replayed samples, relation KD, balancing CE) with the replay pool's samples. A class's samples are
-  inverted **once**, after its task, by `invert_bn` (``pmi``: the per-layer chain then the
-  refinement; ``full_inversion``: a random start at the same passes) from ``replay_per_class``
-  targets drawn from its Gaussian of pooled training features; they are kept for every later task
-  (issue 19's design; R-DFCIL instead retrains a generator after every task);
-- ``exemplar_replay``: the same losses with ``replay_per_class`` real training images per class
-  (not data-free; the reference point for the inverted samples).
+  replayed samples, relation KD, balancing CE) with the pool's samples, inverted by `invert_bn`
+  (``pmi``: the per-layer chain then the refinement; ``full_inversion``: a random start at the same
+  passes) from targets drawn by CFS from the class Gaussians of pooled features. With ``regenerate``
+  (reference) every seen class is inverted anew after each task from Gaussians re-fitted on the pool
+  seen through the new model; without it each class is inverted once, after its task (issue 19);
+- ``exemplar_replay``: the same losses with real training images per class (not data-free; the
+  reference point for the inverted samples).
 
 Joint training is ``finetune`` on one task holding every class (`benchmarks/continual_resnet.py`).
 With ``output_dir`` each task is checkpointed (`hf_pmi.resnet.checkpoint`) and an interrupted run
@@ -46,44 +48,27 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-import math
 import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers.utils import SAFE_WEIGHTS_NAME
 
-from ..bank import FeatureBank
 from ..checkpoint import latest_task_checkpoint
 from ..integrity import load_safetensors
 from ..metrics import continual_metrics
 from ..statistics import eval_mode
 from ..validation import check_bn_rates
-from .checkpoint import BANK_DIR, load_task, save_task
-from .heads import (
-    classifier_layer,
-    feature_dim,
-    grow_classifier,
-    require_batchnorm,
-    require_image_classifier,
-)
-from .inversion import BNInversionConfig, invert_bn, replay_targets
-from .losses import (
-    PMI_RESNET_WEIGHTS,
-    RelationKD,
-    class_balance_weights,
-    finetune_losses,
-    replay_losses,
-    task_weights,
-)
-from .statistics import collect_block_statistics
+from .checkpoint import load_task, save_task
+from .heads import classifier_layer, grow_classifier, require_batchnorm, require_image_classifier
+from .inversion import BNInversionConfig
+from .learner import INVERTING, Learner
+from .losses import PMI_RESNET_WEIGHTS
 
 METHODS = ("finetune", "lwf", "pmi", "full_inversion", "exemplar_replay")
-INVERTING = ("pmi", "full_inversion")
 
 
 @dataclass
@@ -101,20 +86,44 @@ class TensorTask:
 
 @dataclass
 class ResNetContinualConfig:
-    """Settings of `learn_tasks`. Training defaults: CIFAR ResNet practice (SGD, momentum 0.9,
-    weight decay 5e-4, one-cycle to lr 0.1) at the scale of the offline fonts world."""
+    """Settings of `learn_tasks`. The schedule, replay and selection defaults are the reference's ResNet path
+    (`hf_pmi.resnet.training`, `hf_pmi.resnet.learner`); epochs, batch size, replay size and head lr are at the
+    scale of the offline fonts world (the recipes set the reference's: `hf_pmi.resnet.recipe`)."""
 
     method: str = field(default="pmi", metadata={"help": f"One of {METHODS}."})
     epochs: int = field(default=20, metadata={"help": "Epochs of the first task (from scratch; the fonts net sits at chance ~5 epochs)."})
-    later_epochs: int = field(default=12, metadata={"help": "Epochs of every later task (the features exist by then)."})
+    later_epochs: int = field(default=12, metadata={"help": "Epochs of every later task, split 20 : 20 : 120 over the "
+                              "reference's stages (new rows; + last block; everything) unless stage_epochs says otherwise."})
+    schedule: str = field(default="staged", metadata={"help": "'staged' (reference: first task multi-step lr, later tasks "
+                          "in stages with the old classifier rows frozen) or 'one_cycle' (hf_pmi before issue 30: one "
+                          "one-cycle run to lr over every parameter, old rows included)."})
+    stage_epochs: tuple[int, ...] | None = field(default=None, metadata={"help": "Epochs of the three later-task stages "
+                                                 "(None: later_epochs split 20 : 20 : 120, the reference's '20,20,0,0,120')."})
+    stage_lrs: tuple[float, ...] = field(default=(0.1, 0.05, 5e-3), metadata={"help": "SGD lr of the three stages "
+                                         "(reference '1e-1,5e-2,0,0,5e-3'; CIFAR-100 10 / 20 tasks end at 1e-2)."})
     head_epochs: int = field(default=2, metadata={"help": "Epochs of the head fine-tuning after each later task (replay methods, R-DFCIL)."})
     batch_size: int = field(default=64, metadata={"help": "Real images per step (replay methods add as many replayed samples)."})
-    lr: float = field(default=0.1, metadata={"help": "Peak SGD lr of the one-cycle schedule."})
-    head_lr: float = field(default=0.01, metadata={"help": "SGD lr of the head fine-tuning (constant)."})
-    momentum: float = field(default=0.9, metadata={"help": "SGD momentum (Nesterov)."})
+    lr: float = field(default=0.1, metadata={"help": "SGD lr of the first task (x0.1 at 40 % and 60 % of its epochs; "
+                      "reference base_lr 0.1, milestones 80 / 120 of 200), and the one-cycle peak with schedule='one_cycle'."})
+    head_lr: float = field(default=0.01, metadata={"help": "SGD lr of the head fine-tuning (constant; reference 0.005)."})
+    momentum: float = field(default=0.9, metadata={"help": "SGD momentum."})
     weight_decay: float = field(default=5e-4, metadata={"help": "SGD weight decay."})
-    shift: int = field(default=2, metadata={"help": "Random shift of up to this many pixels per batch (augmentation)."})
-    replay_per_class: int = field(default=40, metadata={"help": "Samples kept per old class (inverted, or real for exemplar_replay)."})
+    shift: int = field(default=2, metadata={"help": "Per-image random crop after zero padding of this many pixels "
+                       "(reference CIFAR: 4); replayed samples are not augmented."})
+    flip: bool = field(default=False, metadata={"help": "Per-image random horizontal flip (reference CIFAR / Tiny: on; "
+                       "off for letters, whose mirror images are other letters)."})
+    replay_per_class: int = field(default=40, metadata={"help": "Samples per old class (inverted, or real for "
+                                  "exemplar_replay), unless init_samples is set."})
+    init_samples: int | None = field(default=None, metadata={"help": "The reference's buffer: init_samples + t x "
+                                     "per_task_samples samples over the old classes at task t (CIFAR-100 5 tasks: 6000 + t x 5000)."})
+    per_task_samples: int | None = field(default=None, metadata={"help": "Growth of the reference's buffer per task."})
+    regenerate: bool = field(default=True, metadata={"help": "Reference: after each task re-fit the old classes' "
+                             "Gaussians (and contrastive models) on the pool seen through the new model and invert every "
+                             "seen class anew. False: each class inverted once, after its task, and kept (issue 19)."})
+    selection: str = field(default="cfs", metadata={"help": "Inversion targets: 'cfs' (reference: contrastive feature "
+                           "selection) or 'gaussian' (plain draws from the class Gaussians)."})
+    cfs_step: int = field(default=40, metadata={"help": "CFS batch = max(samples of the class // cfs_step, 2) (reference cont_step 40)."})
+    cfs_rho: float = field(default=0.5, metadata={"help": "CFS acceptance rate (reference cont_rslt 0.5)."})
     lwf_temperature: float = field(default=2.0, metadata={"help": "Temperature of LwF's distillation."})
     l_lwf: float = field(default=1.0, metadata={"help": "Weight of LwF's distillation."})
     weights: dict = field(default_factory=lambda: dict(PMI_RESNET_WEIGHTS),
@@ -134,9 +143,26 @@ class ResNetContinualConfig:
     def __post_init__(self):
         if self.method not in METHODS:
             raise ValueError(f"Unknown method {self.method!r}: choose one of {METHODS}.")
-        for name in ("epochs", "batch_size", "replay_per_class"):
+        for name in ("epochs", "batch_size", "replay_per_class", "cfs_step"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}.")
+        if self.schedule not in ("staged", "one_cycle"):
+            raise ValueError(f"schedule must be 'staged' (reference) or 'one_cycle', got {self.schedule!r}.")
+        if self.selection not in ("cfs", "gaussian"):
+            raise ValueError(f"selection must be 'cfs' (reference) or 'gaussian', got {self.selection!r}.")
+        self.stage_lrs = tuple(float(v) for v in self.stage_lrs)
+        if self.stage_epochs is not None:
+            self.stage_epochs = tuple(int(v) for v in self.stage_epochs)
+        for name, value in (("stage_lrs", self.stage_lrs), ("stage_epochs", self.stage_epochs)):
+            if value is not None and len(value) != 3:
+                raise ValueError(f"{name} takes three values (new rows; + last block; everything), got {list(value)}.")
+        if (self.init_samples is None) != (self.per_task_samples is None):
+            raise ValueError("init_samples and per_task_samples go together (the reference's buffer: init_samples + t x "
+                             "per_task_samples); set both, or neither to use replay_per_class.")
+        if not 0 < self.cfs_rho <= 1:
+            raise ValueError(f"cfs_rho is an acceptance rate in (0, 1], got {self.cfs_rho}.")
+        if self.inversion.input_prior == "recorded" and self.method not in INVERTING:
+            raise ValueError("inversion.input_prior='recorded' only serves 'pmi' / 'full_inversion'.")
         missing = {"l_ce", "l_hkd", "l_rkd", "l_ft"} - set(self.weights)
         if missing:
             raise ValueError(f"weights lacks {sorted(missing)}; give all of l_ce, l_hkd, l_rkd, l_ft.")
@@ -164,30 +190,6 @@ def _check_tasks(tasks: list[TensorTask], model: nn.Module) -> None:
         seen += len(task.class_ids)
 
 
-def _features_hook(model: nn.Module):
-    """Capture the classifier's input (the pooled features) at every forward."""
-    store = {}
-    return store, classifier_layer(model).register_forward_pre_hook(lambda _m, args: store.__setitem__("f", args[0]))
-
-
-def _forward(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(logits, pooled features) of `x`."""
-    store, handle = _features_hook(model)
-    try:
-        logits = model(pixel_values=x).logits
-    finally:
-        handle.remove()
-    return logits, store["f"]
-
-
-def _shifted(x: torch.Tensor, pad: int, generator: torch.Generator) -> torch.Tensor:
-    if pad == 0:
-        return x
-    dy, dx = torch.randint(0, 2 * pad + 1, (2,), generator=generator).tolist()
-    s = x.shape[-1]
-    return F.pad(x, (pad,) * 4, mode="replicate")[:, :, dy:dy + s, dx:dx + s]
-
-
 @torch.no_grad()
 def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     """Top-1 accuracy over every class the head knows, in eval mode."""
@@ -196,157 +198,6 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
         hits = sum((model(pixel_values=xb.to(device)).logits.argmax(-1).cpu() == yb).sum().item()
                    for xb, yb in zip(x.split(500), y.split(500)))
     return hits / len(y)
-
-
-class _Learner:
-    def __init__(self, model: nn.Module, config: ResNetContinualConfig):
-        self.model, self.config = model, config
-        self.device = next(model.parameters()).device  # tasks and the pool stay on the CPU; batches move here
-        self.generator = torch.Generator().manual_seed(config.seed)
-        self.pool_x: torch.Tensor | None = None  # replayed samples of every old class
-        self.pool_y: torch.Tensor | None = None
-        self.inverted: dict[int, int] = {}  # class id -> times inverted (once, by design)
-        self.inversion_seconds, self.inversion_passes = 0.0, 0.0
-        self.rkd: RelationKD | None = None
-        self.bank = FeatureBank(covariance="diag")  # class Gaussians of pooled features: the inversion targets
-
-    def _batches(self, n: int):
-        return torch.randperm(n, generator=self.generator).split(self.config.batch_size)
-
-    def _replay_batch(self, size: int):
-        idx = torch.randint(0, len(self.pool_y), (size,), generator=self.generator)
-        return self.pool_x[idx].to(self.device), self.pool_y[idx].to(self.device)
-
-    def train_task(self, task: TensorTask, teacher: nn.Module | None, n_old: int) -> dict[str, float]:
-        cfg, model = self.config, self.model
-        replay = teacher is not None and self.pool_y is not None and cfg.method not in ("finetune", "lwf")
-        params = list(model.parameters())
-        if replay:
-            if self.rkd is None:
-                self.rkd = RelationKD(feature_dim(model)).to(self.device)
-            params += list(self.rkd.parameters())
-            w = task_weights(n_old, len(task.class_ids), **cfg.weights)
-        epochs = cfg.epochs if teacher is None else cfg.later_epochs
-        steps = math.ceil(len(task.y) / cfg.batch_size)
-        opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=True)
-        sched = torch.optim.lr_scheduler.OneCycleLR(opt, cfg.lr, epochs=epochs, steps_per_epoch=steps)
-        head = classifier_layer(model)
-        model.train()
-        first = last = None
-        for _ in range(epochs):
-            for idx in self._batches(len(task.y)):
-                x, y = task.x[idx].to(self.device), task.y[idx].to(self.device)
-                if replay:
-                    xr, yr = self._replay_batch(len(idx))
-                    both = _shifted(torch.cat([x, xr]), cfg.shift, self.generator)
-                    logits, feats = _forward(model, both)
-                    with torch.no_grad():
-                        t_logits, t_feats = _forward(teacher, both)
-                    b = len(idx)
-                    terms = replay_losses(logits[:b], y, feats[:b], t_feats[:b], logits[b:], yr, feats[b:],
-                                          t_logits[b:], head, self.rkd, n_old, w)
-                    loss = sum(terms.values())
-                else:
-                    x = _shifted(x, cfg.shift, self.generator)
-                    logits, _ = _forward(model, x)
-                    loss = F.cross_entropy(logits, y)
-                    if teacher is not None and cfg.method == "lwf":
-                        with torch.no_grad():
-                            t_logits = teacher(pixel_values=x).logits
-                        T = cfg.lwf_temperature
-                        kd = F.kl_div(F.log_softmax(logits[:, :n_old] / T, -1), F.softmax(t_logits / T, -1),
-                                      reduction="batchmean") * T * T
-                        loss = loss + cfg.l_lwf * kd
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-                sched.step()
-                first = loss.item() if first is None else first
-                last = loss.item()
-        if replay and cfg.head_epochs:
-            self._finetune_head(task, teacher, n_old, w["hkd"])
-        return {"first_loss": first, "last_loss": last}
-
-    def _finetune_head(self, task: TensorTask, teacher: nn.Module, n_old: int, w_hkd: float) -> None:
-        """R-DFCIL's head fine-tuning: class-balanced CE on real plus replayed samples and the hard KD;
-        the body frozen and in eval mode (its BN statistics stay those of the main epochs)."""
-        cfg, model = self.config, self.model
-        head = classifier_layer(model)
-        counts = torch.bincount(torch.cat([task.y, self.pool_y]), minlength=head.out_features).float()
-        weights = class_balance_weights(counts).to(self.device)
-        opt = torch.optim.SGD(head.parameters(), lr=cfg.head_lr, momentum=cfg.momentum)
-        with eval_mode(model):
-            for _ in range(cfg.head_epochs):
-                for idx in self._batches(len(task.y)):
-                    xr, yr = self._replay_batch(len(idx))
-                    with torch.no_grad():
-                        _, feats = _forward(model, torch.cat([task.x[idx].to(self.device), xr]))
-                        t_logits = teacher(pixel_values=xr).logits
-                    logits = head(feats)
-                    b = len(idx)
-                    terms = finetune_losses(logits[:b], task.y[idx].to(self.device), logits[b:], yr, t_logits, n_old, weights,
-                                            l_ce=cfg.weights["l_ce"], w_hkd=w_hkd)
-                    opt.zero_grad()
-                    sum(terms.values()).backward()
-                    opt.step()
-
-    def state_tensors(self) -> dict[str, torch.Tensor]:
-        """What a resumed run needs besides the model: the pool, the RKD projections, the random state."""
-        tensors = {"generator_state": self.generator.get_state(), "torch_rng_state": torch.get_rng_state()}
-        if self.pool_y is not None:
-            tensors.update(pool_x=self.pool_x, pool_y=self.pool_y)
-        if self.rkd is not None:
-            tensors.update({f"rkd.{k}": v for k, v in self.rkd.state_dict().items()})
-        return tensors
-
-    def state_json(self) -> dict:
-        return {"inverted_classes": self.inverted, "inversion_seconds": self.inversion_seconds,
-                "inversion_passes": self.inversion_passes}
-
-    def load_state(self, state: dict, tensors: dict[str, torch.Tensor], folder: str, resume: bool = True) -> None:
-        """The pool, relation-KD projections and bank of a finished task; `resume` also its counters and random
-        state (a resumed run goes on as if never stopped; a continued one draws from its own seed)."""
-        rkd = {k[len("rkd."):]: v for k, v in tensors.items() if k.startswith("rkd.")}
-        if rkd:
-            self.rkd = RelationKD(feature_dim(self.model)).to(self.device)
-            self.rkd.load_state_dict(rkd)
-        if "pool_y" in tensors:
-            self.pool_x, self.pool_y = tensors["pool_x"], tensors["pool_y"]
-        bank = os.path.join(folder, BANK_DIR)
-        if os.path.isdir(bank):
-            self.bank = FeatureBank.from_pretrained(bank)
-        if not resume:
-            return
-        self.inverted = {int(c): n for c, n in state["inverted_classes"].items()}
-        self.inversion_seconds, self.inversion_passes = state["inversion_seconds"], state["inversion_passes"]
-        self.generator.set_state(tensors["generator_state"])
-        torch.set_rng_state(tensors["torch_rng_state"])  # last: building the RKD above drew from it
-
-    def add_to_pool(self, task: TensorTask) -> None:
-        """The replayed samples of the task's classes: inverted once (pmi / full_inversion) or real."""
-        cfg = self.config
-        if cfg.method in INVERTING:
-            _, feats = collect_block_statistics(self.model, zip(task.x.split(500), task.y.split(500)),
-                                                image_size=task.x.shape[-1])
-            self.bank.add_classes(task.class_ids, feats, train_contrastive=False)
-            targets, labels = replay_targets(self.bank, task.class_ids, cfg.replay_per_class, self.generator,
-                                             selection="gaussian")
-            inv = dataclasses.replace(cfg.inversion, mode="pmi" if cfg.method == "pmi" else "full",
-                                      inversion_seed=cfg.seed * 1000 + task.class_ids[0])
-            result = invert_bn(self.model, targets, inv, image_size=task.x.shape[-1])  # the data's size, whatever the config says
-            x = result.samples.detach().cpu()
-            self.inversion_seconds += result.report["seconds"]
-            self.inversion_passes += result.report["full_model_passes"]
-            for c in task.class_ids:
-                self.inverted[c] = self.inverted.get(c, 0) + 1
-        elif cfg.method == "exemplar_replay":
-            keep = [torch.nonzero(task.y == c).flatten() for c in task.class_ids]
-            keep = torch.cat([k[torch.randperm(len(k), generator=self.generator)[: cfg.replay_per_class]] for k in keep])
-            x, labels = task.x[keep], task.y[keep]
-        else:
-            return
-        self.pool_x = x if self.pool_x is None else torch.cat([self.pool_x, x])
-        self.pool_y = labels if self.pool_y is None else torch.cat([self.pool_y, labels])
 
 
 def learn_tasks(model: nn.Module, tasks: list[TensorTask], config: ResNetContinualConfig | None = None, *,
@@ -430,7 +281,7 @@ def _settings(config: ResNetContinualConfig, tasks: list[TensorTask], offset: in
 def _learn(model, tasks, config, output_dir, hub, start_from, start, processor, events) -> dict:
     hub_model_id, hub_token, hub_endpoint = hub
     torch.manual_seed(config.seed)  # new head rows and RKD projections
-    learner = _Learner(model, config)
+    learner = Learner(model, config)
     own = own_classes(model)  # classes of the model (or the run it continues) before these tasks
     offset = start[0]["task_id"] + 1 if start else 0  # tasks of the run it continues
     earlier = [list(c) for c in start[0]["task_classes"][:offset]] if start else []
@@ -471,7 +322,7 @@ def _learn(model, tasks, config, output_dir, hub, start_from, start, processor, 
         row = [accuracy(model, k.x_test, k.y_test) for k in tasks[: t + 1]]
         matrix.append([None] * offset + row + [None] * (len(tasks) - t - 1))
         if t < len(tasks) - 1 or output_dir:  # a saved last task keeps samples of its classes too (to continue from)
-            learner.add_to_pool(task)
+            learner.add_to_pool(task, g + 1)
         task_seconds.append(time.perf_counter() - t0)
         if config.progress:
             print(f"[hf_pmi] {config.method} task {g}: accuracy on seen tasks {[round(a, 3) for a in row]}, "

@@ -12,18 +12,25 @@ task. It prints the accuracy matrix and writes ``output_dir/results.json``.
 Defaults are the reference's ResNet scripts (``RuilinTong/PMI-CFS-DFCL``, ``ResNet-32/scripts/
 task_cont_{cifar100,tiny}_{5,10,20}_task.sh``, the code method.md names), mapped onto `learn_tasks`:
 
-- ``epochs`` 200: ``max_epochs`` of the first task (the reference: SGD lr 0.1, x0.1 at epochs 80 and 120;
-  `learn_tasks`: one-cycle to ``lr``);
-- ``later_epochs`` 160: the sum of the reference's gradual stages ``epochs='20,20,0,0,120'`` (head
-  first, then layers unfrozen, lr 0.1 / 0.05 / 0.005-0.01); `learn_tasks` trains the whole network
-  with one one-cycle schedule to the same ``lr`` on every task (a deviation: the reference's later
-  tasks run at lower rates);
-- ``batch_size`` 128, ``lr`` 0.1 (``base_lr``), ``head_epochs`` 40 and ``head_lr`` 0.005
-  (``finetuning_epochs`` / ``finetuning_lr``); momentum 0.9 and weight decay 5e-4 are
-  `ResNetContinualConfig`'s, equal to the reference's;
-- ``replay_per_class`` (None): the reference's replay buffer grows by ``per_task_samples`` per task
-  (5000 / 2000 / 1000 for 5 / 10 / 20 tasks, both datasets), i.e. that many divided by the classes per
-  task (CIFAR-100: 250 / 200 / 200; Tiny-ImageNet: 125 / 100 / 100); other task counts: 2000 per task;
+- ``epochs`` 200: ``max_epochs`` of the first task, SGD lr 0.1 (``base_lr``), x0.1 at epochs 80 and 120;
+- ``later_epochs`` 160 in the reference's stages ``epochs='20,20,0,0,120'`` (`hf_pmi.resnet.training`): the
+  new task's classifier rows alone (backbone frozen, eval mode, lr 0.1), then + the last residual block
+  (lr 0.05), then everything at ``final_stage_lr`` (``lrs``: 1e-2 for CIFAR-100 10 / 20 tasks, 5e-3 for
+  CIFAR-100 5 tasks and every Tiny-ImageNet split), each stage a fresh SGD with x0.1 at 50 % / 75 %; the
+  rows of earlier classes are in no stage's optimiser (``--schedule one_cycle``: hf_pmi's earlier loop);
+- ``batch_size`` 128, ``head_epochs`` 40 and ``head_lr`` 0.005 (``finetuning_epochs`` / ``finetuning_lr``),
+  the head's CE weighted by the classes seen in the task's batches (``cls_count``); momentum 0.9 and weight
+  decay 5e-4 are `ResNetContinualConfig`'s, equal to the reference's;
+- augmentation: per-image random crop (``--shift`` 4 px zero padding) and horizontal flip, as CIFAR
+  practice (the reference's transforms are not in its repository: assumed; Tiny-ImageNet gets the same);
+  replayed samples are not augmented;
+- ``replay_per_class`` (None): the reference's buffer, ``init_samples + t x per_task_samples`` samples over
+  the old classes at task t (6000 + 5000 t / 3000 + 2000 t / 2000 + 1000 t for 5 / 10 / 20 tasks, both
+  datasets), e.g. 550 per class at CIFAR-100 5 tasks' task 1; other task counts: 3000 + 2000 t;
+- ``regenerate`` (True): after each task, the old classes' Gaussians and contrastive models are re-fitted
+  on the pool seen through the new model and every seen class is inverted anew (``update_buffer``,
+  ``generate_data_by_selection``); ``selection`` ``cfs``: contrastive feature selection with ``cont_step``
+  40 and ``cont_rslt`` 0.5 (`hf_pmi.resnet.learner`);
 - ``l_ft`` (None): 1.5 for 5 and 10 tasks, 1.0 for 20 (``lambda_ft``); the other loss weights are
   `PMI_RESNET_WEIGHTS` (``lambda_ce`` 0.75, ``lambda_hkd`` 0.15, ``lambda_rkd`` 0.5);
 - inversion: `BNInversionConfig`'s defaults, which are the reference's (50 chain steps at lr 0.8, 160
@@ -32,11 +39,19 @@ task_cont_{cifar100,tiny}_{5,10,20}_task.sh``, the code method.md names), mapped
 - class order: a permutation drawn with seed 1993 (method.md, LAMDA-PILOT style); the reference reads
   its own order file, which ``--class_order_file`` can take.
 
+Deviations that remain (docs/resnet.md, "Deviations", has their measured effects): the loss terms are summed
+where the reference multiplies ``rkd * l_rkd * ft * l_ft`` (method.md), with the reference's weights tuned
+for the product; in the first stage the sum makes the 0.01-weighted hard KD a constant; each class's
+targets are split equally (the reference draws each target's class at random); crops pad with the
+normalised zero (the channel mean) where torchvision pads black.
+
 Example:
     >>> recipe, training = parse_args(["--output_dir", "out", "--num_tasks", "20", "--method", "lwf"])
     >>> config = training.continual_config(recipe.num_tasks, num_classes=100)
-    >>> config.method, config.epochs, config.replay_per_class, config.weights["l_ft"], config.inversion.refine_steps
-    ('lwf', 200, 200, 1.0, 160)
+    >>> config.method, config.epochs, config.init_samples, config.per_task_samples, config.weights["l_ft"]
+    ('lwf', 200, 2000, 1000, 1.0)
+    >>> config.stage_lrs, training.continual_config(5, 100).stage_lrs  # CIFAR-100 20 tasks; 5 tasks
+    ((0.1, 0.05, 0.01), (0.1, 0.05, 0.005))
 """
 
 from __future__ import annotations
@@ -52,9 +67,14 @@ from .continual import METHODS, ResNetContinualConfig
 from .inversion import BNInversionConfig
 from .losses import PMI_RESNET_WEIGHTS
 
-# The reference's per_task_samples (replayed samples added per task) by number of tasks, both datasets.
+# The reference's buffer by number of tasks, both datasets: init_samples + t x per_task_samples at task t.
 REFERENCE_SAMPLES_PER_TASK = {5: 5000, 10: 2000, 20: 1000}
-OTHER_SAMPLES_PER_TASK = 2000  # task counts the reference has no script for: its 10-task budget, the middle one
+REFERENCE_INIT_SAMPLES = {5: 6000, 10: 3000, 20: 2000}
+OTHER_SAMPLES_PER_TASK, OTHER_INIT_SAMPLES = 2000, 3000  # task counts without a script: the 10-task buffer
+# The last stage's lr (lrs '1e-1,5e-2,0,0,x'): 1e-2 for CIFAR-100 10 and 20 tasks, 5e-3 for the rest.
+REFERENCE_FINAL_STAGE_LR = {("cifar100", 10): 1e-2, ("cifar100", 20): 1e-2}
+DEFAULT_FINAL_STAGE_LR = 5e-3
+DATASETS = ("cifar100", "tiny-imagenet")
 REFERENCE_L_FT = {20: 1.0}  # lambda_ft of the 20-task scripts; 1.5 (PMI_RESNET_WEIGHTS) otherwise
 MIN_IMAGE_SIZE = 4  # two stride-2 stages leave a 1x1 map at 4 px
 
@@ -87,6 +107,8 @@ class ResNetRecipeArguments:
     model_name_or_path: str | None = field(default=None, metadata={"help": "None: a fresh ResNet-32 (seeded by --seed); "
                                            "else a ResNet32ForImageClassification folder or Hub id (its classes come first)."})
     blocks_per_stage: int = field(default=5, metadata={"help": "Residual blocks per stage of a fresh model (5: ResNet-32)."})
+    reference_dataset: str = field(default="cifar100", metadata={"help": "Whose reference scripts give the defaults "
+                                   "that differ by dataset (the last stage's lr).", "choices": list(DATASETS)})
     hub_model_id: str | None = field(default=None, metadata={"help": "Hub repo that --push_to_hub pushes to (branch task-{t})."})
     push_to_hub: bool = field(default=False, metadata={"help": "Push every finished task to --hub_model_id "
                               "(token and endpoint from HF_TOKEN / HF_ENDPOINT or the cached login)."})
@@ -113,29 +135,48 @@ class ResNetTrainingArguments:
     later_epochs: int = field(default=160, metadata={"help": "Epochs of every later task (reference: 20+20+0+0+120 gradual stages)."})
     head_epochs: int = field(default=40, metadata={"help": "Head fine-tuning epochs after each later task (reference 40)."})
     batch_size: int = field(default=128, metadata={"help": "Real images per step (reference 128); replay adds as many."})
-    lr: float = field(default=0.1, metadata={"help": "Peak SGD lr of the one-cycle schedule (reference base_lr 0.1)."})
+    lr: float = field(default=0.1, metadata={"help": "SGD lr of the first task, x0.1 at 40 % and 60 % of its epochs "
+                      "(reference base_lr 0.1, milestones 80 / 120 of 200)."})
+    schedule: str = field(default="staged", metadata={"help": "'staged' (reference: later tasks train the new rows, then "
+                          "+ the last block, then everything at a low lr; old rows frozen) or 'one_cycle' (hf_pmi before "
+                          "issue 30).", "choices": ["staged", "one_cycle"]})
+    final_stage_lr: float | None = field(default=None, metadata={"help": "lr of the last stage; None: the reference's "
+                                         "(1e-2 for CIFAR-100 10 / 20 tasks, 5e-3 otherwise). The first two: 0.1, 0.05."})
     head_lr: float = field(default=0.005, metadata={"help": "SGD lr of the head fine-tuning (reference 0.005)."})
-    shift: int = field(default=2, metadata={"help": "Random shift of up to this many pixels per batch (augmentation)."})
+    shift: int = field(default=4, metadata={"help": "Per-image random crop after zero padding of this many pixels "
+                       "(CIFAR practice, RandomCrop(32, padding=4))."})
+    flip: bool = field(default=True, metadata={"help": "Per-image random horizontal flip (CIFAR practice)."})
     replay_per_class: int | None = field(default=None, metadata={"help": "Replayed samples per old class; None: the "
-                                         "reference's per-task budget (5000/2000/1000 for 5/10/20 tasks) / classes per task."})
+                                         "reference's buffer, init_samples + t x per_task_samples at task t (6000 + t x "
+                                         "5000 / 3000 + t x 2000 / 2000 + t x 1000 for 5 / 10 / 20 tasks)."})
+    regenerate: bool = field(default=True, metadata={"help": "Reference: re-fit the old classes' Gaussians on the pool "
+                             "through the new model and invert every seen class anew after each task; False: once."})
+    selection: str = field(default="cfs", metadata={"help": "Inversion targets: 'cfs' (reference, cont_step 40, "
+                           "cont_rslt 0.5) or 'gaussian'.", "choices": ["cfs", "gaussian"]})
     l_ft: float | None = field(default=None, metadata={"help": "Weight of the balancing CE; None: 1.5, or 1.0 for 20 tasks (reference)."})
     inversion_layer_steps: int = field(default=50, metadata={"help": "Adam steps per block of the chain (reference 50)."})
     inversion_refine_steps: int = field(default=160, metadata={"help": "Full-model refinement steps (reference 160)."})
     inversion_refine_batch: int = field(default=4000, metadata={"help": "Targets refined together (reference 4000; Tiny-ImageNet 1000)."})
     seed: int = field(default=0, metadata={"help": "Seed of the model's initialisation, batches, targets and inversion."})
 
-    def continual_config(self, num_tasks: int, num_classes: int) -> ResNetContinualConfig:
-        """The `ResNetContinualConfig` of these flags for `num_classes` classes in `num_tasks` tasks."""
-        replay = self.replay_per_class
-        if replay is None:
-            per_task = REFERENCE_SAMPLES_PER_TASK.get(num_tasks, OTHER_SAMPLES_PER_TASK)
-            replay = max(1, round(per_task * num_tasks / num_classes))
+    def continual_config(self, num_tasks: int, num_classes: int, dataset: str = "cifar100") -> ResNetContinualConfig:
+        """The `ResNetContinualConfig` of these flags for `num_classes` classes in `num_tasks` tasks of `dataset`'s
+        reference scripts."""
+        buffer = {}
+        if self.replay_per_class is None:
+            buffer = {"init_samples": REFERENCE_INIT_SAMPLES.get(num_tasks, OTHER_INIT_SAMPLES),
+                      "per_task_samples": REFERENCE_SAMPLES_PER_TASK.get(num_tasks, OTHER_SAMPLES_PER_TASK)}
+        low = self.final_stage_lr
+        if low is None:
+            low = REFERENCE_FINAL_STAGE_LR.get((dataset, num_tasks), DEFAULT_FINAL_STAGE_LR)
         l_ft = self.l_ft if self.l_ft is not None else REFERENCE_L_FT.get(num_tasks, PMI_RESNET_WEIGHTS["l_ft"])
         inversion = BNInversionConfig(layer_steps=self.inversion_layer_steps, refine_steps=self.inversion_refine_steps,
                                       refine_batch=self.inversion_refine_batch)
         return ResNetContinualConfig(
             method=self.method, epochs=self.epochs, later_epochs=self.later_epochs, head_epochs=self.head_epochs,
-            batch_size=self.batch_size, lr=self.lr, head_lr=self.head_lr, shift=self.shift, replay_per_class=replay,
+            batch_size=self.batch_size, lr=self.lr, head_lr=self.head_lr, shift=self.shift, flip=self.flip,
+            schedule=self.schedule, stage_lrs=(0.1, 0.05, low), regenerate=self.regenerate, selection=self.selection,
+            replay_per_class=self.replay_per_class or 1, **buffer,
             weights={**PMI_RESNET_WEIGHTS, "l_ft": l_ft}, inversion=inversion, seed=self.seed)
 
 
@@ -213,7 +254,7 @@ def run(recipe: ResNetRecipeArguments, training: ResNetTrainingArguments) -> dic
                            report_to="none")
     tasks = build_tasks(recipe, seed=training.seed)
     model = build_model(recipe, training.seed)
-    config = training.continual_config(len(tasks), len(tasks.class_order))
+    config = training.continual_config(len(tasks), len(tasks.class_order), recipe.reference_dataset)
     processor = ViTImageProcessorPil(size={"height": recipe.image_size, "width": recipe.image_size},
                                      image_mean=list(recipe.mean), image_std=list(recipe.std),
                                      resample=PILImageResampling.BILINEAR)

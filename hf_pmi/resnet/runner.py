@@ -1,12 +1,13 @@
 """`ContinualTrainer` on an image classifier with BatchNorm: the trainer's settings, tasks and callbacks
 turned into one run of the BN family's loop (`hf_pmi.resnet.continual.learn_tasks`).
 
-The BN family trains with its own schedule (R-DFCIL's: SGD with a one-cycle rate per task, then the
-head fine-tuned on real plus replayed samples), so its numbers come from `ResNetContinualConfig`,
+The BN family trains with its own schedule (the reference's: SGD in stages per task, then the head
+fine-tuned on real plus replayed samples), so its numbers come from `ResNetContinualConfig`,
 given to the trainer as ``method_config``. `ContinualConfig` supplies what every run has: the method,
 the seed, ``output_dir``, resume / overwrite, the Hub settings, callbacks and trackers. A training
 number set on `ContinualConfig` that this loop would ignore (``learning_rate``, ``num_train_epochs``,
-...) is refused, naming the `ResNetContinualConfig` field that takes it.
+...) is refused, naming the `ResNetContinualConfig` field that takes it; so are
+``gradient_accumulation_steps`` and ``max_grad_norm`` (this loop steps once per batch and never clips).
 
 Images are decoded once (`tensor_tasks`): resized to the model's square input size and normalised
 with the processor's mean and std (default: ImageNet's). Each task folder holds a `ViTImageProcessorPil`
@@ -53,8 +54,13 @@ from .heads import require_batchnorm, require_image_classifier
 # ContinualConfig fields this loop does not read, and the ResNetContinualConfig field that takes their role
 SCHEDULE_FIELDS = {"learning_rate": "lr", "num_train_epochs": "epochs / later_epochs",
                    "per_device_train_batch_size": "batch_size", "weight_decay": "weight_decay",
-                   "max_steps": "epochs / later_epochs", "lr_scheduler_type": "(one-cycle, fixed)",
-                   "warmup_steps": "(one-cycle, fixed)"}
+                   "max_steps": "epochs / later_epochs", "lr_scheduler_type": "schedule / stage_lrs",
+                   "warmup_steps": "(the reference has none)"}
+# ContinualConfig fields the BN loop cannot honour yet (issue 30, part 2 moves it into Trainer's loop)
+UNSUPPORTED_FIELDS = {
+    "gradient_accumulation_steps": "the BN loop steps once per batch; raise ResNetContinualConfig.batch_size instead",
+    "max_grad_norm": "the reference's loop does not clip gradients; leave it at its default",
+}
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # transformers' IMAGENET_DEFAULT_*
 
 
@@ -70,9 +76,13 @@ def bn_config(args, method_config: ResNetContinualConfig | None) -> ResNetContin
     defaults = {f.name: f.default for f in dataclasses.fields(type(args))}
     moved = {name: where for name, where in SCHEDULE_FIELDS.items() if getattr(args, name) != defaults[name]}
     if moved:
-        raise ValueError(f"A BatchNorm classifier trains on its own schedule (SGD one-cycle, then head fine-tuning), so "
+        raise ValueError(f"A BatchNorm classifier trains on its own schedule (the reference's SGD stages, then head fine-tuning), so "
                          f"{sorted(moved)} set on ContinualConfig would be ignored. Set them on "
                          f"method_config=ResNetContinualConfig(...) instead: {moved}.")
+    unsupported = {name: why for name, why in UNSUPPORTED_FIELDS.items() if getattr(args, name) != defaults[name]}
+    if unsupported:
+        raise ValueError(f"A BatchNorm classifier's loop ignores {sorted(unsupported)} set on ContinualConfig: "
+                         + "; ".join(f"{k}: {v}" for k, v in unsupported.items()) + ".")
     for name in ("method", "seed"):  # the run's values come from args; an explicit other value is a mistake
         own, default = getattr(config, name), ResNetContinualConfig.__dataclass_fields__[name].default
         if own not in (default, getattr(args, name)):
