@@ -27,6 +27,8 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import os
+import sys
 import typing
 from typing import Any, Sequence
 
@@ -135,7 +137,39 @@ class GroupedArgumentParser(HfArgumentParser):
             self._parse_dataclass_field(groups[title], f)
 
 
-def parse_flags(parser: HfArgumentParser, argv: Sequence[str] | None) -> tuple:
+def config_file(argv: Sequence[str]) -> tuple[list[str], dict[str, Any]]:
+    """``--config run.yaml`` (as trl's parser offers): the flags of a YAML (or JSON) file of ``flag: value``
+    pairs, as defaults that the command line overrides. Returns `argv` without ``--config`` and the file's values.
+
+    Example:
+        >>> import tempfile
+        >>> path = tempfile.mktemp(suffix=".yaml")
+        >>> _ = open(path, "w").write("method: lwf\nlearning_rate: 0.01\n")
+        >>> config_file(["--config", path, "--seed", "3"])
+        (['--seed', '3'], {'method': 'lwf', 'learning_rate': 0.01})
+    """
+    argv, values, i = list(argv), {}, 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--config" or arg.startswith("--config="):
+            path = arg.split("=", 1)[1] if "=" in arg else (argv[i + 1] if i + 1 < len(argv) else None)
+            del argv[i : i + (1 if "=" in arg else 2)]
+            if not path or not os.path.isfile(path):
+                raise SystemExit(f"error: --config needs a YAML file of `flag: value` lines; {path!r} is not a file.")
+            import yaml
+
+            with open(path) as f:
+                loaded = yaml.safe_load(f) or {}
+            if not isinstance(loaded, dict):
+                raise SystemExit(f"error: {path} must hold `flag: value` pairs (a mapping), got {type(loaded).__name__}.")
+            values.update({str(k).lstrip("-"): v for k, v in loaded.items()})
+            continue
+        i += 1
+    return argv, values
+
+
+def parse_flags(parser: HfArgumentParser, argv: Sequence[str] | None, file_values: dict[str, Any] | None = None
+                ) -> tuple:
     """``parser.parse_args_into_dataclasses(argv)``, where flags the parser does not know end in a usage error
     (exit status 2) that names them and the closest known flag, instead of a traceback.
 
@@ -148,9 +182,17 @@ def parse_flags(parser: HfArgumentParser, argv: Sequence[str] | None) -> tuple:
     """
     import difflib
 
+    argv, values = config_file(sys.argv[1:] if argv is None else argv)
+    values = {**(file_values or {}), **values}
+    known = [f"--{f.name}" for dtype in parser.dataclass_types for f in dataclasses.fields(dtype)]
+    unknown = [k for k in values if f"--{k}" not in known]
+    if unknown:
+        hints = [k + (f" (did you mean {c[0][2:]}?)" if (c := difflib.get_close_matches(f"--{k}", known, n=1, cutoff=0.75))
+                      else "") for k in unknown]
+        parser.error(f"unknown setting{'s' if len(unknown) > 1 else ''} in the --config file: {', '.join(hints)}.")
+    parser.set_defaults(**values)  # the command line overrides the file
     *parsed, rest = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
     if rest:
-        known = [f"--{f.name}" for dtype in parser.dataclass_types for f in dataclasses.fields(dtype)]
         unknown = [a.split("=", 1)[0] for a in rest if a.startswith("-")] or rest
         hints = []
         for flag in unknown:

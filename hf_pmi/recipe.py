@@ -26,7 +26,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any
 
-from .arguments import GroupedArgumentParser, flag_dataclasses, from_flags, parse_flags, short_help
+from .arguments import GroupedArgumentParser, config_file, flag_dataclasses, from_flags, parse_flags, short_help
 from .blocks import layers_below_pattern
 from .config import DEFAULT_METHOD, ContinualConfig
 from .data import load_image_dataset, read_class_order
@@ -183,8 +183,9 @@ def parse_run_args(argv: list[str] | None = None, parts: tuple[type, ...] = (Rec
         ('pmi', 7, 5)
     """
     defaults = dict(defaults or {})
+    argv, file_values = config_file(list(sys.argv[1:] if argv is None else argv))  # --config run.yaml
     probe = argparse.ArgumentParser(add_help=False)
-    probe.add_argument("--method", default=defaults.get("method"))
+    probe.add_argument("--method", default=file_values.get("method", defaults.get("method")))
     method = probe.parse_known_args(argv)[0].method or DEFAULT_METHOD
     config_cls = method_class(method).config_class
     groups = [_parser_classes(part) for part in (*parts, ContinualConfig, config_cls)]
@@ -199,7 +200,7 @@ def parse_run_args(argv: list[str] | None = None, parts: tuple[type, ...] = (Rec
         raise SystemExit(0)
     dests = {f.name for cls in classes for f in dataclasses.fields(cls)}
     parser.set_defaults(**{k: v for k, v in defaults.items() if k in dests})
-    parsed = list(parse_flags(parser, argv))  # an unknown flag: a usage error naming it and the closest one
+    parsed = list(parse_flags(parser, argv, file_values))  # an unknown flag: a usage error naming it and the closest one
     out = []
     for part, group in zip((*parts, ContinualConfig, config_cls), groups):
         out.append(_built(part, parsed[: len(group)]))

@@ -109,3 +109,21 @@ def test_imagenet_r_recipe_holds_out_a_test_split(tmp_path, world):
     results = json.loads((out / "results.json").read_text())
     assert len(results["accuracy_matrix"]) == 2
     assert sum(results["counts"]) == 30  # 20 % of the 150 training images, held out
+
+
+def test_a_config_file_sets_flags_the_command_line_overrides(tmp_path, capsys):
+    """``--config run.yaml`` (trl's parser offers it): the file's flags are defaults, the command line wins, and a
+    misspelt setting in the file is a usage error naming it and the closest flag."""
+    import pytest
+
+    from hf_pmi.recipe import parse_run_args
+
+    config = tmp_path / "run.yaml"
+    config.write_text("method: lwf\nlearning_rate: 0.01\nlwf_temperature: 3.0\nnum_tasks: 2\n")
+    recipe, args, method_config = parse_run_args(["--config", str(config), "--output_dir", str(tmp_path / "o"),
+                                                  "--learning_rate", "0.02"])
+    assert (args.method, args.learning_rate, method_config.temperature, recipe.num_tasks) == ("lwf", 0.02, 3.0, 2)
+    config.write_text("lerning_rate: 1\n")
+    with pytest.raises(SystemExit):
+        parse_run_args(["--config", str(config), "--output_dir", str(tmp_path / "o")])
+    assert "did you mean learning_rate" in capsys.readouterr().err
