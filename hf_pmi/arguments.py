@@ -138,7 +138,7 @@ class GroupedArgumentParser(HfArgumentParser):
 
 
 def config_file(argv: Sequence[str]) -> tuple[list[str], dict[str, Any]]:
-    """``--config run.yaml`` (as trl's parser offers): the flags of a YAML (or JSON) file of ``flag: value``
+    r"""``--config run.yaml`` (as trl's parser offers): the flags of a YAML (or JSON) file of ``flag: value``
     pairs, as defaults that the command line overrides. Returns `argv` without ``--config`` and the file's values.
 
     Example:
