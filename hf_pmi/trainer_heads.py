@@ -7,7 +7,11 @@ from __future__ import annotations
 import torch
 
 from .heads import TEXT, build_head
+from .log import get_logger
 from .names_only import is_names_only
+
+
+logger = get_logger()
 
 
 class ContinualHeadMixin:
@@ -21,6 +25,10 @@ class ContinualHeadMixin:
         names_only = any(is_names_only(t) for t in self.tasks)
         continued = self.tasks.task_offset > 0 or model.head is not None
         name = self.args.head or (model.head_name if continued else TEXT if names_only else self.method.default_head)
+        if model.head is not None and name == TEXT and self.args.head:  # the text head knows every class
+            logger.warning("head='text': the continued model's %s head and its statistics are dropped; it predicts "
+                           "with its CLIP text head from now on.", model.head_name)
+            model.set_head(None)
         if model.head_name != TEXT and name != model.head_name and model.num_classes:
             raise ValueError(
                 f"The model predicts with the {model.head_name} head, whose statistics cover its {model.num_classes} "
@@ -29,7 +37,8 @@ class ContinualHeadMixin:
             )
         if name != TEXT and names_only:
             raise ValueError(f"Names-only tasks have no image to collect the {name} head's statistics from: use "
-                             f"head='text' (the CLIP text head) for them.")
+                             f"head='text' (the CLIP text head, which knows every class; a continued model's {name} "
+                             f"head is then dropped) for them.")
         if name != TEXT and model.head is None:
             if self.tasks.task_offset:
                 raise ValueError(
