@@ -26,6 +26,7 @@ Example:
 
 from __future__ import annotations
 
+import inspect
 import math
 import os
 
@@ -283,7 +284,5 @@ def build_head(name: str, feature_dim: int, **settings) -> ContinualHead | None:
     if name == TEXT:
         return None
     cls = HEADS[name]
-    import inspect
-
     accepted = set(inspect.signature(cls.__init__).parameters) - {"self", "feature_dim"}
     return cls(feature_dim, **{k: v for k, v in settings.items() if k in accepted and v is not None})
