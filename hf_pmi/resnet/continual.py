@@ -66,6 +66,7 @@ from .checkpoint import load_task, save_task
 from .heads import classifier_layer, grow_classifier, require_batchnorm, require_image_classifier
 from .inversion import BNInversionConfig
 from .learner import INVERTING, Learner
+from .loop import phase_trainer
 from .losses import PMI_RESNET_WEIGHTS
 
 METHODS = ("finetune", "lwf", "pmi", "full_inversion", "exemplar_replay")
@@ -203,7 +204,7 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
 def learn_tasks(model: nn.Module, tasks: list[TensorTask], config: ResNetContinualConfig | None = None, *,
                 output_dir: str | None = None, hub_model_id: str | None = None, hub_token: str | None = None,
                 hub_endpoint: str | None = None, start_from: str | None = None, processor=None,
-                events: Callable[[str, int, dict], None] | None = None) -> dict:
+                events: Callable[[str, int, dict], None] | None = None, args=None, callback_handler=None) -> dict:
     """Learn `tasks` in turn with ``config.method`` (see the module docstring); `model` is trained in place,
     on whatever device it sits (the tasks' tensors stay on the CPU; batches move to the model).
 
@@ -222,6 +223,12 @@ def learn_tasks(model: nn.Module, tasks: list[TensorTask], config: ResNetContinu
     after its tasks (folders, branches and accuracy-matrix columns; earlier columns stay None).
     `events(name, task, info)` is called with ``"on_task_begin"`` and ``"on_task_end"`` (info: the matrix,
     test counts, the task folder, the losses and seconds of every task so far).
+
+    Every training phase is one ``transformers.Trainer.train()`` (`hf_pmi.resnet.loop`). `args`, a
+    `TrainingArguments`, sets what the Trainer adds: ``report_to``, ``logging_steps``, progress bars,
+    ``gradient_accumulation_steps``, ``max_grad_norm``, mixed precision, the device; the schedule and batch
+    size stay `config`'s. Without it: the reference's choices (no clipping, one step per batch), silent.
+    `callback_handler`: the callbacks to use instead of the Trainer's own (`ContinualTrainer` passes its own).
 
     Returns ``accuracy_matrix`` (row t: accuracy on each seen task after task t), the metrics of
     `hf_pmi.metrics.continual_metrics` (``a_last``, ``a_avg``, ...), ``inversion_seconds`` and
@@ -249,7 +256,7 @@ def learn_tasks(model: nn.Module, tasks: list[TensorTask], config: ResNetContinu
         lock = RunLock(output_dir).acquire()
     try:
         return _learn(model, tasks, config, output_dir, (hub_model_id, hub_token, hub_endpoint), start_from, start,
-                      processor, events or (lambda *_: None))
+                      processor, events or (lambda *_: None), (args, callback_handler))
     finally:
         if lock is not None:
             lock.release()
@@ -278,10 +285,12 @@ def _settings(config: ResNetContinualConfig, tasks: list[TensorTask], offset: in
                                   "train_sizes": [len(t.y) for t in tasks], "task_offset": offset}))
 
 
-def _learn(model, tasks, config, output_dir, hub, start_from, start, processor, events) -> dict:
+def _learn(model, tasks, config, output_dir, hub, start_from, start, processor, events, trainer) -> dict:
     hub_model_id, hub_token, hub_endpoint = hub
-    torch.manual_seed(config.seed)  # new head rows and RKD projections
-    learner = Learner(model, config)
+    generator = torch.Generator().manual_seed(config.seed)  # batches, crops, replay draws, new head rows
+    loop = phase_trainer(model, generator, config, *trainer, output_dir=output_dir)  # seeds: before ours
+    torch.manual_seed(config.seed)  # RKD projections
+    learner = Learner(model, config, loop, generator)
     own = own_classes(model)  # classes of the model (or the run it continues) before these tasks
     offset = start[0]["task_id"] + 1 if start else 0  # tasks of the run it continues
     earlier = [list(c) for c in start[0]["task_classes"][:offset]] if start else []

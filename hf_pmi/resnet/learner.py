@@ -30,6 +30,7 @@ from ..contrastive import SelectionConfig
 from ..statistics import eval_mode
 from .heads import classifier_layer, feature_dim
 from .inversion import invert_bn, replay_targets
+from .loop import PhaseSpec
 from .losses import (
     RelationKD,
     balancing_ce,
@@ -43,10 +44,10 @@ from .losses import (
 from .statistics import collect_block_statistics
 from .training import (
     Phase,
+    apply_phase_modes,
     augment,
     first_task_phase,
     later_task_phases,
-    phase_scheduler,
     restore_flags,
     set_phase_modes,
     stage_epochs,
@@ -59,10 +60,11 @@ HEAD_STAGE_HKD = 0.01
 CONTRASTIVE = SelectionConfig(preset="reference").contrastive_kwargs()
 
 
-def forward(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(logits, pooled features) of `x`: the classifier's input is captured by a pre-hook."""
+def forward(model: nn.Module, x: torch.Tensor, head: nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits, pooled features) of `x`: the classifier's input is captured by a pre-hook on `head` (default:
+    `model`'s; give the bare model's head when `model` is wrapped, e.g. for DDP)."""
     store = {}
-    handle = classifier_layer(model).register_forward_pre_hook(lambda _m, args: store.__setitem__("f", args[0]))
+    handle = (head or classifier_layer(model)).register_forward_pre_hook(lambda _m, args: store.__setitem__("f", args[0]))
     try:
         logits = model(pixel_values=x).logits
     finally:
@@ -77,10 +79,12 @@ def _logits(model: nn.Module, x: torch.Tensor, device) -> torch.Tensor:
 
 
 class Learner:
-    def __init__(self, model: nn.Module, config: "ResNetContinualConfig"):  # noqa: F821 (from .continual; not imported: no cycle)
+    def __init__(self, model: nn.Module, config: "ResNetContinualConfig", loop=None,  # noqa: F821 (from .continual; not imported: no cycle)
+                 generator: torch.Generator | None = None):
         self.model, self.config = model, config
+        self.loop = loop  # the `PhaseTrainer` that runs each phase (`hf_pmi.resnet.loop`); set by learn_tasks
         self.device = next(model.parameters()).device  # tasks and the pool stay on the CPU; batches move here
-        self.generator = torch.Generator().manual_seed(config.seed)
+        self.generator = generator or torch.Generator().manual_seed(config.seed)  # shared with the loop's batches
         self.pool_x: torch.Tensor | None = None  # replayed samples of every old class
         self.pool_y: torch.Tensor | None = None
         self.pool_teacher: torch.Tensor | None = None  # the teacher's logits on the pool (this task's)
@@ -91,9 +95,6 @@ class Learner:
         self.class_counts: torch.Tensor | None = None  # classes seen in this task's batches (from ones)
 
     # ----- batches -----------------------------------------------------------------------------
-    def _batches(self, n: int):
-        return torch.randperm(n, generator=self.generator).split(self.config.batch_size)
-
     def _replay_batch(self, size: int):
         """`size` pool samples, without replacement when the pool is large enough (reference: random.sample)."""
         n = len(self.pool_y)
@@ -119,46 +120,44 @@ class Learner:
                                                                           else stage_epochs(cfg.later_epochs))
             phases = later_task_phases(model, cfg.schedule, epochs, tuple(cfg.stage_lrs), cfg.lr)
         kept = [p[:n_old].detach().clone() for p in head.parameters()] if n_old else []
-        first = last = None
-        steps = math.ceil(len(task.y) / cfg.batch_size)
+        self._losses = []
         for phase in phases:
-            if phase.epochs <= 0:
-                continue
-            flags = set_phase_modes(model, phase)
-            try:
-                params = [p for p in model.parameters() if p.requires_grad]
-                if replay and phase.rkd:
-                    params += list(self.rkd.parameters())
-                opt = torch.optim.SGD(params, lr=phase.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
-                                      nesterov=phase.nesterov)
-                sched, every = phase_scheduler(opt, phase, steps)
-                for _ in range(phase.epochs):
-                    for idx in self._batches(len(task.y)):
-                        x = augment(task.x[idx].to(self.device), cfg.shift, cfg.flip, self.generator)
-                        loss = self._loss(x, task.y[idx].to(self.device), teacher, n_old, w, phase)
-                        opt.zero_grad()
-                        loss.backward()
-                        opt.step()
-                        if phase.new_rows_only and kept:  # the rows of earlier classes are in no optimiser
-                            with torch.no_grad():
-                                for p, k in zip(head.parameters(), kept):
-                                    p[:n_old].copy_(k)
-                        if every == "step":
-                            sched.step()
-                        first = loss.item() if first is None else first
-                        last = loss.item()
-                    if every == "epoch":
-                        sched.step()
-            finally:
-                restore_flags(flags)
+            extra = list(self.rkd.parameters()) if replay and phase.rkd else []
+            keep = list(zip(head.parameters(), kept)) if phase.new_rows_only else []  # in no optimiser: put back
+            self._run_phase(task, phase, cfg.momentum, extra, keep,
+                            lambda m, x, y, phase=phase: self._loss(m, x, y, teacher, n_old, w, phase))
         model.train()
-        if replay and cfg.head_epochs:
-            self._finetune_head(task, n_old, w["hkd"])
-        return {"first_loss": first, "last_loss": last}
+        if replay and cfg.head_epochs:  # R-DFCIL's head fine-tuning: the body frozen and in eval mode
+            weights = class_balance_weights(self.class_counts).to(self.device)
+            phase = Phase("head", cfg.head_epochs, cfg.head_lr, [], False, False)
+            self._run_phase(task, phase, cfg.momentum, [], [],
+                            lambda m, x, y: self._head_loss(m, x, y, n_old, weights, w["hkd"]))
+            model.train()
+        return {"first_loss": self._losses[0] if self._losses else None,
+                "last_loss": self._losses[-1] if self._losses else None}
 
-    def _loss(self, x, y, teacher, n_old: int, w: dict | None, phase: Phase) -> torch.Tensor:
-        cfg, model = self.config, self.model
-        logits, feats = forward(model, x)
+    def _run_phase(self, task, phase: Phase, momentum: float, extra, keep, loss) -> None:
+        """One ``Trainer.train()`` of the loop (`hf_pmi.resnet.loop`) over the phase's parameters."""
+        if phase.epochs <= 0:
+            return
+        model = self.model
+        flags = set_phase_modes(model, phase)
+        try:
+            params = [p for p in model.parameters() if p.requires_grad] + extra
+            self.loop.run(PhaseSpec(
+                params=params, lr=phase.lr, momentum=momentum, weight_decay=self.config.weight_decay,
+                nesterov=phase.nesterov, epochs=phase.epochs, milestones=phase.milestones, x=task.x, y=task.y,
+                batch_size=self.config.batch_size, loss=loss, modes=lambda: apply_phase_modes(model, phase),
+                keep=keep, extra=extra, name=phase.name))
+        finally:
+            restore_flags(flags)
+
+    def _loss(self, model, x, y, teacher, n_old: int, w: dict | None, phase: Phase) -> torch.Tensor:
+        """A training phase's loss on a batch of real images `x` (augmented here) and, for replay, as many pool
+        samples; `model` is the one the Trainer steps (maybe wrapped for DDP), `self.model` the bare one."""
+        cfg, head = self.config, classifier_layer(self.model)
+        x = augment(x, cfg.shift, cfg.flip, self.generator)
+        logits, feats = forward(model, x, head)
         if w is None:  # finetune, lwf, the first task
             self.class_counts += torch.bincount(y.cpu(), minlength=len(self.class_counts)).float()
             loss = F.cross_entropy(logits, y)
@@ -169,41 +168,32 @@ class Learner:
                 kd = F.kl_div(F.log_softmax(logits[:, :n_old] / T, -1), F.softmax(t_logits / T, -1),
                               reduction="batchmean") * T * T
                 loss = loss + cfg.l_lwf * kd
-            return loss
-        xr, yr, tr = self._replay_batch(len(y))
-        logits_r, feats_r = forward(model, xr)  # a BN pass of its own
-        self.class_counts += torch.bincount(torch.cat([y, yr]).cpu(), minlength=len(self.class_counts)).float()
-        head = classifier_layer(model)
-        if phase.rkd:
-            with torch.no_grad():
-                _, t_feats = forward(teacher, x)
-            terms = replay_losses(logits, y, feats, t_feats, logits_r, yr, feats_r, tr, head, self.rkd, n_old, w)
-        else:  # the reference's train_head: local CE, hard KD x 0.01, balancing CE; no relation KD
-            terms = {"ce": w["ce"] * local_ce(logits, y, n_old),
-                     "hkd": HEAD_STAGE_HKD * w["hkd"] * hard_kd(logits_r, tr[:, :n_old]),
-                     "ft": w["ft"] * balancing_ce(head, feats, y, feats_r, yr)}
-        return sum(terms.values())
+        else:
+            xr, yr, tr = self._replay_batch(len(y))
+            logits_r, feats_r = forward(model, xr, head)  # a BN pass of its own
+            self.class_counts += torch.bincount(torch.cat([y, yr]).cpu(), minlength=len(self.class_counts)).float()
+            if phase.rkd:
+                with torch.no_grad():
+                    _, t_feats = forward(teacher, x)
+                terms = replay_losses(logits, y, feats, t_feats, logits_r, yr, feats_r, tr, head, self.rkd, n_old, w)
+            else:  # the reference's train_head: local CE, hard KD x 0.01, balancing CE; no relation KD
+                terms = {"ce": w["ce"] * local_ce(logits, y, n_old),
+                         "hkd": HEAD_STAGE_HKD * w["hkd"] * hard_kd(logits_r, tr[:, :n_old]),
+                         "ft": w["ft"] * balancing_ce(head, feats, y, feats_r, yr)}
+            loss = sum(terms.values())
+        self._losses.append(loss.item())
+        return loss
 
-    def _finetune_head(self, task: "TensorTask", n_old: int, w_hkd: float) -> None:
-        """R-DFCIL's head fine-tuning: CE weighted by the classes seen in this task's batches, on real plus replayed
-        samples (separate passes), and the hard KD; the body frozen and in eval mode."""
-        cfg, model = self.config, self.model
-        head = classifier_layer(model)
-        weights = class_balance_weights(self.class_counts).to(self.device)
-        opt = torch.optim.SGD(head.parameters(), lr=cfg.head_lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-        with eval_mode(model):
-            for _ in range(cfg.head_epochs):
-                for idx in self._batches(len(task.y)):
-                    xr, yr, tr = self._replay_batch(len(idx))
-                    x = augment(task.x[idx].to(self.device), cfg.shift, cfg.flip, self.generator)
-                    with torch.no_grad():
-                        _, feats = forward(model, x)
-                        _, feats_r = forward(model, xr)
-                    terms = finetune_losses(head(feats), task.y[idx].to(self.device), head(feats_r), yr, tr, n_old,
-                                            weights, l_ce=cfg.weights["l_ce"], w_hkd=w_hkd)
-                    opt.zero_grad()
-                    sum(terms.values()).backward()
-                    opt.step()
+    def _head_loss(self, model, x, y, n_old: int, weights: torch.Tensor, w_hkd: float) -> torch.Tensor:
+        """R-DFCIL's head fine-tuning loss: CE weighted by the classes seen in this task's batches, on real plus
+        replayed samples (separate passes), and the hard KD. Only the head takes gradients (the body is frozen)."""
+        cfg, head = self.config, classifier_layer(self.model)
+        xr, yr, tr = self._replay_batch(len(y))
+        x = augment(x, cfg.shift, cfg.flip, self.generator)
+        logits, _ = forward(model, x, head)
+        logits_r, _ = forward(model, xr, head)
+        terms = finetune_losses(logits, y, logits_r, yr, tr, n_old, weights, l_ce=cfg.weights["l_ce"], w_hkd=w_hkd)
+        return sum(terms.values())
 
     # ----- the pool ----------------------------------------------------------------------------
     def per_class(self, tasks_done: int, num_classes: int) -> int:

@@ -117,33 +117,33 @@ def later_task_phases(model: nn.Module, schedule: str, epochs: tuple[int, int, i
 
 
 def set_phase_modes(model: nn.Module, phase: Phase) -> list[tuple[nn.Parameter, bool]]:
-    """Train mode and gradients for the phase's modules and the head only; returns the flags to restore."""
+    """Gradients for the phase's modules and the head only, and their modes (`apply_phase_modes`); returns the
+    flags to restore."""
     flags = [(p, p.requires_grad) for p in model.parameters()]
+    if phase.groups is not None:
+        model.requires_grad_(False)
+        for module in phase.groups:
+            module.requires_grad_(True)
+        from .heads import classifier_layer
+
+        classifier_layer(model).requires_grad_(True)
+    apply_phase_modes(model, phase)
+    return flags
+
+
+def apply_phase_modes(model: nn.Module, phase: Phase) -> None:
+    """Train mode for the phase's modules only (the rest, frozen, in eval mode); the whole model for ``groups=None``."""
     if phase.groups is None:
         model.train()
-        return flags
+        return
     model.eval()
-    model.requires_grad_(False)
     for module in phase.groups:
         module.train()
-        module.requires_grad_(True)
-    from .heads import classifier_layer
-
-    classifier_layer(model).requires_grad_(True)
-    return flags
 
 
 def restore_flags(flags: list[tuple[nn.Parameter, bool]]) -> None:
     for p, flag in flags:
         p.requires_grad_(flag)
-
-
-def phase_scheduler(opt: torch.optim.Optimizer, phase: Phase, steps_per_epoch: int):
-    """(scheduler, steps per epoch or per step): one-cycle steps per batch, multi-step per epoch."""
-    if phase.milestones == "one_cycle":
-        return torch.optim.lr_scheduler.OneCycleLR(opt, phase.lr, epochs=phase.epochs, steps_per_epoch=steps_per_epoch), "step"
-    marks = sorted({int(phase.epochs * f) for f in phase.milestones})
-    return torch.optim.lr_scheduler.MultiStepLR(opt, milestones=marks, gamma=LR_FACTOR), "epoch"
 
 
 def augment(x: torch.Tensor, padding: int, flip: bool, generator: torch.Generator) -> torch.Tensor:
