@@ -6,9 +6,10 @@ seen task (a row of the accuracy matrix) -> ``method.after_task`` (statistics, f
 synthesis) -> write ``output_dir/task-{t}/`` and ``output_dir/results.json``. Task begin/end events reach callbacks that define
 ``on_task_begin`` / ``on_task_end``.
 
-Given an image classifier with BatchNorm instead of a `ContinualCLIP` (any `AutoModelForImageClassification`
-model whose head is a final linear layer), it runs the BN family's loop (`hf_pmi.resnet.runner`) with the same
-tasks, folders, resume, Hub branches and callbacks, settings in a ``ResNetContinualConfig`` (``method_config``).
+The model's family (`hf_pmi.families`) provides the loop: this one for a `ContinualCLIP`; for an image
+classifier with BatchNorm (any `AutoModelForImageClassification` model whose head is a final linear layer)
+the BN family's (`hf_pmi.resnet.runner`), with the same tasks, folders, resume, Hub branches, callbacks and
+trackers, settings in a ``ResNetContinualConfig`` (``method_config``).
 
 Example:
     >>> from hf_pmi import ContinualCLIP, ContinualConfig, ContinualTrainer, split_class_incremental
@@ -41,6 +42,7 @@ from .checkpoint import RESULTS_NAME, STATE_NAME, ContinualResult, latest_task_c
 from .config import ContinualConfig
 from .data import ContinualCollator, ContinualTasks, TaskPlan
 from .evaluation import task_accuracies
+from .families import family_for, family_for_checkpoint
 from .guard import DivergenceGuard, check_loss, check_weights
 from .hub import push_task_checkpoint
 from .lock import RunLock
@@ -52,7 +54,6 @@ from .model_card import write_model_card
 from .clip_checkpoint import task_file_checksums
 from .modeling import ContinualCLIP
 from .names_only import is_names_only, names_only_tasks
-from .resnet.checkpoint import FORMAT as BN_TASK_FORMAT
 from .resolve import resolve_pretrained_folder
 from .resume import (
     check_resume_consistency, check_same_model, dataset_fingerprint, prepare_output_dir, restore_trainable,
@@ -99,10 +100,16 @@ class ContinualTrainer(ContinualHeadMixin, ContinualHubMixin, Trainer):
             raise TypeError(f"args must be a ContinualConfig, got {type(args).__name__}.")
         if not isinstance(tasks, ContinualTasks):
             raise TypeError("tasks must come from `split_class_incremental(...)`.")
-        self.bn_run = None
-        if not isinstance(model, ContinualCLIP):  # an image classifier with BatchNorm: the BN family's loop
-            self._init_batchnorm(model, args, tasks, processing_class, method_config, **kwargs)
-            return
+        self.family = family_for(model)  # the family's hooks run the rest (hf_pmi.families)
+        self.family_run = None  # what the family keeps for the run (the BN family: its `BNRun`)
+        self.family.setup(self, model, args, tasks, processing_class, method_config, **kwargs)
+
+    def init_trainer(self, **kwargs) -> None:
+        """`transformers.Trainer.__init__` (for a family's `setup`)."""
+        super().__init__(**kwargs)
+
+    def _setup_clip(self, model, args, tasks, processing_class, method_config, **kwargs) -> None:
+        """The CLIP family's setup: the method, the collator, the head and every check before any work."""
         method_cls = method_class(args.method)  # an unknown name fails before any work
         check_output_dir_writable(args.output_dir)  # before the Trainer creates it (it would fail unclearly)
         image_processor = getattr(processing_class, "image_processor", None)
@@ -136,28 +143,6 @@ class ContinualTrainer(ContinualHeadMixin, ContinualHubMixin, Trainer):
         self.task_seconds: list[float] = []
         self.method_logs: list[dict] = []
 
-    def _init_batchnorm(self, model, args, tasks, processing_class, method_config, **kwargs) -> None:
-        """A ResNet (any image classifier with a growable head): trained by `hf_pmi.resnet.runner.BNRun`."""
-        from .resnet.continual import own_classes
-        from .resnet.runner import BNRun
-
-        try:
-            own = own_classes(model)
-        except TypeError as e:
-            raise TypeError(
-                f"model must be a ContinualCLIP (wrap a CLIPModel with `ContinualCLIP.from_clip(clip)`) or an image "
-                f"classifier whose head can grow (ResNet32ForImageClassification, transformers' ResNet); got "
-                f"{type(model).__name__}: {e}"
-            ) from None
-        check_output_dir_writable(args.output_dir)
-        if tasks[0].class_ids[0] != own:  # the new classes follow the model's own
-            tasks = tasks.continuing(own, tasks.task_offset)
-        super().__init__(model=model, args=args, processing_class=processing_class, **kwargs)
-        set_verbosity(args.get_process_log_level())
-        self.callback_handler = ContinualCallbackHandler.from_handler(self.callback_handler)
-        self.tasks = tasks
-        self.bn_run = BNRun(self, self.model, tasks, processing_class, method_config)
-
     def _validate(self) -> None:
         """Everything that can be checked before the first step (settings, model, tasks, the method's own)."""
         check_training_settings(self.args, trains=self.method.trains)
@@ -183,11 +168,9 @@ class ContinualTrainer(ContinualHeadMixin, ContinualHubMixin, Trainer):
         ``--resume_from_checkpoint true`` works in every recipe. An `output_dir` holding finished
         tasks is refused unless resuming or ``args.overwrite_output_dir``.
         """
-        if self.bn_run is not None:  # its loop locks output_dir itself
-            try:
-                return self.bn_run.train(resume_from_checkpoint, self._task_event)
-            finally:
-                self.callback_handler.finish(self.args, self.state, self.control)
+        return self.family.train(self, resume_from_checkpoint, **kwargs)
+
+    def _train_clip(self, resume_from_checkpoint, **kwargs) -> ContinualResult:
         if resume_from_checkpoint is None:
             resume_from_checkpoint = self.args.resume_from_checkpoint
         resume_from_checkpoint = resume_request(resume_from_checkpoint)
@@ -330,8 +313,12 @@ class ContinualTrainer(ContinualHeadMixin, ContinualHubMixin, Trainer):
         """
         folder = resolve_pretrained_folder(path_or_repo_id, revision=revision)
         state = read_state(folder)
-        if state.get("format") == BN_TASK_FORMAT:  # a task of a BatchNorm classifier's run
-            return cls._continue_batchnorm(folder, state, path_or_repo_id, tasks, args, processing_class, **kwargs)
+        return family_for_checkpoint(state).continue_from(cls, folder, state, path_or_repo_id, tasks, args,
+                                                          processing_class, **kwargs)
+
+    @classmethod
+    def _continue_clip(cls, folder, state, path_or_repo_id, tasks, args, processing_class=None, **kwargs):
+        """`from_pretrained` for a CLIP task folder."""
         if not isinstance(tasks, ContinualTasks):  # class names only: learned data-free (hf_pmi.names_only)
             tasks = names_only_tasks(tasks)
         verify_checksums(folder, state.get("checksums"))
@@ -353,34 +340,6 @@ class ContinualTrainer(ContinualHeadMixin, ContinualHubMixin, Trainer):
         trainer.accuracy_matrix = [row[:done] + [None] * len(tasks) for row in state["accuracy_matrix"]]
         trainer.counts = state["counts"][:done] + [0] * len(tasks)
         trainer.method.load(folder)
-        return trainer
-
-    @classmethod
-    def _continue_batchnorm(cls, folder, state, source, tasks, args, processing_class, method_config=None, **kwargs):
-        """`from_pretrained` for a BN-family task folder: its model, processor and settings; the run loads its
-        replay pool and bank (`hf_pmi.resnet.continual.learn_tasks`, ``start_from``)."""
-        import dataclasses
-
-        from transformers import AutoImageProcessor, AutoModelForImageClassification
-
-        from .resnet.continual import ResNetContinualConfig
-
-        if not isinstance(tasks, ContinualTasks):
-            raise ValueError("Learning classes from their names only needs a CLIP checkpoint; a BatchNorm classifier "
-                             "learns new classes from images: pass tasks from `split_class_incremental(...)`.")
-        verify_checksums(folder, state.get("checksums"))  # before anything is built from it (the run loads the pool)
-        model = AutoModelForImageClassification.from_pretrained(folder)
-        refuse_known_classes(model.config.id2label.values(), tasks, source)
-        check_same_processor(folder, processing_class, source)
-        if processing_class is None and os.path.isfile(os.path.join(folder, "preprocessor_config.json")):
-            processing_class = AutoImageProcessor.from_pretrained(folder)
-        args = continued_args(args, state, source)
-        if method_config is None:  # the continued run's own settings, with this run's method and seed
-            method_config = dataclasses.replace(ResNetContinualConfig.from_dict(state["settings"]["config"]),
-                                                method=args.method, seed=args.seed)
-        trainer = cls(model=model, args=args, tasks=tasks.continuing(model.config.num_labels, state["task_id"] + 1),
-                      processing_class=processing_class, method_config=method_config, **kwargs)
-        trainer.bn_run.start_from = folder
         return trainer
 
     # ----- loss and evaluation -----------------------------------------------------------------

@@ -202,11 +202,8 @@ class ContinualHubMixin:
         if self.is_world_process_zero():
             latest = latest_task_checkpoint(self.args.output_dir)
             os.makedirs(output_dir, exist_ok=True)
-            if latest is None and getattr(self, "bn_run", None) is not None:  # an image classifier: model + its processor
-                self.accelerator.unwrap_model(self.model).save_pretrained(output_dir)
-                self.bn_run.processor.save_pretrained(output_dir)
-            elif latest is None:
-                self.accelerator.unwrap_model(self.model).save_pretrained(output_dir, processor=self.processing_class)
+            if latest is None:
+                self.family.save_untrained(self, output_dir)
             elif os.path.abspath(latest) != os.path.abspath(output_dir):
                 shutil.copytree(latest, output_dir, dirs_exist_ok=True)
             logger.info("Saved %s to %s", latest or "the model", output_dir)
@@ -246,10 +243,11 @@ class ContinualHubMixin:
         override what the run recorded; `language`, `tasks`, `dataset_tags` and `dataset_args` do not apply.
         """
         folder = self._latest_task_folder("create_model_card")
-        if getattr(self, "bn_run", None) is not None:  # the BN family's task folders carry their rendered card
-            if self.is_world_process_zero():
-                shutil.copy(os.path.join(folder, "README.md"), self.args.output_dir)
-            return os.path.join(self.args.output_dir, "README.md")
+        return self.family.render_card(self, folder, license=license, tags=tags, model_name=model_name,
+                                       finetuned_from=finetuned_from, dataset=dataset)
+
+    def _render_clip_card(self, folder: str, license=None, tags=None, model_name=None, finetuned_from=None,
+                          dataset=None) -> str:
         saved = read_state(folder)
         result = ContinualResult.from_state(saved)
         state = card_state(self, saved["task_id"], result, folder)

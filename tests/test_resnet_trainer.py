@@ -98,8 +98,8 @@ def test_a_resnet_learns_task_by_task_and_its_folders_serve_the_pipeline(tmp_pat
     test = tasks.seen_test(1)
     model.eval()
     with torch.no_grad():
-        x = torch.cat([t.x_test for t in tensor_tasks(tasks, SIZE, trainer.bn_run.processor.image_mean,
-                                                      trainer.bn_run.processor.image_std, progress=False)])
+        x = torch.cat([t.x_test for t in tensor_tasks(tasks, SIZE, trainer.family_run.processor.image_mean,
+                                                      trainer.family_run.processor.image_std, progress=False)])
         expected = [model.config.id2label[i] for i in model(pixel_values=x).logits.argmax(-1).tolist()]
     got = [out[0]["label"] for out in classify(list(test["image"]), top_k=1)]
     assert got == expected
@@ -140,7 +140,7 @@ def test_a_pushed_task_is_continued_from_the_hub_without_old_images(tmp_path, hu
                                              args=args(tmp_path / "c", "finetune"), method_config=schedule(schedule="one_cycle"))
     plain.train()
     old = split_class_incremental(colours(["red", "green", "blue", "yellow"], seed=2), num_tasks=1, seed=None)
-    proc = trainer.bn_run.processor
+    proc = trainer.family_run.processor
     (old_t,) = tensor_tasks(old, SIZE, proc.image_mean, proc.image_std, progress=False)
     kept, lost = [old_class_accuracy(t.model, old_t) for t in (trainer, plain)]
     assert kept > 0.6 and lost < 0.3, (kept, lost)  # chance among 6 classes: 0.17

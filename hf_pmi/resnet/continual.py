@@ -54,6 +54,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+from accelerate import PartialState
 from torch import nn
 from transformers.utils import SAFE_WEIGHTS_NAME
 
@@ -249,7 +250,7 @@ def learn_tasks(model: nn.Module, tasks: list[TensorTask], config: ResNetContinu
 
         check_hub_access(hub_model_id, token=hub_token, endpoint=hub_endpoint)
     lock = None
-    if output_dir:
+    if output_dir and PartialState().is_main_process:  # one writer per output_dir; other processes only read it
         from ..lock import RunLock
 
         os.makedirs(output_dir, exist_ok=True)
@@ -343,17 +344,25 @@ def _learn(model, tasks, config, output_dir, hub, start_from, start, processor, 
                      "num_labels": model.config.num_labels, "task_classes": earlier + [k.class_ids for k in tasks],
                      "settings": settings, "accuracy_matrix": matrix, "a_last": metrics["a_last"],
                      "a_avg": metrics["a_avg"], "losses": losses, "task_seconds": task_seconds, **learner.state_json()}
-            folder = save_task(output_dir, model, learner.state_tensors(), state, learner.bank, hub_model_id, processor)
-            if hub_model_id:
-                from ..hub import push_task_checkpoint
+            folder = os.path.join(output_dir, f"task-{g}")
+            if loop.is_world_process_zero():  # one writer; every process goes on with the same model and pool
+                save_task(output_dir, model, learner.state_tensors(), state, learner.bank, hub_model_id, processor)
+                if hub_model_id:  # in the background, one push at a time in task order (hf_pmi.hub)
+                    from ..hub import push_task_checkpoint
 
-                result = push_task_checkpoint(folder, hub_model_id, g, token=hub_token, endpoint=hub_endpoint)
-                pushes.append({"task": g, "ok": bool(result), "commit": getattr(result, "commit_sha", None),
-                               "folder": folder, "error": result.error, "retry_command": result.retry_command})
+                    pushes.append((g, push_task_checkpoint(folder, hub_model_id, g, token=hub_token,
+                                                           endpoint=hub_endpoint, run_as_future=True)))
+            loop.accelerator.wait_for_everyone()
         events("on_task_end", g, {"accuracy_matrix": matrix, "counts": counts, "folder": folder, "losses": losses,
                                   "task_seconds": task_seconds})
+    pushes = [_push_record(g, future.result()) for g, future in pushes]
     return {
         "accuracy_matrix": matrix, **continual_metrics(matrix, counts), "counts": counts, "task_offset": offset,
         "inversion_seconds": learner.inversion_seconds, "inversion_passes": learner.inversion_passes,
         "inverted_classes": learner.inverted, "task_seconds": task_seconds, "losses": losses, "pushes": pushes,
     }
+
+
+def _push_record(g: int, result) -> dict:
+    return {"task": g, "ok": bool(result), "commit": getattr(result, "commit_sha", None), "folder": result.folder,
+            "error": result.error, "retry_command": result.retry_command}

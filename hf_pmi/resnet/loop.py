@@ -156,6 +156,12 @@ class PhaseTrainer(Trainer):
                 self.train()                          # relation-KD projections draw from it after this phase
         finally:
             self.spec = None
+        if self.accelerator.num_processes > 1:  # every process leaves the phase with process 0's state: the
+            from accelerate.utils import synchronize_rng_states  # BN moments (DDP broadcast them before each
+
+            for buffer in self.model.buffers():  # forward, then each process updated them on its batch) and the
+                torch.distributed.broadcast(buffer.data, 0)  # generator (its last batches differ in size)
+            synchronize_rng_states(["generator"], self.generator)
         self.callback_handler.end_task(self.state.global_step)  # trackers' steps go on with the next phase
 
     def get_train_dataloader(self):

@@ -262,7 +262,7 @@ def run(recipe: ResNetRecipeArguments, training: ResNetTrainingArguments) -> dic
     result = trainer.train()
     path = os.path.join(recipe.output_dir, "results.json")
     record = {**result.to_dict(), "recipe": dataclasses.asdict(recipe), "config": dataclasses.asdict(config),
-              "device": str(trainer.args.device), **trainer.bn_run.inversion}
+              "device": str(trainer.args.device), **trainer.family_run.inversion}
     with open(path, "w") as f:
         json.dump(record, f, indent=2, default=str)
     print(f"\n{config.method} (seed {config.seed}), accuracy (%) after task i on task j:\n"

@@ -51,16 +51,11 @@ from ..tracking import summary_line, task_metrics
 from .continual import INVERTING, METHODS, ResNetContinualConfig, learn_tasks
 from .heads import require_batchnorm, require_image_classifier
 
-# ContinualConfig fields this loop does not read, and the ResNetContinualConfig field that takes their role
-SCHEDULE_FIELDS = {"learning_rate": "lr", "num_train_epochs": "epochs / later_epochs",
-                   "per_device_train_batch_size": "batch_size", "weight_decay": "weight_decay",
-                   "max_steps": "epochs / later_epochs", "lr_scheduler_type": "schedule / stage_lrs",
-                   "warmup_steps": "(the reference has none)"}
-# ContinualConfig fields the BN loop cannot honour yet (issue 30, part 2 moves it into Trainer's loop)
-UNSUPPORTED_FIELDS = {
-    "gradient_accumulation_steps": "the BN loop steps once per batch; raise ResNetContinualConfig.batch_size instead",
-    "max_grad_norm": "the reference's loop does not clip gradients; leave it at its default",
-}
+# ContinualConfig fields the BN loop takes from its ResNetContinualConfig instead (the reference's stages)
+SCHEDULE_FIELDS = {"num_train_epochs": "epochs / later_epochs", "max_steps": "epochs / later_epochs",
+                   "lr_scheduler_type": "schedule / stage_lrs", "warmup_steps": "(the reference has none)"}
+# ContinualConfig fields that set a ResNetContinualConfig field (Trainer's names on the command line)
+SHARED_FIELDS = {"learning_rate": "lr", "per_device_train_batch_size": "batch_size", "weight_decay": "weight_decay"}
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # transformers' IMAGENET_DEFAULT_*
 
 
@@ -79,16 +74,21 @@ def bn_config(args, method_config: ResNetContinualConfig | None) -> ResNetContin
         raise ValueError(f"A BatchNorm classifier trains on its own schedule (the reference's SGD stages, then head fine-tuning), so "
                          f"{sorted(moved)} set on ContinualConfig would be ignored. Set them on "
                          f"method_config=ResNetContinualConfig(...) instead: {moved}.")
-    unsupported = {name: why for name, why in UNSUPPORTED_FIELDS.items() if getattr(args, name) != defaults[name]}
-    if unsupported:
-        raise ValueError(f"A BatchNorm classifier's loop ignores {sorted(unsupported)} set on ContinualConfig: "
-                         + "; ".join(f"{k}: {v}" for k, v in unsupported.items()) + ".")
+    shared = {}
+    for name, own_name in SHARED_FIELDS.items():  # honoured: they set the loop's own field
+        value, own = getattr(args, name), getattr(config, own_name)
+        if value == defaults[name]:
+            continue
+        if own not in (ResNetContinualConfig.__dataclass_fields__[own_name].default, value):
+            raise ValueError(f"args.{name}={value!r} but method_config.{own_name}={own!r}: set it in one place "
+                             f"(--{name} sets ResNetContinualConfig.{own_name}).")
+        shared[own_name] = value
     for name in ("method", "seed"):  # the run's values come from args; an explicit other value is a mistake
         own, default = getattr(config, name), ResNetContinualConfig.__dataclass_fields__[name].default
         if own not in (default, getattr(args, name)):
             raise ValueError(f"method_config.{name}={own!r} but args.{name}={getattr(args, name)!r}: the run's {name} "
                              f"comes from ContinualConfig; drop it from ResNetContinualConfig.")
-    return dataclasses.replace(config, method=args.method, seed=args.seed, progress=False)
+    return dataclasses.replace(config, method=args.method, seed=args.seed, progress=False, **shared)
 
 
 def task_processor(model, processing_class):
@@ -126,9 +126,6 @@ class BNRun:
         self.config = bn_config(args, method_config)  # the head was checked by the trainer (it can grow)
         if self.config.method in INVERTING:
             require_batchnorm(model, self.config.method)
-        if trainer.accelerator.num_processes > 1:
-            raise ValueError("The BatchNorm family's loop runs in one process: launch with `accelerate launch "
-                             "--num_processes 1` (or plain python).")
         self.processor = task_processor(model, processing_class)
         self.start_from: str | None = None  # a finished task folder this run continues (ContinualTrainer.from_pretrained)
 
@@ -150,7 +147,8 @@ class BNRun:
         self._wall, self._notify = time.time(), notify
         out = learn_tasks(self.model, tensors, self.config, output_dir=args.output_dir,
                           hub_model_id=args.hub_model_id if args.push_to_hub else None, hub_token=args.hub_token,
-                          start_from=self.start_from, processor=self.processor, events=self._event)
+                          start_from=self.start_from, processor=self.processor, events=self._event,
+                          args=args, callback_handler=self.trainer.callback_handler)
         self.inversion = {k: out[k] for k in ("inversion_seconds", "inversion_passes", "inverted_classes")}
         self.trainer.failed_pushes = [push for push in out["pushes"] if not push["ok"]]  # the CLI exits 1 on them
         return self._result(out["accuracy_matrix"], out["counts"], out["task_seconds"], out["losses"])
@@ -174,3 +172,50 @@ class BNRun:
             self.trainer.save_metrics("eval", metrics)
             print(f"[hf_pmi] {summary_line(metrics, self.tasks.task_offset + len(self.tasks))}", flush=True)
         self._notify(name, g, result=result)
+
+
+def setup_batchnorm(trainer, model, args, tasks, processing_class, method_config, **kwargs) -> None:
+    """The BN family's `ContinualTrainer` setup (`hf_pmi.families`): the Trainer around the model, then `BNRun`."""
+    from ..tracking import ContinualCallbackHandler
+    from ..log import set_verbosity
+    from ..validation import check_output_dir_writable
+    from .continual import own_classes
+
+    own = own_classes(model)
+    check_output_dir_writable(args.output_dir)
+    if tasks[0].class_ids[0] != own:  # the new classes follow the model's own
+        tasks = tasks.continuing(own, tasks.task_offset)
+    trainer.init_trainer(model=model, args=args, processing_class=processing_class, **kwargs)
+    set_verbosity(args.get_process_log_level())
+    trainer.callback_handler = ContinualCallbackHandler.from_handler(trainer.callback_handler)
+    trainer.tasks = tasks
+    trainer.family_run = BNRun(trainer, trainer.model, tasks, processing_class, method_config)
+
+
+def continue_batchnorm(cls, folder, state, source, tasks, args, processing_class=None, method_config=None, **kwargs):
+    """`ContinualTrainer.from_pretrained` for a BN-family task folder: its model, processor and settings; the run
+    loads its replay pool and bank (`hf_pmi.resnet.continual.learn_tasks`, ``start_from``)."""
+    from transformers import AutoImageProcessor, AutoModelForImageClassification
+
+    from ..data import ContinualTasks
+    from ..integrity import verify_checksums
+    from ..trainer_hub import continued_args
+    from ..validation import check_same_processor, refuse_known_classes
+
+    if not isinstance(tasks, ContinualTasks):
+        raise ValueError("Learning classes from their names only needs a CLIP checkpoint; a BatchNorm classifier "
+                         "learns new classes from images: pass tasks from `split_class_incremental(...)`.")
+    verify_checksums(folder, state.get("checksums"))  # before anything is built from it (the run loads the pool)
+    model = AutoModelForImageClassification.from_pretrained(folder)
+    refuse_known_classes(model.config.id2label.values(), tasks, source)
+    check_same_processor(folder, processing_class, source)
+    if processing_class is None and os.path.isfile(os.path.join(folder, "preprocessor_config.json")):
+        processing_class = AutoImageProcessor.from_pretrained(folder)
+    args = continued_args(args, state, source)
+    if method_config is None:  # the continued run's own settings, with this run's method and seed
+        method_config = dataclasses.replace(ResNetContinualConfig.from_dict(state["settings"]["config"]),
+                                            method=args.method, seed=args.seed)
+    trainer = cls(model=model, args=args, tasks=tasks.continuing(model.config.num_labels, state["task_id"] + 1),
+                  processing_class=processing_class, method_config=method_config, **kwargs)
+    trainer.family_run.start_from = folder
+    return trainer
