@@ -9,7 +9,9 @@ backgrounds, 16 px), ``--train_per_class`` training and 50 test images per lette
 another seed), normalised by the per-channel moments of the first task's training images (all a
 continual learner has at the start). 5 tasks of 4 letters, the class order shuffled by the seed.
 Model: `ResNet32ForImageClassification` (``--blocks_per_stage`` 5: ResNet-32, 3: ResNet-20) from scratch, seeded.
-Loop: `hf_pmi.resnet.continual.learn_tasks` with the reference's choices by default (``--schedule staged``:
+Loop: `hf_pmi.resnet.continual.learn_tasks` (each phase one `transformers.Trainer.train()`, given
+``max_grad_norm=0``: the reference never clips, where Trainer's default would clip at 1.0; one step per
+batch; bit-equal to the hand-written loop before issue 30, so earlier results stay valid) with the reference's choices by default (``--schedule staged``:
 the first task ``--first_epochs`` (60) at lr 0.1, x0.1 at 40 % / 60 %; later tasks ``--later_epochs`` split
 20 : 20 : 120 over the stages; ``--regenerate 1``: the pool re-fitted and inverted anew after every task;
 ``--selection cfs``), ``--head_epochs`` of head fine-tuning at ``--head_lr``, per-image crops of ``--shift`` px
@@ -49,6 +51,7 @@ NUM_CLASSES, NUM_TASKS, IMAGE_SIZE, TEST_PER_CLASS, DATA_SEED = 20, 5, 16, 50, 1
 def run_one(method: str, seed: int, settings: dict) -> dict:
     """One run in this process; returns its row."""
     import torch
+    from transformers import TrainingArguments
 
     from hf_pmi.resnet import ResNet32Config, ResNet32ForImageClassification
     from hf_pmi.resnet.continual import ResNetContinualConfig, TensorTask, learn_tasks
@@ -87,7 +90,9 @@ def run_one(method: str, seed: int, settings: dict) -> dict:
         head_epochs=settings["head_epochs"], head_lr=settings["head_lr"], shift=settings["shift"])
     t0 = time.perf_counter()
     with shared_first_task(Path(settings["workdir"]), seed, settings, enabled=method != "joint"):
-        result = learn_tasks(model, tasks, config)
+        result = learn_tasks(model, tasks, config, args=TrainingArguments(
+            output_dir=str(Path(settings["workdir"]) / "trainer"), max_grad_norm=0.0,  # the reference never clips
+            gradient_accumulation_steps=1, report_to="none", disable_tqdm=True, use_cpu=True, logging_strategy="no"))
     return {
         "method": method, "seed": seed, "a_last": result["a_last"], "a_avg": result["a_avg"],
         "forgetting": result["forgetting"], "inversion_seconds": result["inversion_seconds"],

@@ -4,17 +4,23 @@
         --label_column fine_label --num_tasks 10 --method pmi
     hf-pmi eval --checkpoint runs/cifar/task-9 --dataset_name uoft-cs/cifar100 --image_column img \\
         --label_column fine_label
+    hf-pmi train --family batchnorm --output_dir runs/r32 --dataset_name uoft-cs/cifar100 --num_tasks 5 \\
+        --method pmi --learning_rate 0.1 --per_device_train_batch_size 128   # a ResNet-32 (the BN family)
     hf-pmi train --help                   # the common flags
     hf-pmi train --method pmi --help-all  # every flag, by group: recipe, continual run, pmi's config, Trainer
     hf-pmi --version
 
-``train`` takes the flags of `hf_pmi.recipe.RecipeArguments`, `ContinualConfig` and the config of the
-method ``--method`` names (default: ``pmi``; `hf_pmi.recipe.parse_run_args`; the recipes in ``recipes/``
-are the same run with a benchmark's defaults). ``--help`` lists them by group. For several processes launch the module:
+``train`` (``--family clip``, the default) takes the flags of `hf_pmi.recipe.RecipeArguments`, `ContinualConfig`
+and the config of the method ``--method`` names (default: ``pmi``; `hf_pmi.recipe.parse_run_args`; the recipes in ``recipes/``
+are the same run with a benchmark's defaults). ``--help`` lists them by group. ``train --family batchnorm`` runs
+the BatchNorm family (`hf_pmi.resnet.recipe`, the ResNet recipes' flags): the same flag names where the
+settings are the same (Trainer's: ``--learning_rate``, ``--per_device_train_batch_size``, ``--max_grad_norm``,
+``--gradient_accumulation_steps``, ``--report_to``; ``--output_dir``, ``--dataset_name``, ``--data_dir``,
+``--num_tasks``, ``--method``, ``--seed``, ``--push_to_hub``, ``--hub_model_id``). For several processes launch the module:
 ``accelerate launch -m hf_pmi.cli train ...``.
 
-``eval`` scores a checkpoint (a folder or a Hub repo + ``--revision``) on the test split of a
-dataset: the classes the checkpoint knows are matched by name, and the accuracy over them and per
+``eval`` scores a checkpoint (a folder or a Hub repo + ``--revision``; a CLIP run's or a BatchNorm classifier's
+task folder) on the test split of a dataset: the classes the checkpoint knows are matched by name, and the accuracy over them and per
 task of the checkpoint is printed as JSON (and written to ``--output_file``).
 """
 
@@ -24,6 +30,7 @@ import json
 import sys
 from dataclasses import dataclass, field
 
+FAMILIES = ("clip", "batchnorm")  # `hf-pmi train --family` (hf_pmi.families)
 COMMANDS = {
     "train": "learn a class-incremental task sequence (see `hf-pmi train --help`)",
     "eval": "accuracy of a checkpoint on a dataset's test split (see `hf-pmi eval --help`)",
@@ -69,25 +76,38 @@ def version_text() -> str:
 
 
 def train(argv: list[str]) -> None:
+    """``--family clip`` (default): `hf_pmi.recipe`'s run of a CLIP model; ``--family batchnorm``: a ResNet-32 from
+    scratch or ``--model_name_or_path`` (`hf_pmi.resnet.recipe`). Both take Trainer's flag names
+    (``--learning_rate``, ``--per_device_train_batch_size``, ``--report_to``, ...)."""
+    import argparse
+
+    probe = argparse.ArgumentParser(add_help=False)
+    probe.add_argument("--family", choices=FAMILIES, default="clip")
+    family, rest = probe.parse_known_args(argv)
+    if family.family == "batchnorm":
+        from .resnet.recipe import parse_args, run
+
+        run(*parse_args(rest, prog="hf-pmi train --family batchnorm"))
+        return
     from .recipe import parse_run_args, run_recipe
 
-    recipe, args, method_config = parse_run_args(argv, prog="hf-pmi train")
+    recipe, args, method_config = parse_run_args(rest, prog="hf-pmi train")
     run_recipe(recipe, args, method_config)
 
 
 def evaluate_checkpoint(opts: EvalArguments) -> dict:
-    """Accuracy of the checkpoint on the classes it knows (matched by name), overall and per task."""
+    """Accuracy of the checkpoint on the classes it knows (matched by name), overall and per task; a CLIP
+    checkpoint or a BatchNorm classifier's task folder (`hf_pmi.families`), with the same flags."""
     import os
 
     import numpy as np
     import torch
-    from transformers import AutoProcessor
 
     from .checkpoint import STATE_NAME, read_state
-    from .data import ContinualCollator, class_names_of
+    from .data import class_names_of
     from .evaluation import task_accuracies
+    from .families import family_for_checkpoint
     from .integrity import verify_checksums
-    from .modeling import ContinualCLIP
     from .recipe import RecipeArguments, load_data
     from .resolve import resolve_pretrained_folder
 
@@ -95,9 +115,8 @@ def evaluate_checkpoint(opts: EvalArguments) -> dict:
     state = read_state(folder) if os.path.isfile(os.path.join(folder, STATE_NAME)) else None
     if state is not None:
         verify_checksums(folder, state.get("checksums"))  # the processor's files too, not only the model's
-        refuse_batchnorm_task(state, opts.checkpoint)
-    model = ContinualCLIP.from_pretrained(folder).eval()
-    processor = AutoProcessor.from_pretrained(folder)
+    family = family_for_checkpoint(state or {}).name
+    class_names, predict = (_batchnorm_predictor if family == "batchnorm" else _clip_predictor)(folder, opts)
     recipe = RecipeArguments(dataset_name=opts.dataset_name, dataset_config=opts.dataset_config,
                              data_dir=opts.data_dir, test_split=opts.test_split, test_size=opts.test_size,
                              image_column=opts.image_column, label_column=opts.label_column)
@@ -106,20 +125,19 @@ def evaluate_checkpoint(opts: EvalArguments) -> dict:
         raise ValueError(f"No {opts.test_split!r} split in {list(data)}; pass --test_split.")
     test = data[opts.test_split]
     names = class_names_of(test, opts.label_column)
-    known = {name: i for i, name in enumerate(model.class_names)}
+    known = {name: i for i, name in enumerate(class_names)}
     label_map = {label: known[name] for label, name in enumerate(names) if name in known}
     if not label_map:
         raise ValueError(f"None of the dataset's classes ({names[:5]}...) is among the checkpoint's classes "
-                         f"({model.class_names[:5]}...): check --dataset_name / --label_column.")
+                         f"({class_names[:5]}...): check --dataset_name / --label_column.")
     labels = np.asarray(test.select_columns([opts.label_column]).with_format("numpy")[opts.label_column])
     test = test.select(np.flatnonzero(np.isin(labels, list(label_map))))
-    collate = ContinualCollator(processor.image_processor, label_map, opts.image_column, opts.label_column)
     preds, targets = [], []
     with torch.no_grad():
         for start in range(0, len(test), opts.batch_size):
-            batch = collate([test[i] for i in range(start, min(start + opts.batch_size, len(test)))])
-            preds.append(model(pixel_values=batch["pixel_values"]).prediction_logits.argmax(-1))
-            targets.append(batch["labels"])
+            rows = [test[i] for i in range(start, min(start + opts.batch_size, len(test)))]
+            preds.append(predict(rows, label_map))
+            targets.append(torch.tensor([label_map[r[opts.label_column]] for r in rows]))
     pred, target = torch.cat(preds).numpy(), torch.cat(targets).numpy()
     scores = {"checkpoint": opts.checkpoint, "revision": opts.revision, "examples": int(len(target)),
               "classes": len(label_map), "accuracy": float((pred == target).mean())}
@@ -128,18 +146,40 @@ def evaluate_checkpoint(opts: EvalArguments) -> dict:
     return scores
 
 
-def refuse_batchnorm_task(state: dict, checkpoint: str) -> None:
-    """`hf-pmi eval` scores CLIP checkpoints: a BatchNorm classifier's task folder (ResNet) gets its own advice."""
-    from .resnet.checkpoint import FORMAT as BN_TASK_FORMAT
+def _clip_predictor(folder: str, opts: EvalArguments):
+    """(class names, predict(rows, label_map) -> class ids) of a `ContinualCLIP` checkpoint (routed predictions)."""
+    from transformers import AutoProcessor
 
-    if state.get("format") == BN_TASK_FORMAT:
-        raise ValueError(
-            f"{checkpoint} is a task of a BatchNorm classifier's run (ResNet), and `hf-pmi eval` scores CLIP "
-            f"checkpoints. Its test accuracy after every task is in its continual_state.json (accuracy_matrix); to "
-            f"score it on other data, load it with `import hf_pmi.resnet` then "
-            f"`pipeline(\"image-classification\", model={checkpoint!r})` (or AutoModelForImageClassification), "
-            f"which verifies its files first."
-        )
+    from .data import ContinualCollator
+    from .modeling import ContinualCLIP
+
+    model = ContinualCLIP.from_pretrained(folder).eval()
+    processor = AutoProcessor.from_pretrained(folder)
+
+    def predict(rows, label_map):
+        batch = ContinualCollator(processor.image_processor, label_map, opts.image_column, opts.label_column)(rows)
+        return model(pixel_values=batch["pixel_values"]).prediction_logits.argmax(-1)
+
+    return list(model.class_names), predict
+
+
+def _batchnorm_predictor(folder: str, opts: EvalArguments):
+    """(class names, predict) of a BatchNorm classifier's task folder: its model and the image processor the run
+    evaluated with (the folder's `ViTImageProcessorPil`)."""
+    from transformers import AutoImageProcessor, AutoModelForImageClassification
+
+    from . import resnet  # noqa: F401 (registers ResNet32 with the Auto classes)
+    from .images import to_rgb
+
+    model = AutoModelForImageClassification.from_pretrained(folder).eval()
+    processor = AutoImageProcessor.from_pretrained(folder)
+    names = [model.config.id2label[i] for i in range(model.config.num_labels)]
+
+    def predict(rows, label_map):
+        images = [to_rgb(r[opts.image_column]) for r in rows]  # as the run decoded them (hf_pmi.resnet.data)
+        return model(pixel_values=processor(images, return_tensors="pt")["pixel_values"]).logits.argmax(-1)
+
+    return names, predict
 
 
 def evaluate(argv: list[str]) -> dict:

@@ -186,7 +186,7 @@ def check_bn_rates(config) -> None:
     for name in ("lr", "head_lr"):
         value = getattr(config, name)
         require(finite(value) and value > 0, name, value, "a finite number > 0 (NaN or inf trains every weight to "
-                "NaN)", f"Pass a number such as --{name} 0.1.")
+                "NaN)", f"Pass a number such as --{'learning_rate' if name == 'lr' else name} 0.1.")
     for name, value in config.weights.items():
         require_weight(f"weights[{name!r}]", value)
 

@@ -74,7 +74,37 @@ def run(method: str, schedule: str, **kwargs) -> dict:
     return {"accuracy_matrix": out["accuracy_matrix"], "losses": out["losses"], "weights": weights_digest(model)}
 
 
+def distributed_run(out: str, method: str, batch_size: int) -> None:
+    """One run under `accelerate launch` (one or several processes): 24 training images per task (batches divide
+    evenly over 2 processes), no augmentation (each process would draw other crops), no clipping; process 0 writes
+    the accuracy matrix and the weights to `out`."""
+    import dataclasses
+
+    from accelerate import PartialState
+    from safetensors.torch import save_file
+    from transformers import TrainingArguments
+
+    from hf_pmi.resnet.continual import learn_tasks
+
+    torch.set_num_threads(1)
+    model = small_model()
+    config = dataclasses.replace(small_config(method), batch_size=batch_size, shift=0, flip=False)
+    args = TrainingArguments(output_dir=out + ".trainer", max_grad_norm=0.0, report_to="none", disable_tqdm=True,
+                             use_cpu=True, logging_strategy="no")
+    result = learn_tasks(model, fonts_tasks(train_per_class=12), config, args=args)
+    if PartialState().is_main_process:
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, out + ".safetensors")
+        with open(out + ".json", "w") as f:
+            json.dump({"accuracy_matrix": result["accuracy_matrix"], "losses": result["losses"],
+                       "processes": PartialState().num_processes}, f)
+
+
 if __name__ == "__main__":
+    import sys
+
+    if len(sys.argv) > 1 and sys.argv[1] == "--distributed":
+        distributed_run(sys.argv[2], sys.argv[3], int(sys.argv[4]))
+        sys.exit(0)
     torch.set_num_threads(1)
     results = {f"{m}/{s}": run(m, s) for m, s in RUNS}
     with open(FIXTURE, "w") as f:

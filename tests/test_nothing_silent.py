@@ -170,8 +170,8 @@ def test_a_resnet_recipe_refuses_a_non_finite_lr_before_reading_data(tmp_path, v
     from hf_pmi.validation import ValidationError
 
     recipe, training = parse_args(["--output_dir", str(tmp_path / "out"), "--dataset_name", "no/such-data",
-                                   "--lr", value])
-    with pytest.raises(ValidationError, match=rf"lr={value} is invalid: it must be a finite number > 0.*--lr 0.1"):
+                                   "--learning_rate", value])
+    with pytest.raises(ValidationError, match=rf"lr={value} is invalid: it must be a finite number > 0.*--learning_rate 0.1"):
         run(recipe, training)
     recipe, training = parse_args(["--output_dir", str(tmp_path / "out"), "--head_lr", value])
     with pytest.raises(ValidationError, match=r"head_lr=.* is invalid"):
@@ -278,12 +278,26 @@ def test_duplicate_class_names_are_told_to_be_renamed_not_shortened(tmp_path, di
         ContinualCLIP.from_clip(build_clip("tiny"), [long + "cat", long + "dog"], processor.tokenizer)
 
 
-def test_hf_pmi_eval_on_a_resnet_task_folder_gives_resnet_advice(resnet_task):
-    from hf_pmi.cli import main
+def test_hf_pmi_eval_scores_a_resnet_task_folder_with_the_same_flags(resnet_task, tmp_path):
+    """`hf-pmi eval` serves both families: a BatchNorm classifier's task folder is scored with its own model and
+    processor, as `pipeline("image-classification")` predicts."""
+    from PIL import Image
+    from transformers import pipeline
 
-    with pytest.raises(ValueError, match=r"BatchNorm classifier's run \(ResNet\).*pipeline\(\"image-classification\"") as info:
-        main(["eval", "--checkpoint", resnet_task, "--data_dir", "unused"])
-    assert "from_clip" not in str(info.value)
+    from hf_pmi.cli import EvalArguments, evaluate_checkpoint, main
+
+    data = tmp_path / "data"
+    for split in ("train", "test"):
+        for k, name in enumerate(("cat", "dog")):
+            (data / split / name).mkdir(parents=True)
+            for i in range(3):
+                Image.new("RGB", (8, 8), (40 * i + 100 * k, 30, 200 - 90 * k)).save(data / split / name / f"{i}.png")
+    assert main(["eval", "--checkpoint", resnet_task, "--data_dir", str(data)]) == 0
+    scores = evaluate_checkpoint(EvalArguments(checkpoint=resnet_task, data_dir=str(data)))
+    classify = pipeline("image-classification", model=resnet_task)
+    hits = [classify(Image.open(p))[0]["label"] == p.parent.name for p in sorted((data / "test").glob("*/*.png"))]
+    assert scores["examples"] == 6 and scores["accuracy"] == sum(hits) / 6
+    assert scores["task_accuracy"] == [scores["accuracy"]]
 
 
 def test_an_unknown_flag_is_a_usage_error_naming_it_and_the_closest_flag(tmp_path, capsys):

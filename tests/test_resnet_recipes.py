@@ -17,7 +17,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (40, 50, 230), "yellow": (230, 220, 20)}
 SIZE = 16  # px of the generated images
 TINY = ["--num_tasks", "2", "--image_size", str(SIZE), "--blocks_per_stage", "1", "--epochs", "4", "--later_epochs", "1",
-        "--head_epochs", "1", "--batch_size", "8", "--method", "finetune"]
+        "--head_epochs", "1", "--per_device_train_batch_size", "8", "--method", "finetune"]
 
 
 def write_folder(root, n_train=10, n_test=4, broken=None):
@@ -154,3 +154,16 @@ def test_recipe_pmi_regenerates_the_pool_after_every_task(folder, tmp_path):
     with open(tmp_path / "out" / "results.json") as f:
         config = json.load(f)["config"]
     assert (config["replay_per_class"], config["inversion"]["layer_steps"], config["inversion"]["refine_steps"]) == (4, 1, 2)
+
+
+def test_hf_pmi_train_runs_the_batchnorm_family_with_trainer_flag_names(folder, tmp_path):
+    """`hf-pmi train --family batchnorm` takes the ResNet recipes' flags, named as Trainer names them
+    (--learning_rate, --per_device_train_batch_size, --gradient_accumulation_steps, --max_grad_norm)."""
+    from hf_pmi.cli import main
+
+    out = tmp_path / "out"
+    assert main(["train", "--family", "batchnorm", "--data_dir", str(folder), "--test_split", "test",
+                 "--output_dir", str(out), *TINY, "--learning_rate", "0.05", "--gradient_accumulation_steps", "2",
+                 "--max_grad_norm", "5"]) == 0
+    saved = json.loads((out / "results.json").read_text())
+    assert len(saved["accuracy_matrix"]) == 2 and saved["config"]["lr"] == 0.05 and saved["config"]["batch_size"] == 8

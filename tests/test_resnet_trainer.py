@@ -53,6 +53,7 @@ def schedule(**kw):
 
 
 def args(out, method="pmi", **kw):
+    kw = {"max_grad_norm": 0.0, **kw}  # the reference never clips (Trainer's default would clip at 1.0)
     return ContinualConfig(output_dir=str(out), method=method, seed=0, disable_tqdm=True, **kw)
 
 
@@ -156,9 +157,8 @@ def old_class_accuracy(model, task):
 
 @pytest.mark.parametrize("change, error, match", [
     (dict(method="feature_replay"), ValueError, "not one of the BatchNorm family's"),
-    (dict(learning_rate=0.1), ValueError, r"ResNetContinualConfig.*'learning_rate': 'lr'"),
-    (dict(gradient_accumulation_steps=2), ValueError, r"ignores \['gradient_accumulation_steps'\].*batch_size"),
-    (dict(max_grad_norm=0.5), ValueError, r"ignores \['max_grad_norm'\].*does not clip"),
+    (dict(num_train_epochs=2), ValueError, r"ResNetContinualConfig.*'num_train_epochs': 'epochs / later_epochs'"),
+    (dict(lr_scheduler_type="cosine"), ValueError, r"'lr_scheduler_type': 'schedule / stage_lrs'"),
 ])
 def test_settings_the_loop_would_ignore_are_refused(tmp_path, change, error, match):
     tasks = split_class_incremental(colours(["red", "green"], n_train=2, n_test=1), num_tasks=1, seed=None)
@@ -167,6 +167,20 @@ def test_settings_the_loop_would_ignore_are_refused(tmp_path, change, error, mat
         ContinualTrainer(model=tiny_resnet(), args=args(tmp_path / "o", **kw, **change), tasks=tasks,
                          processing_class=None)
     assert not (tmp_path / "o" / "task-0").exists()
+
+
+def test_trainer_names_set_the_loop_and_a_clash_is_refused(tmp_path):
+    """--learning_rate / --per_device_train_batch_size / --weight_decay (Trainer's names) set the BN loop's lr,
+    batch_size and weight_decay; the same setting given differently in both places is refused."""
+    tasks = split_class_incremental(colours(["red", "green"], n_train=2, n_test=1), num_tasks=1, seed=None)
+    trainer = ContinualTrainer(model=tiny_resnet(), args=args(tmp_path / "o", learning_rate=0.3,
+                                                              per_device_train_batch_size=4, weight_decay=0.01),
+                               tasks=tasks, processing_class=None)
+    config = trainer.family_run.config
+    assert (config.lr, config.batch_size, config.weight_decay) == (0.3, 4, 0.01)
+    with pytest.raises(ValueError, match=r"args.learning_rate=0.3 but method_config.lr=0.2.*--learning_rate"):
+        ContinualTrainer(model=tiny_resnet(), args=args(tmp_path / "o", learning_rate=0.3), tasks=tasks,
+                         processing_class=None, method_config=ResNetContinualConfig(lr=0.2))
 
 
 def test_bad_models_are_refused_before_any_work(tmp_path):

@@ -6,7 +6,9 @@ For each task: grow the head (`grow_classifier`) -> train on the task's images w
 (`hf_pmi.resnet.training`: the new rows alone, then the last block, then everything at a low lr; the
 old classifier rows frozen) -> fine-tune the head on real plus replayed samples (replay methods, as
 R-DFCIL) -> evaluate every seen task (a row of the accuracy matrix) -> renew the replay pool
-(`hf_pmi.resnet.learner`). Methods (`METHODS`):
+(`hf_pmi.resnet.learner`). Each training phase (and the head fine-tuning) is one ``transformers.Trainer.train()``
+(`hf_pmi.resnet.loop`): trackers, progress bars, gradient accumulation, clipping, mixed precision and several
+processes come from Trainer (``args``). Methods (`METHODS`):
 
 - ``finetune``: CE over all seen classes on the task's images;
 - ``lwf``: the same CE plus the KL between the teacher's and the student's old-class logits at
@@ -22,7 +24,8 @@ R-DFCIL) -> evaluate every seen task (a row of the accuracy matrix) -> renew the
 
 Joint training is ``finetune`` on one task holding every class (`benchmarks/continual_resnet.py`).
 With ``output_dir`` each task is checkpointed (`hf_pmi.resnet.checkpoint`) and an interrupted run
-resumes where it stopped; with ``hub_model_id`` each task is pushed to its own Hub branch; with
+resumes where it stopped; with ``hub_model_id`` each task is pushed to its own Hub branch (in the background,
+one push at a time); with
 ``start_from`` a finished task's run goes on with new classes, data-free. `ContinualTrainer` runs this
 loop when it is given such a model (`hf_pmi.resnet.runner`: datasets in, callbacks, `ContinualResult`).
 

@@ -134,9 +134,17 @@ class ResNetTrainingArguments:
     epochs: int = field(default=200, metadata={"help": "Epochs of the first task (reference max_epochs 200)."})
     later_epochs: int = field(default=160, metadata={"help": "Epochs of every later task (reference: 20+20+0+0+120 gradual stages)."})
     head_epochs: int = field(default=40, metadata={"help": "Head fine-tuning epochs after each later task (reference 40)."})
-    batch_size: int = field(default=128, metadata={"help": "Real images per step (reference 128); replay adds as many."})
-    lr: float = field(default=0.1, metadata={"help": "SGD lr of the first task, x0.1 at 40 % and 60 % of its epochs "
-                      "(reference base_lr 0.1, milestones 80 / 120 of 200)."})
+    per_device_train_batch_size: int = field(default=128, metadata={"help": "Real images per step and process "
+                                             "(reference 128); replay adds as many."})
+    learning_rate: float = field(default=0.1, metadata={"help": "SGD lr of the first task, x0.1 at 40 % and 60 % of "
+                                 "its epochs (reference base_lr 0.1, milestones 80 / 120 of 200)."})
+    # Trainer's loop runs every phase (hf_pmi.resnet.loop); these are its settings, with the reference's values
+    max_grad_norm: float = field(default=0.0, metadata={"help": "Gradient clipping bound; 0: none (the reference "
+                                 "never clips; Trainer's own default would be 1.0)."})
+    gradient_accumulation_steps: int = field(default=1, metadata={"help": "Batches per optimizer step (reference 1)."})
+    report_to: str = field(default="none", metadata={"help": "Trackers of the step losses and task metrics "
+                           "(Trainer's report_to: tensorboard, wandb, ...)."})
+    logging_steps: int = field(default=50, metadata={"help": "Optimizer steps between two logged losses."})
     schedule: str = field(default="staged", metadata={"help": "'staged' (reference: later tasks train the new rows, then "
                           "+ the last block, then everything at a low lr; old rows frozen) or 'one_cycle' (hf_pmi before "
                           "issue 30).", "choices": ["staged", "one_cycle"]})
@@ -174,7 +182,7 @@ class ResNetTrainingArguments:
                                       refine_batch=self.inversion_refine_batch)
         return ResNetContinualConfig(
             method=self.method, epochs=self.epochs, later_epochs=self.later_epochs, head_epochs=self.head_epochs,
-            batch_size=self.batch_size, lr=self.lr, head_lr=self.head_lr, shift=self.shift, flip=self.flip,
+            batch_size=self.per_device_train_batch_size, lr=self.learning_rate, head_lr=self.head_lr, shift=self.shift, flip=self.flip,
             schedule=self.schedule, stage_lrs=(0.1, 0.05, low), regenerate=self.regenerate, selection=self.selection,
             replay_per_class=self.replay_per_class or 1, **buffer,
             weights={**PMI_RESNET_WEIGHTS, "l_ft": l_ft}, inversion=inversion, seed=self.seed)
@@ -251,7 +259,9 @@ def run(recipe: ResNetRecipeArguments, training: ResNetTrainingArguments) -> dic
     # a rerun with the same flags resumes after the last finished task (none: it starts)
     args = ContinualConfig(output_dir=recipe.output_dir, method=training.method, seed=training.seed,
                            push_to_hub=recipe.push_to_hub, hub_model_id=recipe.hub_model_id, resume_from_checkpoint="true",
-                           report_to="none")
+                           report_to=training.report_to, max_grad_norm=training.max_grad_norm,
+                           gradient_accumulation_steps=training.gradient_accumulation_steps,
+                           logging_steps=training.logging_steps)
     tasks = build_tasks(recipe, seed=training.seed)
     model = build_model(recipe, training.seed)
     config = training.continual_config(len(tasks), len(tasks.class_order), recipe.reference_dataset)

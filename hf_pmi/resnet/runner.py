@@ -1,13 +1,19 @@
-"""`ContinualTrainer` on an image classifier with BatchNorm: the trainer's settings, tasks and callbacks
-turned into one run of the BN family's loop (`hf_pmi.resnet.continual.learn_tasks`).
+"""The BatchNorm family of `ContinualTrainer` (`hf_pmi.families`): the trainer's settings, tasks and callbacks
+turned into one run of the BN family's loop (`hf_pmi.resnet.continual.learn_tasks`), whose every phase is one
+``transformers.Trainer.train()`` (`hf_pmi.resnet.loop`).
 
-The BN family trains with its own schedule (the reference's: SGD in stages per task, then the head
-fine-tuned on real plus replayed samples), so its numbers come from `ResNetContinualConfig`,
-given to the trainer as ``method_config``. `ContinualConfig` supplies what every run has: the method,
-the seed, ``output_dir``, resume / overwrite, the Hub settings, callbacks and trackers. A training
-number set on `ContinualConfig` that this loop would ignore (``learning_rate``, ``num_train_epochs``,
-...) is refused, naming the `ResNetContinualConfig` field that takes it; so are
-``gradient_accumulation_steps`` and ``max_grad_norm`` (this loop steps once per batch and never clips).
+The BN family trains on its own schedule (the reference's: SGD in stages per task, then the head fine-tuned on
+real plus replayed samples), so its epochs, stage lrs and replay settings come from `ResNetContinualConfig`,
+given to the trainer as ``method_config``. `ContinualConfig` supplies what every run has: the method, the seed,
+``output_dir``, resume / overwrite, the Hub settings, callbacks and trackers, and what Trainer's loop does with
+every step: ``report_to`` / ``logging_steps`` (step losses), progress bars (``disable_tqdm``),
+``gradient_accumulation_steps``, ``max_grad_norm`` (Trainer's default clips at 1.0; the reference never clips:
+pass ``max_grad_norm=0`` for its numbers, as the recipes do), mixed precision and several processes (each
+takes ``per_device_train_batch_size`` images per step). Trainer's names ``learning_rate``,
+``per_device_train_batch_size`` and ``weight_decay`` set the loop's ``lr`` (the first task's), ``batch_size`` and
+``weight_decay`` (a different value in both places is refused). Fields the schedule replaces
+(``num_train_epochs``, ``max_steps``, ``lr_scheduler_type``, ``warmup_steps``) are refused, naming the
+`ResNetContinualConfig` field that takes their role.
 
 Images are decoded once (`tensor_tasks`): resized to the model's square input size and normalised
 with the processor's mean and std (default: ImageNet's). Each task folder holds a `ViTImageProcessorPil`
@@ -27,11 +33,13 @@ Example:
     ...                               "label": [k for k in range(4) for _ in range(n)]}, features=features)
     >>> tasks = split_class_incremental(DatasetDict(train=split(8), test=split(2)), num_tasks=2)
     >>> model = ResNet32ForImageClassification(ResNet32Config(blocks_per_stage=1, base_width=4, num_labels=0, image_size=8))
-    >>> args = ContinualConfig(output_dir="/tmp/doc_bn_run", method="finetune", overwrite_output_dir=True, disable_tqdm=True)
+    >>> args = ContinualConfig(output_dir="/tmp/doc_bn_run", method="finetune", overwrite_output_dir=True,
+    ...                        disable_tqdm=True, max_grad_norm=0.0)
     >>> trainer = ContinualTrainer(model=model, args=args, tasks=tasks, processing_class=None,
     ...                            method_config=ResNetContinualConfig(epochs=6, later_epochs=4, batch_size=8))
     >>> result = trainer.train()  # doctest: +ELLIPSIS
-    {'eval_task': 0, ...}
+    {'train_runtime': ...}
+    ...
     [hf_pmi] task 0/1 (2 classes seen): ...
     [hf_pmi] task 1/1 (4 classes seen): ...
     >>> len(result.accuracy_matrix), model.config.num_labels, sorted(model.config.label2id)
