@@ -182,10 +182,10 @@ def test_real_and_replayed_samples_take_separate_batchnorm_passes(monkeypatch):
     sizes = []
     original = learner.forward
 
-    def counting(model, x):
+    def counting(model, x, head=None):
         if model.training or any(m.training for m in model.modules()):
             sizes.append(x.shape[0])
-        return original(model, x)
+        return original(model, x, head)
 
     monkeypatch.setattr(learner, "forward", counting)
     learn_tasks(tiny_model(), colour_tasks(), config("exemplar_replay", batch_size=8, head_epochs=0))
@@ -198,13 +198,14 @@ def test_head_weights_come_from_the_labels_seen_and_rkd_is_new_every_task(monkey
 
     built, counts = [], []
     monkeypatch.setattr(learner, "RelationKD", lambda *a: built.append(RelationKD(*a)) or built[-1])
-    original = learner.Learner._finetune_head
+    original = learner.Learner._head_loss
 
-    def spy(self, task, n_old, w_hkd):
-        counts.append(self.class_counts.clone())
-        return original(self, task, n_old, w_hkd)
+    def spy(self, model, x, y, n_old, weights, w_hkd):
+        if not counts or not torch.equal(counts[-1], self.class_counts):  # once per task's head fine-tuning
+            counts.append(self.class_counts.clone())
+        return original(self, model, x, y, n_old, weights, w_hkd)
 
-    monkeypatch.setattr(learner.Learner, "_finetune_head", spy)
+    monkeypatch.setattr(learner.Learner, "_head_loss", spy)
     learn_tasks(tiny_model(), colour_tasks(num_tasks=3), config("exemplar_replay", stage_epochs=(1, 1, 1)))
     assert len(built) == 2 and built[0] is not built[1]  # tasks 1 and 2 each build their projections
     # from ones, + every label of 3 epochs x (24 real + 24 replayed) = 144 labels; old classes ~ as often as new

@@ -38,9 +38,9 @@ Example:
     >>> trainer = ContinualTrainer(model=model, args=args, tasks=tasks, processing_class=None,
     ...                            method_config=ResNetContinualConfig(epochs=6, later_epochs=4, batch_size=8))
     >>> result = trainer.train()  # doctest: +ELLIPSIS
-    {'train_runtime': ...}
-    ...
+    {...}
     [hf_pmi] task 0/1 (2 classes seen): ...
+    {...}
     [hf_pmi] task 1/1 (4 classes seen): ...
     >>> len(result.accuracy_matrix), model.config.num_labels, sorted(model.config.label2id)
     (2, 4, ['blue', 'green', 'red', 'yellow'])
