@@ -17,7 +17,9 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 from dataclasses import asdict, dataclass, field
 
 from .integrity import read_json, verify_checksums
@@ -69,6 +71,29 @@ def write_json(path: str, obj) -> None:
     (``continual_state.json``) is sealed: it records its own sha256, verified whenever it is read
     (`hf_pmi.integrity.read_json`), since it lists the checksums of every other file."""
     integrity_write_json(path, obj, seal=os.path.basename(path) == STATE_NAME)
+
+
+@contextlib.contextmanager
+def task_folder_writer(output_dir: str, task_id: int):
+    """The one writer of a finished task's folder, for every family: yields ``output_dir/task-{t}.tmp`` to fill,
+    then renames it to ``task-{t}`` (replacing an older one), so a crash leaves the whole task or none of it (a
+    half-written ``.tmp`` is overwritten next time). Nothing is renamed if filling it fails.
+
+    Example:
+        >>> import tempfile
+        >>> out = tempfile.mkdtemp()
+        >>> with task_folder_writer(out, 3) as tmp:
+        ...     write_json(os.path.join(tmp, "x.json"), {})
+        >>> sorted(os.listdir(out)), os.listdir(os.path.join(out, "task-3"))
+        (['task-3'], ['x.json'])
+    """
+    folder = os.path.join(output_dir, f"task-{task_id}")
+    tmp = folder + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    yield tmp
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(tmp, folder)  # the finished folder appears whole or not at all
 
 
 def read_state(folder: str) -> dict:

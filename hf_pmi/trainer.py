@@ -31,14 +31,14 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import time
 
 import numpy as np
 import torch
 from transformers import Trainer, set_seed
 
-from .checkpoint import RESULTS_NAME, STATE_NAME, ContinualResult, latest_task_checkpoint, read_state, write_json
+from .checkpoint import (RESULTS_NAME, STATE_NAME, ContinualResult, latest_task_checkpoint, read_state,
+                         task_folder_writer, write_json)
 from .config import ContinualConfig
 from .data import ContinualCollator, ContinualTasks, TaskPlan
 from .evaluation import task_accuracies
@@ -395,29 +395,8 @@ class ContinualTrainer(ContinualHeadMixin, ContinualHubMixin, Trainer):
         model = self.accelerator.unwrap_model(self.model)
         check_weights(model, g, "before saving its checkpoint")  # never write a non-finite checkpoint
         if self.is_world_process_zero():
-            tmp = folder + ".tmp"
-            shutil.rmtree(tmp, ignore_errors=True)
-            model.save_pretrained(tmp, processor=self.processing_class)
-            self.method.save(tmp)
-            state = {
-                "task_id": g,
-                "num_tasks": self.num_total_tasks,
-                "method": self.args.method,
-                "seed": self.args.seed,
-                "tasks": self.tasks.describe(),
-                "seen_classes": self.model.class_names,
-                "task_classes": self._task_classes(g),
-                "method_info": self.method.card_info(),
-                "trainable_parameters": trainable_parameter_names(model),
-                "dataset_fingerprint": self.dataset_fingerprint,
-                "checksums": task_file_checksums(tmp),  # every safetensors and JSON file, verified on every load
-                "global_step": self.callback_handler.step_offset,  # trackers' step after this task
-                **result.to_dict(),
-            }
-            write_json(os.path.join(tmp, STATE_NAME), state)
-            write_model_card(tmp, card_state(self, g, result, tmp))  # after save_pretrained: peft writes a README
-            shutil.rmtree(folder, ignore_errors=True)
-            os.replace(tmp, folder)  # the finished folder appears whole or not at all
+            with task_folder_writer(self.args.output_dir, g) as tmp:  # the folder appears whole or not at all
+                self._write_task(tmp, g, model, result)
             write_json(os.path.join(self.args.output_dir, RESULTS_NAME), result.to_dict())
             if self.args.push_to_hub:
                 self._pushes.append(
@@ -425,6 +404,28 @@ class ContinualTrainer(ContinualHeadMixin, ContinualHubMixin, Trainer):
                 )
         self.accelerator.wait_for_everyone()
         return folder
+
+    def _write_task(self, tmp: str, g: int, model, result: ContinualResult) -> None:
+        """Fill a task folder being written: the model and processor, the method's files, the state, the card."""
+        model.save_pretrained(tmp, processor=self.processing_class)
+        self.method.save(tmp)
+        state = {
+            "task_id": g,
+            "num_tasks": self.num_total_tasks,
+            "method": self.args.method,
+            "seed": self.args.seed,
+            "tasks": self.tasks.describe(),
+            "seen_classes": self.model.class_names,
+            "task_classes": self._task_classes(g),
+            "method_info": self.method.card_info(),
+            "trainable_parameters": trainable_parameter_names(model),
+            "dataset_fingerprint": self.dataset_fingerprint,
+            "checksums": task_file_checksums(tmp),  # every safetensors and JSON file, verified on every load
+            "global_step": self.callback_handler.step_offset,  # trackers' step after this task
+            **result.to_dict(),
+        }
+        write_json(os.path.join(tmp, STATE_NAME), state)
+        write_model_card(tmp, card_state(self, g, result, tmp))  # after save_pretrained: peft writes a README
 
     def _task_classes(self, g: int) -> list[list[int]]:
         """Class ids of every task up to global task `g` (a continued checkpoint's tasks first)."""

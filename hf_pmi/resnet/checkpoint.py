@@ -10,7 +10,8 @@
 - ``preprocessor_config.json``: the image processor, when the run was given one;
 - ``README.md`` and ``accuracy_matrix.png``: the model card.
 
-The folder is written as ``task-{t}.tmp`` and renamed into place, so a crash leaves either the whole
+The folder is written as ``task-{t}.tmp`` and renamed into place (`hf_pmi.checkpoint.task_folder_writer`, the CLIP
+family's writer too), so a crash leaves either the whole
 task or none of it (a half-written ``.tmp`` is ignored and overwritten). Nothing here unpickles.
 
 Example:
@@ -29,13 +30,12 @@ Example:
 from __future__ import annotations
 
 import os
-import shutil
 
 import torch
 from huggingface_hub import ModelCard, ModelCardData
 from safetensors.torch import save_file
 
-from ..checkpoint import STATE_NAME, read_state, write_json
+from ..checkpoint import STATE_NAME, read_state, task_folder_writer, write_json
 from ..integrity import file_checksums, load_safetensors, verify_checksums
 from ..metrics import a_last_scope, format_matrix
 from ..model_card import find_template, plot_accuracy_matrix
@@ -50,22 +50,18 @@ def save_task(output_dir: str, model, tensors: dict[str, torch.Tensor], state: d
               repo_id: str | None = None, processor=None) -> str:
     """Write finished task ``state["task_id"]`` into ``output_dir/task-{t}`` atomically; returns the folder.
     With `processor` (an image processor) the folder also serves ``pipeline("image-classification", folder)``."""
-    folder = os.path.join(output_dir, f"task-{state['task_id']}")
-    tmp = folder + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    if processor is not None:
-        processor.save_pretrained(tmp)
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, os.path.join(tmp, REPLAY_STATE_NAME),
-              metadata={"format": "pt"})
-    if bank is not None and bank.num_classes:
-        bank.save_pretrained(os.path.join(tmp, BANK_DIR))
-    state = {"format": FORMAT, **state, "checksums": file_checksums(tmp)}
-    write_json(os.path.join(tmp, STATE_NAME), state)
-    _write_card(tmp, model, state, bank is not None and bank.num_classes > 0, repo_id)
-    shutil.rmtree(folder, ignore_errors=True)
-    os.replace(tmp, folder)  # the finished folder appears whole or not at all
-    return folder
+    with task_folder_writer(output_dir, state["task_id"]) as tmp:  # the folder appears whole or not at all
+        model.save_pretrained(tmp)
+        if processor is not None:
+            processor.save_pretrained(tmp)
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, os.path.join(tmp, REPLAY_STATE_NAME),
+                  metadata={"format": "pt"})
+        if bank is not None and bank.num_classes:
+            bank.save_pretrained(os.path.join(tmp, BANK_DIR))
+        state = {"format": FORMAT, **state, "checksums": file_checksums(tmp)}
+        write_json(os.path.join(tmp, STATE_NAME), state)
+        _write_card(tmp, model, state, bank is not None and bank.num_classes > 0, repo_id)
+    return os.path.join(output_dir, f"task-{state['task_id']}")
 
 
 def load_task(folder: str) -> tuple[dict, dict[str, torch.Tensor]]:
