@@ -158,7 +158,7 @@ def old_class_accuracy(model, task):
 @pytest.mark.parametrize("change, error, match", [
     (dict(method="feature_replay"), ValueError, "not one of the BatchNorm family's"),
     (dict(num_train_epochs=2), ValueError, r"ResNetContinualConfig.*'num_train_epochs': 'epochs / later_epochs'"),
-    (dict(lr_scheduler_type="cosine"), ValueError, r"'lr_scheduler_type': 'schedule / stage_lrs'"),
+    (dict(lr_scheduler_type="constant"), ValueError, r"'lr_scheduler_type': 'schedule / stage_lrs'"),
 ])
 def test_settings_the_loop_would_ignore_are_refused(tmp_path, change, error, match):
     tasks = split_class_incremental(colours(["red", "green"], n_train=2, n_test=1), num_tasks=1, seed=None)
