@@ -264,3 +264,23 @@ def test_later_learning_rate_applies_to_the_tasks_that_replay(tmp_path):
     trainer.train()
     assert rates[:3] == [1e-2] * 3 and rates[3:] == pytest.approx([1e-5] * 3)
     assert trainer.args.learning_rate == 1e-2  # restored after the task
+
+
+def test_joint_refits_its_head_on_every_seen_image(tmp_path):
+    """joint keeps all seen images, so its head after the last task is one fit on all of them through the final
+    model (the upper bound for a head on those features), not statistics of older models."""
+    from transformers import AutoProcessor
+
+    from hf_pmi.data import ContinualCollator
+
+    trainer = digits_run(tmp_path, "joint", head="ncm")
+    trainer.train()
+    final = ContinualCLIP.from_pretrained(tmp_path / "task-2").eval()
+    collate = ContinualCollator(AutoProcessor.from_pretrained(tmp_path / "task-2").image_processor,
+                                trainer.tasks.label_map)
+    fit = build_head("ncm", final.feature_dim)
+    for task in trainer.tasks:
+        batch = collate([task.train[i] for i in range(len(task.train))])
+        fit.update(final.pooled_features(batch["pixel_values"]), batch["labels"])
+    torch.testing.assert_close(final.head.sums, fit.sums, rtol=1e-5, atol=1e-4)  # float32 features, batched
+    assert torch.equal(final.head.counts, fit.counts)
