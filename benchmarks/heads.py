@@ -48,6 +48,8 @@ RECIPES = {
     "shapes": ("recipes/clip_shapes.py", ["--names_only_last", "0"]),
     "mnist": ("recipes/clip_digits.py", ["--data_dir", "{mnist}"]),
     "clipart": ("recipes/clip_digits.py", ["--data_dir", "{clipart}"]),
+    # the same digits on the tiny letters CLIP (hidden 32, pre-trained on first use): weak pre-trained features
+    "digits_tiny": ("recipes/clip_digits.py", ["--model_size", "tiny"]),
 }
 RUNS = {
     "default": [],
@@ -161,7 +163,7 @@ def clipart_folder(workdir: str) -> str:
 
 def load_data(data: str, workdir: str):
     """The data set a recipe trains on (the same train/test split)."""
-    if data == "digits":
+    if data in ("digits", "digits_tiny"):
         from hf_pmi.testing import load_digits_dataset
 
         return load_digits_dataset()
