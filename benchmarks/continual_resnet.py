@@ -48,18 +48,17 @@ METHODS = ("finetune", "lwf", "pmi", "full_inversion", "exemplar_replay", "joint
 NUM_CLASSES, NUM_TASKS, IMAGE_SIZE, TEST_PER_CLASS, DATA_SEED = 20, 5, 16, 50, 1234
 
 
-def run_one(method: str, seed: int, settings: dict) -> dict:
-    """One run in this process; returns its row."""
+def fonts_tasks(seed: int, settings: dict, joint: bool = False):
+    """The fonts world's tasks for `seed` (class order shuffled by the seed; see the module docstring) and
+    the order (``order[j]``: the letter that becomes class j)."""
     import torch
     from transformers import TrainingArguments
 
-    from hf_pmi.resnet import ResNet32Config, ResNet32ForImageClassification
-    from hf_pmi.resnet.continual import ResNetContinualConfig, TensorTask, learn_tasks
-    from hf_pmi.testing.fonts import LETTERS, font_letters_images
+    from hf_pmi.resnet.continual import TensorTask
+    from hf_pmi.testing.fonts import font_letters_images
 
-    torch.set_num_threads(1)
     g = torch.Generator().manual_seed(seed)
-    order = torch.randperm(NUM_CLASSES, generator=g).tolist()  # order[j]: the letter that becomes class j
+    order = torch.randperm(NUM_CLASSES, generator=g).tolist()
     remap = torch.empty(NUM_CLASSES, dtype=torch.long)
     remap[torch.tensor(order)] = torch.arange(NUM_CLASSES)
 
@@ -74,12 +73,25 @@ def run_one(method: str, seed: int, settings: dict) -> dict:
     mean, std = x[first].mean(dim=(0, 2, 3)).view(1, 3, 1, 1), x[first].std(dim=(0, 2, 3)).view(1, 3, 1, 1)
     x, xt = (x - mean) / std, (xt - mean) / std
     splits = [list(range(k, k + per_task)) for k in range(0, NUM_CLASSES, per_task)]
-    if method == "joint":
+    if joint:
         splits = [list(range(NUM_CLASSES))]
     tasks = []
     for ids in splits:
         m, mt = (y >= ids[0]) & (y <= ids[-1]), (yt >= ids[0]) & (yt <= ids[-1])
         tasks.append(TensorTask(ids, x[m], y[m], xt[mt], yt[mt]))
+    return tasks, order
+
+
+def run_one(method: str, seed: int, settings: dict) -> dict:
+    """One run in this process; returns its row."""
+    import torch
+
+    from hf_pmi.resnet import ResNet32Config, ResNet32ForImageClassification
+    from hf_pmi.resnet.continual import ResNetContinualConfig, learn_tasks
+    from hf_pmi.testing.fonts import LETTERS
+
+    torch.set_num_threads(1)
+    tasks, order = fonts_tasks(seed, settings, joint=method == "joint")
     torch.manual_seed(seed)
     model = ResNet32ForImageClassification(ResNet32Config(
         num_labels=0, image_size=IMAGE_SIZE, blocks_per_stage=settings["blocks_per_stage"]))

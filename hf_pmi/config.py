@@ -59,8 +59,14 @@ class ContinualConfig(TrainingArguments):
     )
     head_projection_dim: int = field(
         default=2000,
-        metadata={"help": "Random projection size of the 'ranpac' head (its Gram matrix takes 8 * M^2 bytes per "
-                  "checkpoint: 32 MB for 2000; RanPAC uses 10000)."},
+        metadata={"help": "Random projection size of the 'ranpac' head (its Gram matrices take 8 * M^2 bytes each per "
+                  "checkpoint, two with --head_ridge_choice seen: 64 MB for 2000; RanPAC uses 10000)."},
+    )
+    head_ridge_choice: str = field(
+        default="seen",
+        metadata={"help": "How the 'ranpac' head picks its ridge at each task: 'seen' (on a 20 % hold-out of every class "
+                  "seen so far, kept as statistics; doubles the head's size) or 'task' (RanPAC's: on the current "
+                  "task's hold-out alone, noisy for small tasks)."},
     )
     output_dir: str | None = field(
         default=None,
@@ -118,10 +124,12 @@ class ContinualConfig(TrainingArguments):
         self.method_given = self.method is not None  # a continued run keeps the checkpoint's method otherwise
         if self.method is None:
             self.method = DEFAULT_METHOD
-        if self.head is not None:
-            from .heads import check_head_name
+        from .heads import RIDGE_CHOICES, check_head_name
 
+        if self.head is not None:
             check_head_name(self.head)
+        if self.head_ridge_choice not in RIDGE_CHOICES:
+            raise ValueError(f"--head_ridge_choice must be one of {RIDGE_CHOICES}, got {self.head_ridge_choice!r}.")
         if self.head_projection_dim < 1:
             raise ValueError(f"--head_projection_dim must be >= 1, got {self.head_projection_dim}.")
 

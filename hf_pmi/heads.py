@@ -44,6 +44,9 @@ HEADS: dict[str, type["ContinualHead"]] = {}
 # RanPAC's grid of ridge strengths, 10^-8 .. 10^13 (its `optimise_ridge_parameter`)
 RIDGE_GRID = [10.0**k for k in range(-8, 14)]
 HOLDOUT = 0.2  # RanPAC: the ridge is chosen on a 20 % hold-out of the current task's data
+# How the ranpac head picks its ridge at each update: on the hold-out of every class seen so far (from kept
+# statistics) or, as RanPAC does, on the current task's hold-out alone
+RIDGE_CHOICES = ("seen", "task")
 
 
 def register_head(name: str):
@@ -140,7 +143,10 @@ class ContinualHead(nn.Module):
     def from_pretrained(cls, folder: str) -> "ContinualHead":
         meta = read_json(os.path.join(folder, CONFIG_NAME))
         check_head_name(meta["head"])
-        head = HEADS[meta["head"]](meta["feature_dim"], **meta["settings"])
+        settings = dict(meta["settings"])
+        if meta["head"] == "ranpac":
+            settings.setdefault("ridge_choice", "task")  # heads saved by hf_pmi 0.3 chose their ridge per task
+        head = HEADS[meta["head"]](meta["feature_dim"], **settings)
         tensors = load_safetensors(os.path.join(folder, WEIGHTS_NAME))
         head._resize(len(tensors["counts"]))
         head.load_state_dict(tensors)
@@ -182,34 +188,56 @@ class NCMHead(ContinualHead):
 class RanPACHead(ContinualHead):
     """Ridge regression on a fixed random projection: ``h = relu(x @ W)`` with ``W ~ N(0, 1)`` of shape
     (D, M); ``G = sum h h^T``, ``Q = sum h y^T`` (one-hot ``y``) accumulate task by task; logits are
-    ``h @ (G + ridge I)^-1 Q``. The ridge is re-chosen at every update on a 20 % hold-out of that update's
-    data (RanPAC), from 10^-8 .. 10^13.
+    ``h @ (G + ridge I)^-1 Q``. The ridge is re-chosen at every update from 10^-8 .. 10^13 by the mean
+    squared error on a 20 % hold-out:
+
+    - ``ridge_choice="seen"`` (default): the hold-out of every update so far. Its statistics (``G_val``,
+      ``Q_val``, counts) are kept beside ``G`` and ``Q``, and the error of the ridge fitted on the rest,
+      ``tr(W^T G_val W) - 2 tr(W^T Q_val) + n_val``, needs no sample: the choice sees every class seen, at
+      twice the size on disk.
+    - ``ridge_choice="task"``: RanPAC's, on the current update's data alone (a fit on its 80 %). With small
+      tasks (two classes) that choice is noisy: on the digits demo's final features it lands on 10^2..10^4
+      and costs up to 0.03 A_last against the seen hold-out's 10^3 (`benchmarks/heads.py`, docs "Heads").
 
     Args:
         projection_dim: M. RanPAC uses 10,000; the statistics then take 800 MB (float64 Gram). hf_pmi's
             default, 2,000 (33 MB), is 0.003 / 0.006 / 0.024 below M = 4,000 (130 MB) on digits / shapes /
             MNIST with a frozen backbone (docs/benchmarks.md, "Heads"): raise it where features are weak
             and checkpoints may be large.
-        seed: seed of ``W`` (``W`` is saved too: a reload does not depend on the generator).
+        seed: seed of ``W`` and of the hold-out splits (``W`` is saved too: a reload does not depend on the
+            generator).
+        ridge_choice: ``"seen"`` or ``"task"`` (above).
     """
 
-    def __init__(self, feature_dim: int, projection_dim: int = 2000, seed: int = 0, ridge: float | None = None):
+    def __init__(self, feature_dim: int, projection_dim: int = 2000, seed: int = 0, ridge: float | None = None,
+                 ridge_choice: str = "seen"):
         super().__init__(feature_dim)
-        self.projection_dim, self.seed = int(projection_dim), int(seed)
+        self.projection_dim, self.seed, self.ridge_choice = int(projection_dim), int(seed), ridge_choice
         if self.projection_dim < 1:
             raise ValueError(f"head projection_dim must be >= 1, got {projection_dim}.")
+        if ridge_choice not in RIDGE_CHOICES:
+            raise ValueError(f"ridge_choice must be one of {RIDGE_CHOICES} ('seen': on the hold-out of every class "
+                             f"seen; 'task': RanPAC's, on the current task's), got {ridge_choice!r}.")
         w = torch.randn(feature_dim, self.projection_dim, generator=torch.Generator().manual_seed(self.seed))
         self.register_buffer("projection", w)
         self.register_buffer("gram", torch.zeros(self.projection_dim, self.projection_dim, dtype=torch.float64))
         self.register_buffer("targets", torch.zeros(self.projection_dim, 0, dtype=torch.float64))
         self.register_buffer("ridge", torch.tensor(1.0 if ridge is None else float(ridge), dtype=torch.float64))
+        if ridge_choice == "seen":  # the hold-out's share of G and Q, and its samples per class
+            self.register_buffer("val_gram", torch.zeros_like(self.gram))
+            self.register_buffer("val_targets", torch.zeros_like(self.targets))
+            self.register_buffer("val_counts", torch.zeros(0, dtype=torch.float64))
         self._weight: torch.Tensor | None = None
 
     def settings(self) -> dict:
-        return {"projection_dim": self.projection_dim, "seed": self.seed}
+        return {"projection_dim": self.projection_dim, "seed": self.seed, "ridge_choice": self.ridge_choice}
 
     def _resize(self, n: int) -> None:
-        self.targets = torch.cat([self.targets, self.targets.new_zeros(self.projection_dim, n - self.num_classes)], 1)
+        grow = n - self.num_classes
+        self.targets = torch.cat([self.targets, self.targets.new_zeros(self.projection_dim, grow)], 1)
+        if self.ridge_choice == "seen":
+            self.val_targets = torch.cat([self.val_targets, self.val_targets.new_zeros(self.projection_dim, grow)], 1)
+            self.val_counts = torch.cat([self.val_counts, self.val_counts.new_zeros(grow)])
         super()._resize(n)
 
     def _load_from_state_dict(self, *args, **kwargs):
@@ -227,21 +255,49 @@ class RanPACHead(ContinualHead):
         self._grow(labels)
         h = self.project(features.detach()).to(self.gram)
         y = self._one_hot(labels.to(h.device))
-        self.ridge.fill_(self._choose_ridge(h, y))
+        split = self._holdout(len(h))
+        if self.ridge_choice == "task" and split is not None:
+            self.ridge.fill_(self._choose_ridge_task(h, y, *split))
         self.gram += h.t() @ h
         self.targets += h.t() @ y
         self.counts += y.sum(0)
+        if self.ridge_choice == "seen" and split is not None:
+            h_val, y_val = h[split[0]], y[split[0]]
+            self.val_gram += h_val.t() @ h_val
+            self.val_targets += h_val.t() @ y_val
+            self.val_counts += y_val.sum(0)
+            self.ridge.fill_(self._choose_ridge_seen())
         self._weight = None
 
-    def _choose_ridge(self, h: torch.Tensor, y: torch.Tensor) -> float:
-        """RanPAC's choice: fit on 80 % of this update's data alone, keep the ridge of the least mean squared
-        error on the other 20 % (a fixed split: the same data choose the same ridge)."""
-        n = len(h)
+    def _holdout(self, n: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(validation, fit) indices: a fixed 20 / 80 split (the same data choose the same ridge); None when
+        either part would be empty."""
         n_val = int(n * HOLDOUT)
         if n_val < 1 or n - n_val < 1:
-            return float(self.ridge)
+            return None
         perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed))
-        val, fit = perm[:n_val], perm[n_val:]
+        return perm[:n_val], perm[n_val:]
+
+    @staticmethod
+    def _best(errors: list[float]) -> float:
+        return RIDGE_GRID[min(range(len(errors)), key=lambda i: errors[i] if math.isfinite(errors[i]) else math.inf)]
+
+    def _choose_ridge_seen(self) -> float:
+        """The ridge of least squared error on the hold-out of every update so far, fitted on the rest: with
+        ``G_fit = V diag(s) V^T``, ``W(r) = V diag(1 / (s + r)) V^T Q_fit``, one eigendecomposition for the grid."""
+        evals, evecs = torch.linalg.eigh(self.gram - self.val_gram)
+        right = evecs.t() @ (self.targets - self.val_targets)  # V^T Q_fit
+        val_gram = evecs.t() @ self.val_gram @ evecs  # the hold-out's Gram in the same basis
+        val_targets = evecs.t() @ self.val_targets
+        errors = []
+        for r in RIDGE_GRID:
+            w = right / (evals + r)[:, None]
+            errors.append(((w * (val_gram @ w)).sum() - 2 * (w * val_targets).sum()).item())  # + n_val: a constant
+        return self._best(errors)
+
+    def _choose_ridge_task(self, h: torch.Tensor, y: torch.Tensor, val: torch.Tensor, fit: torch.Tensor) -> float:
+        """RanPAC's choice: fit on 80 % of this update's data alone, keep the ridge of the least mean squared
+        error on the other 20 %."""
         h_fit, h_val, y_fit = h[fit], h[val], y[fit]
         if len(fit) < self.projection_dim:  # the same fit in its dual form, W = H^T (H H^T + r I)^-1 Y: n x n, not M x M
             evals, evecs = torch.linalg.eigh(h_fit @ h_fit.t())
@@ -249,9 +305,7 @@ class RanPACHead(ContinualHead):
         else:
             evals, evecs = torch.linalg.eigh(h_fit.t() @ h_fit)
             left, right = h_val @ evecs, evecs.t() @ (h_fit.t() @ y_fit)
-        errors = [((left / (evals + r)) @ right - y[val]).pow(2).mean().item() for r in RIDGE_GRID]
-        best = min(range(len(errors)), key=lambda i: (errors[i] if math.isfinite(errors[i]) else math.inf))
-        return RIDGE_GRID[best]
+        return self._best([((left / (evals + r)) @ right - y[val]).pow(2).mean().item() for r in RIDGE_GRID])
 
     def shift_classes(self, before, after, labels) -> None:
         """A class's projected features all move by the mean displacement of its samples' projections:
@@ -259,12 +313,18 @@ class RanPACHead(ContinualHead):
         (``Q``'s column / ``n``) and ``m' = m + d``."""
         delta = (self.project(after) - self.project(before)).to(self.gram)
         ids, shifts = self._class_means(delta, labels.to(delta.device))
+        parts = [(self.gram, self.targets, self.counts)]
+        if self.ridge_choice == "seen":  # the hold-out's share moves with its class too
+            parts.append((self.val_gram, self.val_targets, self.val_counts))
         for c, d in zip(ids, shifts):
-            n = self.counts[c]
-            old = self.targets[:, c] / n
-            new = old + d
-            self.gram += n * (torch.outer(new, new) - torch.outer(old, old))
-            self.targets[:, c] = n * new
+            for gram, targets, counts in parts:
+                n = counts[c]
+                if n == 0:
+                    continue
+                old = targets[:, c] / n
+                new = old + d
+                gram += n * (torch.outer(new, new) - torch.outer(old, old))
+                targets[:, c] = n * new
         self._weight = None
 
     def weight(self) -> torch.Tensor:

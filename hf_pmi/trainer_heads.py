@@ -47,7 +47,7 @@ class ContinualHeadMixin:
                     f"run from the first task with head={name!r}."
                 )
             model.set_head(build_head(name, model.feature_dim, projection_dim=self.args.head_projection_dim,
-                                      seed=self.args.seed))
+                                      seed=self.args.seed, ridge_choice=self.args.head_ridge_choice))
 
     def _update_head(self, t: int) -> None:
         """Add task `t`'s classes to the head: the pooled features of its training images through the model as

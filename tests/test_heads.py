@@ -10,7 +10,7 @@ from datasets import Value
 from transformers import TrainerCallback
 
 from hf_pmi import ContinualCLIP, ContinualConfig, ContinualTrainer, split_class_incremental
-from hf_pmi.heads import HEADS, RanPACHead, build_head
+from hf_pmi.heads import HEADS, RIDGE_GRID, RanPACHead, build_head
 from hf_pmi.testing import build_clip, build_processor, build_tokenizer, load_digits_dataset
 
 
@@ -32,7 +32,7 @@ def test_task_by_task_statistics_equal_one_fit_on_the_union(name):
         incremental.update(x[keep], y[keep])
     union.update(x, y)
     for key, value in union.state_dict().items():
-        if key != "ridge":  # chosen per update, on that update's data (RanPAC)
+        if key != "ridge" and not key.startswith("val_"):  # the hold-out: a 20 % split of each update's data
             torch.testing.assert_close(incremental.state_dict()[key], value, rtol=1e-12, atol=1e-9)
     assert (incremental(x).argmax(-1) == y).float().mean() > 0.9  # separable blobs, chance 1/6
 
@@ -46,17 +46,47 @@ def test_ranpac_chooses_its_ridge_on_held_out_data():
     assert float(noisy.ridge) > float(clean.ridge)
 
 
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_ranpac_seen_ridge_is_the_best_on_the_hold_out_of_every_task(seed):
+    """The 'seen' choice, made from statistics only, is the ridge a fit on the samples themselves picks: fit on
+    every task's 80 %, least squared error on every task's 20 %."""
+    x, y = blobs(n_per_class=30, classes=6, seed=seed)
+    y = torch.where(torch.rand(len(y), generator=torch.Generator().manual_seed(seed)) < 0.3, (y + 1) % 6, y)  # noise
+    head = RanPACHead(8, projection_dim=48, seed=seed)
+    fit, val = [], []
+    for task in range(3):
+        keep = torch.nonzero((y >= 2 * task) & (y < 2 * task + 2)).squeeze(1)
+        head.update(x[keep], y[keep])
+        v, f = head._holdout(len(keep))
+        val.append(keep[v])
+        fit.append(keep[f])
+    fit, val = torch.cat(fit), torch.cat(val)
+    h = head.project(x).double()
+    y1 = torch.nn.functional.one_hot(y, 6).double()
+    errors = []
+    for r in RIDGE_GRID:
+        w = torch.linalg.solve(h[fit].t() @ h[fit] + r * torch.eye(48, dtype=torch.float64), h[fit].t() @ y1[fit])
+        errors.append((h[val] @ w - y1[val]).pow(2).sum().item())
+    assert float(head.ridge) == RIDGE_GRID[min(range(len(errors)), key=errors.__getitem__)]
+    task = RanPACHead(8, projection_dim=48, seed=seed, ridge_choice="task")  # RanPAC's: the last task's data only
+    task.update(x[(y >= 4)], y[(y >= 4)])
+    assert "val_gram" not in task.state_dict() and task.settings()["ridge_choice"] == "task"
+
+
 @pytest.mark.parametrize("name", sorted(HEADS))
 def test_drift_compensation_moves_a_class_with_its_samples(name):
     x, y = blobs()
     moved = x + 3.0 * (y == 1).float()[:, None]  # class 1 moves, the others stay
     head, reference = build_head(name, 8, projection_dim=128), build_head(name, 8, projection_dim=128)
     head.update(x, y)
+    stale = head.val_targets.clone() if name == "ranpac" else None
     head.shift_classes(x[y == 1], moved[y == 1], y[y == 1])  # every sample of class 1, through both "models"
     reference.update(moved, y)
     # the class's mean (projected) feature lands exactly where a fit on the moved samples puts it
     means = {"ncm": "sums", "ranpac": "targets"}[name]
     torch.testing.assert_close(getattr(head, means), getattr(reference, means), rtol=1e-5, atol=1e-5)  # float32 projection
+    if name == "ranpac":  # the hold-out's share (a subset of the class) moves by the class's mean displacement
+        assert (head.val_targets - reference.val_targets).norm() < 0.5 * (stale - reference.val_targets).norm()
     assert (head(moved).argmax(-1) == y).float().mean() >= (reference(moved).argmax(-1) == y).float().mean() - 0.02
 
 
@@ -234,3 +264,23 @@ def test_later_learning_rate_applies_to_the_tasks_that_replay(tmp_path):
     trainer.train()
     assert rates[:3] == [1e-2] * 3 and rates[3:] == pytest.approx([1e-5] * 3)
     assert trainer.args.learning_rate == 1e-2  # restored after the task
+
+
+def test_joint_refits_its_head_on_every_seen_image(tmp_path):
+    """joint keeps all seen images, so its head after the last task is one fit on all of them through the final
+    model (the upper bound for a head on those features), not statistics of older models."""
+    from transformers import AutoProcessor
+
+    from hf_pmi.data import ContinualCollator
+
+    trainer = digits_run(tmp_path, "joint", head="ncm")
+    trainer.train()
+    final = ContinualCLIP.from_pretrained(tmp_path / "task-2").eval()
+    collate = ContinualCollator(AutoProcessor.from_pretrained(tmp_path / "task-2").image_processor,
+                                trainer.tasks.label_map)
+    fit = build_head("ncm", final.feature_dim)
+    for task in trainer.tasks:
+        batch = collate([task.train[i] for i in range(len(task.train))])
+        fit.update(final.pooled_features(batch["pixel_values"]), batch["labels"])
+    torch.testing.assert_close(final.head.sums, fit.sums, rtol=1e-5, atol=1e-4)  # float32 features, batched
+    assert torch.equal(final.head.counts, fit.counts)

@@ -5,6 +5,8 @@ freeze, with such a head)."""
 
 from __future__ import annotations
 
+import torch
+
 from .base import ContinualMethod, TaskPlan, register_method
 
 
@@ -21,6 +23,21 @@ class Joint(ContinualMethod):
 
     def plan_task(self, task_id: int) -> TaskPlan:
         return TaskPlan(self.tasks.seen_train(task_id))
+
+    def refresh_head(self, model) -> None:
+        """Joint keeps every seen task's images, so its head is fitted anew on all of them through the model as
+        trained (classes of a continued checkpoint, whose images it does not have, keep their statistics)."""
+        head = model.head
+        if head is None:
+            return
+        earlier = [t for t in self.tasks if t.train is not None and t.class_ids[-1] < head.num_classes]
+        if not earlier or earlier[0].class_ids[0] != 0:
+            return
+        fresh = type(head)(head.feature_dim, **head.settings())
+        for task in earlier:
+            feats, labels = zip(*((model.pooled_features(x), y) for x, y in self.real_batches(task.train)))
+            fresh.update(torch.cat(feats), torch.cat(labels))
+        model.set_head(fresh)
 
 
 @register_method("zero_shot")
