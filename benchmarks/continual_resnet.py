@@ -52,7 +52,6 @@ def fonts_tasks(seed: int, settings: dict, joint: bool = False):
     """The fonts world's tasks for `seed` (class order shuffled by the seed; see the module docstring) and
     the order (``order[j]``: the letter that becomes class j)."""
     import torch
-    from transformers import TrainingArguments
 
     from hf_pmi.resnet.continual import TensorTask
     from hf_pmi.testing.fonts import font_letters_images
@@ -85,6 +84,7 @@ def fonts_tasks(seed: int, settings: dict, joint: bool = False):
 def run_one(method: str, seed: int, settings: dict) -> dict:
     """One run in this process; returns its row."""
     import torch
+    from transformers import TrainingArguments
 
     from hf_pmi.resnet import ResNet32Config, ResNet32ForImageClassification
     from hf_pmi.resnet.continual import ResNetContinualConfig, learn_tasks
