@@ -167,3 +167,22 @@ def test_hf_pmi_train_runs_the_batchnorm_family_with_trainer_flag_names(folder, 
                  "--max_grad_norm", "5"]) == 0
     saved = json.loads((out / "results.json").read_text())
     assert len(saved["accuracy_matrix"]) == 2 and saved["config"]["lr"] == 0.05 and saved["config"]["batch_size"] == 8
+
+
+def test_the_resnet_recipe_runs_on_two_gloo_processes(folder, tmp_path):
+    """Two real CPU processes (gloo) through ContinualTrainer: the main process alone writes the task folders and
+    results, and gives the folder's lock back (the loop's numbers against one process: tests/test_resnet_loop.py)."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "two"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
+           "1", "--mixed_precision", "no", "--dynamo_backend", "no", "recipes/resnet32_cifar100.py", "--data_dir",
+           str(folder), "--test_split", "test", "--output_dir", str(out), *TINY]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT, "ACCELERATE_USE_CPU": "true"}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["processes"] == 2 and len(saved["accuracy_matrix"]) == 2
+    assert (out / "task-1" / "continual_state.json").exists() and not (out / ".hf_pmi_run.lock").exists()
+    assert proc.stdout.count("after \\ on") == 1  # one process reports

@@ -38,7 +38,7 @@ from safetensors.torch import save_file
 from ..checkpoint import STATE_NAME, read_state, task_folder_writer, write_json
 from ..integrity import file_checksums, load_safetensors, verify_checksums
 from ..metrics import a_last_scope, format_matrix
-from ..model_card import find_template, plot_accuracy_matrix
+from ..model_card import card_tags, find_template, plot_accuracy_matrix
 
 FORMAT = "hf_pmi.resnet.task"
 REPLAY_STATE_NAME = "replay_state.safetensors"
@@ -80,8 +80,8 @@ def _write_card(folder: str, model, state: dict, has_bank: bool, repo_id: str | 
     method = state["method"]
     inverts = method in ("pmi", "full_inversion")
     data_free = None if method == "joint" else method != "exemplar_replay"
-    tags = ["hf_pmi", "continual-learning", "class-incremental", "image-classification", method]
-    tags += (["data-free"] if data_free else []) + (["model-inversion"] if inverts else [])
+    tags = ["hf_pmi", "continual-learning", "class-incremental", "image-classification"]
+    tags += card_tags(method, data_free, inverts, lora=False)  # the method and what the run did: as CLIP cards
     data = ModelCardData(library_name="transformers", pipeline_tag="image-classification", license="other", tags=tags)
     seen = sum(len(c) for c in state["task_classes"][: t + 1])
     rows = [[a for a in row if a is not None] for row in matrix]

@@ -248,7 +248,7 @@ def learn_tasks(model: nn.Module, tasks: list[TensorTask], config: ResNetContinu
     start = _start_state(model, config, start_from) if start_from else None
     if hub_model_id and not output_dir:
         raise ValueError("hub_model_id needs output_dir: each task is saved there, then pushed.")
-    if hub_model_id:
+    if hub_model_id and PartialState().is_main_process:  # the main process writes and pushes
         from ..hub import check_hub_access
 
         check_hub_access(hub_model_id, token=hub_token, endpoint=hub_endpoint)

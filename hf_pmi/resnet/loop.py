@@ -29,7 +29,7 @@ relation-KD projections, which are not part of the model).
 Example:
     >>> import torch
     >>> batches = EpochBatches(10, 4, torch.Generator().manual_seed(0))
-    >>> [len(b) for b in batches], len(batches)
+    >>> [len(b) for b in batches], len(batches)  # index lists
     ([4, 4, 2], 3)
 """
 
@@ -62,7 +62,8 @@ class EpochBatches:
             from accelerate.utils import synchronize_rng_states
 
             synchronize_rng_states(["generator"], self.generator)
-        yield from torch.randperm(self.n, generator=self.generator).split(self.batch_size)
+        for batch in torch.randperm(self.n, generator=self.generator).split(self.batch_size):
+            yield batch.tolist()  # lists of ints: accelerate's BatchSamplerShard pads an uneven split with them
 
 
 class TaskImages(torch.utils.data.Dataset):

@@ -272,7 +272,10 @@ def run(recipe: ResNetRecipeArguments, training: ResNetTrainingArguments) -> dic
     result = trainer.train()
     path = os.path.join(recipe.output_dir, "results.json")
     record = {**result.to_dict(), "recipe": dataclasses.asdict(recipe), "config": dataclasses.asdict(config),
-              "device": str(trainer.args.device), **trainer.family_run.inversion}
+              "device": str(trainer.args.device), "processes": trainer.accelerator.num_processes,
+              **trainer.family_run.inversion}
+    if not trainer.is_world_process_zero():  # one process writes and reports
+        return record
     with open(path, "w") as f:
         json.dump(record, f, indent=2, default=str)
     print(f"\n{config.method} (seed {config.seed}), accuracy (%) after task i on task j:\n"

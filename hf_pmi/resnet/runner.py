@@ -143,8 +143,13 @@ class BNRun:
 
         args = self.args
         resume = resume_request(args.resume_from_checkpoint if resume_from_checkpoint is None else resume_from_checkpoint)
-        RunLock(args.output_dir).check()  # another run writing there: refused before anything is removed
-        prepare_output_dir(args.output_dir, resume, args.overwrite_output_dir)
+
+        def prepare():  # another run writing there: refused before anything is removed
+            RunLock(args.output_dir).check()
+            prepare_output_dir(args.output_dir, resume, args.overwrite_output_dir)
+
+        self.trainer._on_main_process(prepare)  # one process removes or keeps; the others wait for it
+        self.trainer.accelerator.wait_for_everyone()
         latest = latest_task_checkpoint(args.output_dir)
         if isinstance(resume, str) and (latest is None or os.path.abspath(resume) != os.path.abspath(latest)):
             raise ValueError(f"A BatchNorm run resumes after its latest finished task ({latest}), not from {resume}: pass "
