@@ -9,7 +9,9 @@ scripts for each); baselines: ``--method finetune | lwf | full_inversion | exemp
 their sources (the reference's ``task_cont_cifar100_*_task.sh``, method.md): `hf_pmi.resnet.recipe`.
 Data: ``uoft-cs/cifar100`` (columns img / fine_label), normalised with CIFAR-100's per-channel mean and
 std; offline, any image folder works: ``--data_dir path/to/images`` (<class>/ folders under train/ and test/).
-A rerun with the same ``--output_dir`` resumes after the last finished task.
+A rerun with the same ``--output_dir`` resumes after the last finished task. Flags take Trainer's names
+(``--learning_rate``, ``--per_device_train_batch_size``, ``--gradient_accumulation_steps``, ``--report_to``);
+``--max_grad_norm`` defaults to 0 (the reference never clips; Trainer's own default is 1.0).
 
 Deviations from the reference that remain (each listed with its measured effect in docs/resnet.md,
 "Deviations"): loss terms summed instead of the reference's product ``rkd * l_rkd * ft * l_ft``; targets

@@ -10,6 +10,8 @@ are 64 / 32 / 16 px per stage and global pooling takes the rest, at 4x the compu
 "valid" images as test data; some are greyscale and become RGB), normalised with ImageNet's mean and std.
 Inversion refines 1000 targets at a time (the reference's Tiny-ImageNet ``gen_batch_size``); other
 defaults and their sources: `hf_pmi.resnet.recipe`. Offline: ``--data_dir path/to/images --test_split test``.
+Flags as `recipes/resnet32_cifar100.py`'s (Trainer's names; ``--max_grad_norm`` 0 by default: no clipping, as the
+reference).
 Remaining deviations (docs/resnet.md, "Deviations"): as `recipes/resnet32_cifar100.py`'s; the 4 px crop is
 CIFAR's, assumed for 64 px too.
 """

@@ -12,13 +12,14 @@ task. It prints the accuracy matrix and writes ``output_dir/results.json``.
 Defaults are the reference's ResNet scripts (``RuilinTong/PMI-CFS-DFCL``, ``ResNet-32/scripts/
 task_cont_{cifar100,tiny}_{5,10,20}_task.sh``, the code method.md names), mapped onto `learn_tasks`:
 
-- ``epochs`` 200: ``max_epochs`` of the first task, SGD lr 0.1 (``base_lr``), x0.1 at epochs 80 and 120;
+- ``epochs`` 200: ``max_epochs`` of the first task, SGD ``--learning_rate`` 0.1 (``base_lr``), x0.1 at epochs 80
+  and 120;
 - ``later_epochs`` 160 in the reference's stages ``epochs='20,20,0,0,120'`` (`hf_pmi.resnet.training`): the
   new task's classifier rows alone (backbone frozen, eval mode, lr 0.1), then + the last residual block
   (lr 0.05), then everything at ``final_stage_lr`` (``lrs``: 1e-2 for CIFAR-100 10 / 20 tasks, 5e-3 for
   CIFAR-100 5 tasks and every Tiny-ImageNet split), each stage a fresh SGD with x0.1 at 50 % / 75 %; the
   rows of earlier classes are in no stage's optimiser (``--schedule one_cycle``: hf_pmi's earlier loop);
-- ``batch_size`` 128, ``head_epochs`` 40 and ``head_lr`` 0.005 (``finetuning_epochs`` / ``finetuning_lr``),
+- ``--per_device_train_batch_size`` 128 (per process), ``head_epochs`` 40 and ``head_lr`` 0.005 (``finetuning_epochs`` / ``finetuning_lr``),
   the head's CE weighted by the classes seen in the task's batches (``cls_count``); momentum 0.9 and weight
   decay 5e-4 are `ResNetContinualConfig`'s, equal to the reference's;
 - augmentation: per-image random crop (``--shift`` 4 px zero padding) and horizontal flip, as CIFAR
@@ -36,6 +37,8 @@ task_cont_{cifar100,tiny}_{5,10,20}_task.sh``, the code method.md names), mapped
 - inversion: `BNInversionConfig`'s defaults, which are the reference's (50 chain steps at lr 0.8, 160
   refinement steps at lr 0.4, batches of 4000; Tiny-ImageNet's recipe refines 1000 at a time,
   ``gen_batch_size``);
+- ``--max_grad_norm`` 0 (the reference never clips; Trainer's default would be 1.0) and
+  ``--gradient_accumulation_steps`` 1: every phase runs in `transformers.Trainer`'s loop (`hf_pmi.resnet.loop`);
 - class order: a permutation drawn with seed 1993 (method.md, LAMDA-PILOT style); the reference reads
   its own order file, which ``--class_order_file`` can take.
 
