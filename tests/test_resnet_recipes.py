@@ -186,3 +186,14 @@ def test_the_resnet_recipe_runs_on_two_gloo_processes(folder, tmp_path):
     assert saved["processes"] == 2 and len(saved["accuracy_matrix"]) == 2
     assert (out / "task-1" / "continual_state.json").exists() and not (out / ".hf_pmi_run.lock").exists()
     assert proc.stdout.count("after \\ on") == 1  # one process reports
+
+
+def test_batchnorm_help_lists_trainer_flag_names(capsys):
+    from hf_pmi.cli import main
+
+    with pytest.raises(SystemExit) as info:
+        main(["train", "--family", "batchnorm", "--help"])
+    assert info.value.code == 0
+    text = capsys.readouterr().out
+    assert "--learning_rate" in text and "--per_device_train_batch_size" in text and "40 % and 60 %" in text
+    assert "--lr " not in text and "--batch_size " not in text

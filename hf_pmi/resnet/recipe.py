@@ -139,7 +139,7 @@ class ResNetTrainingArguments:
     head_epochs: int = field(default=40, metadata={"help": "Head fine-tuning epochs after each later task (reference 40)."})
     per_device_train_batch_size: int = field(default=128, metadata={"help": "Real images per step and process "
                                              "(reference 128); replay adds as many."})
-    learning_rate: float = field(default=0.1, metadata={"help": "SGD lr of the first task, x0.1 at 40 % and 60 % of "
+    learning_rate: float = field(default=0.1, metadata={"help": "SGD lr of the first task, x0.1 at 40 %% and 60 %% of "
                                  "its epochs (reference base_lr 0.1, milestones 80 / 120 of 200)."})
     # Trainer's loop runs every phase (hf_pmi.resnet.loop); these are its settings, with the reference's values
     max_grad_norm: float = field(default=0.0, metadata={"help": "Gradient clipping bound; 0: none (the reference "
