@@ -298,8 +298,10 @@ def main():
             for seed in opts.seeds:
                 out = os.path.join(opts.workdir, data, f"{name}-seed{seed}")
                 cached = os.path.join(out, "heads_row.json")
+                # a row is reused when its arguments match and it records its ridge choice (rows from before
+                # the choice existed were made with RanPAC's and are rerun)
                 if os.path.isfile(cached) and json.load(open(cached))["args"] == [
-                        *extra, *RUNS[name], "--seed", str(seed)]:
+                        *extra, *RUNS[name], "--seed", str(seed)] and "ridge_choice" in json.load(open(cached))["row"]:
                     rows.append(json.load(open(cached))["row"])
                     continue
                 result = run_recipe(recipe, out, [*extra, *RUNS[name], "--seed", str(seed)], label=f"{data} {name} {seed}")
