@@ -64,7 +64,7 @@ class ContinualConfig(TrainingArguments):
     )
     head_ridge_choice: str = field(
         default="seen",
-        metadata={"help": "How the 'ranpac' head picks its ridge at each task: 'seen' (on a 20 % hold-out of every class "
+        metadata={"help": "How the 'ranpac' head picks its ridge at each task: 'seen' (on a held-out fifth of every class "
                   "seen so far, kept as statistics; doubles the head's size) or 'task' (RanPAC's: on the current "
                   "task's hold-out alone, noisy for small tasks)."},
     )

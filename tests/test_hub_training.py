@@ -25,6 +25,7 @@ FAST_PMI = fast_pmi(grid_samples=8)
 def args_for(tmp_path, name, **kw):
     return ContinualConfig(output_dir=str(tmp_path / name), method="pmi", max_steps=2, per_device_train_batch_size=16,
                            warmup_steps=0, disable_tqdm=True, logging_steps=100,
+                           head_projection_dim=500,  # a 4 MB head: the test server takes bodies up to 64 MB
                            push_to_hub=True, hub_model_id=REPO, **kw)
 
 
