@@ -4,7 +4,9 @@ inversion on BN running statistics, the R-DFCIL-style replay losses and a task l
 Modules: `configuration` / `modeling` (the model), `heads` (growing classifiers, refusals), `blocks`
 (the chain view), `statistics` (BN terms, block-input moments, class features), `inversion` (chain and
 random start), `losses` (replay losses), `continual` (`learn_tasks`: every method's task loop on
-tensors), `checkpoint` (per-task folders, resume, the card), `runner` (the loop behind `ContinualTrainer`
+tensors), `checkpoint` (per-task folders, resume, the card), `analytic` (statistic heads on the
+penultimate features after the first task, ACIL's setting), `loop` (each training phase as one
+`Trainer.train()`), `runner` (the loop behind `ContinualTrainer`
 when it is given such a model).
 
 Example:
