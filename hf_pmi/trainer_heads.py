@@ -4,7 +4,6 @@ trained), after the method moved the old classes' statistics where it can (``ref
 
 from __future__ import annotations
 
-import torch
 
 from .heads import TEXT, build_head
 from .log import get_logger
@@ -58,8 +57,4 @@ class ContinualHeadMixin:
             return
         model.eval()
         self.method.refresh_head(model)
-        feats, labels = [], []
-        for pixel_values, y in self.method.real_batches(self.tasks[t].train):
-            feats.append(model.pooled_features(pixel_values))
-            labels.append(y)
-        model.head.update(torch.cat(feats), torch.cat(labels))
+        model.head.update(*self.method.pooled_features(model, self.tasks[t].train))

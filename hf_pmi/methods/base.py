@@ -30,6 +30,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+import torch
+
 from ..data import TaskPlan
 
 METHODS: dict[str, type["ContinualMethod"]] = {}
@@ -173,6 +175,11 @@ class ContinualMethod:
             object.__setattr__(model, "head", head)
         teacher.requires_grad_(False)
         return teacher
+
+    def pooled_features(self, model, dataset) -> tuple[torch.Tensor, torch.Tensor]:
+        """(pooled features, labels) of a whole dataset through `model`: what a classifier head learns from."""
+        feats, labels = zip(*((model.pooled_features(x), y) for x, y in self.real_batches(dataset)))
+        return torch.cat(feats), torch.cat(labels)
 
     def real_batches(self, dataset):
         """(pixel_values, labels) of a whole dataset on this process, in order (no sharding, no shuffle)."""

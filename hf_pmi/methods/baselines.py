@@ -5,8 +5,6 @@ freeze, with such a head)."""
 
 from __future__ import annotations
 
-import torch
-
 from .base import ContinualMethod, TaskPlan, register_method
 
 
@@ -35,8 +33,7 @@ class Joint(ContinualMethod):
             return
         fresh = type(head)(head.feature_dim, **head.settings())
         for task in earlier:
-            feats, labels = zip(*((model.pooled_features(x), y) for x, y in self.real_batches(task.train)))
-            fresh.update(torch.cat(feats), torch.cat(labels))
+            fresh.update(*self.pooled_features(model, task.train))
         model.set_head(fresh)
 
 

@@ -38,7 +38,7 @@ from ..heads import ContinualHead, build_head
 from ..metrics import continual_metrics
 from ..statistics import eval_mode
 from .continual import ResNetContinualConfig, TensorTask, learn_tasks, own_classes
-from .heads import classifier_layer
+from .learner import forward
 
 BATCH = 500  # images per forward pass when collecting features (memory only; results do not depend on it)
 
@@ -47,15 +47,8 @@ BATCH = 500  # images per forward pass when collecting features (memory only; re
 def penultimate_features(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The classifier layer's input (the pooled features) for images `x`, in eval mode, on the model's device."""
     device = next(model.parameters()).device
-    store = []
-    hook = classifier_layer(model).register_forward_pre_hook(lambda _m, args: store.append(args[0].flatten(1).cpu()))
-    try:
-        with eval_mode(model):
-            for batch in x.split(BATCH):
-                model(pixel_values=batch.to(device))
-    finally:
-        hook.remove()
-    return torch.cat(store)
+    with eval_mode(model):
+        return torch.cat([forward(model, batch.to(device))[1].flatten(1).cpu() for batch in x.split(BATCH)])
 
 
 def learn_analytic(model: nn.Module, tasks: list[TensorTask], config: ResNetContinualConfig | None = None,
