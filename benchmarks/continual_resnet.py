@@ -46,6 +46,13 @@ sys.path.insert(0, str(ROOT))
 
 METHODS = ("finetune", "lwf", "pmi", "full_inversion", "exemplar_replay", "joint")
 NUM_CLASSES, NUM_TASKS, IMAGE_SIZE, TEST_PER_CLASS, DATA_SEED = 20, 5, 16, 50, 1234
+# The remaining deviations' flags (ResNetContinualConfig; docs/resnet.md) and hf_pmi's defaults: rows written
+# before these flags existed ran with the defaults.
+VARIANTS = {"crop_fill": "mean", "last_stage": "block", "loss_form": "sum", "target_classes": "equal", "head_counts": "fixed"}
+
+
+def row_settings(row: dict) -> dict:
+    return {**VARIANTS, **row.get("settings", {})}
 
 
 def fonts_tasks(seed: int, settings: dict, joint: bool = False):
@@ -78,7 +85,7 @@ def fonts_tasks(seed: int, settings: dict, joint: bool = False):
     for ids in splits:
         m, mt = (y >= ids[0]) & (y <= ids[-1]), (yt >= ids[0]) & (yt <= ids[-1])
         tasks.append(TensorTask(ids, x[m], y[m], xt[mt], yt[mt]))
-    return tasks, order
+    return tasks, order, (mean.flatten().tolist(), std.flatten().tolist())
 
 
 def run_one(method: str, seed: int, settings: dict) -> dict:
@@ -87,11 +94,11 @@ def run_one(method: str, seed: int, settings: dict) -> dict:
     from transformers import TrainingArguments
 
     from hf_pmi.resnet import ResNet32Config, ResNet32ForImageClassification
-    from hf_pmi.resnet.continual import ResNetContinualConfig, learn_tasks
+    from hf_pmi.resnet.continual import ResNetContinualConfig, black_fill, learn_tasks
     from hf_pmi.testing.fonts import LETTERS
 
     torch.set_num_threads(1)
-    tasks, order = fonts_tasks(seed, settings, joint=method == "joint")
+    tasks, order, (mean, std) = fonts_tasks(seed, settings, joint=method == "joint")
     torch.manual_seed(seed)
     model = ResNet32ForImageClassification(ResNet32Config(
         num_labels=0, image_size=IMAGE_SIZE, blocks_per_stage=settings["blocks_per_stage"]))
@@ -99,7 +106,9 @@ def run_one(method: str, seed: int, settings: dict) -> dict:
         method="finetune" if method == "joint" else method, seed=seed, epochs=settings["first_epochs"],
         later_epochs=settings["later_epochs"], replay_per_class=settings["replay_per_class"],
         schedule=settings["schedule"], regenerate=bool(settings["regenerate"]), selection=settings["selection"],
-        head_epochs=settings["head_epochs"], head_lr=settings["head_lr"], shift=settings["shift"])
+        head_epochs=settings["head_epochs"], head_lr=settings["head_lr"], shift=settings["shift"],
+        crop_fill=black_fill(mean, std) if settings["crop_fill"] == "black" else None,
+        **{k: settings[k] for k in VARIANTS if k != "crop_fill"})
     t0 = time.perf_counter()
     with shared_first_task(Path(settings["workdir"]), seed, settings, enabled=method != "joint"):
         result = learn_tasks(model, tasks, config, args=TrainingArguments(
@@ -126,7 +135,10 @@ def shared_first_task(workdir: Path, seed: int, settings: dict, enabled: bool = 
     from hf_pmi.resnet.learner import Learner
 
     keys = ("train_per_class", "first_epochs", "blocks_per_stage", "schedule", "shift")
-    tag = hashlib.sha256(json.dumps({k: settings[k] for k in keys}, sort_keys=True).encode()).hexdigest()[:12]
+    tagged = {k: settings[k] for k in keys}
+    if settings.get("crop_fill", VARIANTS["crop_fill"]) != VARIANTS["crop_fill"]:  # the padding shapes task 0 too (the default keeps old tags)
+        tagged["crop_fill"] = settings["crop_fill"]
+    tag = hashlib.sha256(json.dumps(tagged, sort_keys=True).encode()).hexdigest()[:12]
     cache = workdir / f"task0-seed{seed}-{tag}.pt"
     original = Learner.train_task
 
@@ -187,13 +199,19 @@ def main(argv=None):
     parser.add_argument("--head_epochs", type=int, default=5)
     parser.add_argument("--head_lr", type=float, default=0.005)
     parser.add_argument("--shift", type=int, default=2, help="random-crop padding (px) of the 16 px letters")
+    parser.add_argument("--crop_fill", default="mean", choices=("mean", "black"),
+                        help="crop padding: 0 of the normalised tensor (the channel mean) or black (the reference)")
+    from hf_pmi.resnet.continual import CHOICES
+
+    for name, choices in CHOICES.items():
+        parser.add_argument(f"--{name}", default=choices[0], choices=choices, help="ResNetContinualConfig." + name)
     parser.add_argument("--workdir", default="runs/continual_resnet")
     parser.add_argument("--output", default="benchmarks/results/continual_resnet.json")
     parser.add_argument("--_run", nargs=2, help=argparse.SUPPRESS)  # internal: method seed, in a child process
     args = parser.parse_args(argv)
     settings = {k: getattr(args, k) for k in ("train_per_class", "first_epochs", "later_epochs", "replay_per_class",
                                               "blocks_per_stage", "schedule", "regenerate", "selection", "head_epochs",
-                                              "head_lr", "shift")}
+                                              "head_lr", "shift", *VARIANTS)}
     workdir = Path(args.workdir)
     if args._run:
         method, seed = args._run[0], int(args._run[1])
@@ -205,7 +223,7 @@ def main(argv=None):
     for seed in args.seeds:
         for method in args.methods:
             path = workdir / f"{method}-{seed}.json"
-            if path.exists() and json.loads(path.read_text()).get("settings") == settings:
+            if path.exists() and row_settings(json.loads(path.read_text())) == settings:
                 done[(method, seed)] = json.loads(path.read_text())
             else:
                 todo.append((method, seed))
@@ -234,7 +252,7 @@ def main(argv=None):
     runs = [done[k] for k in sorted(done, key=lambda k: (METHODS.index(k[0]), k[1]))]
     output = Path(args.output)
     previous = json.loads(output.read_text())["runs"] if output.exists() else []
-    keep = [r for r in previous if (r["method"], r["seed"]) not in done and r.get("settings") == settings]
+    keep = [r for r in previous if (r["method"], r["seed"]) not in done and row_settings(r) == settings]
     runs = keep + runs
     command = " ".join(["OMP_NUM_THREADS=1 python", os.path.relpath(os.path.abspath(__file__), ROOT), *sys.argv[1:]])
     result = {"runs": runs, "summary": summarise(runs), "command": command, "settings": settings,

@@ -53,7 +53,7 @@ def main(argv=None):
     Path(args.workdir).mkdir(parents=True, exist_ok=True)
     rows = []
     for seed in args.seeds:
-        tasks, _ = fonts_tasks(seed, settings)
+        tasks, *_ = fonts_tasks(seed, settings)
         torch.manual_seed(seed)  # as continual_resnet.run_one: the same initialisation
         model = ResNet32ForImageClassification(ResNet32Config(num_labels=0, image_size=16,
                                                               blocks_per_stage=args.blocks_per_stage))

@@ -74,6 +74,20 @@ from .loop import phase_trainer
 from .losses import PMI_RESNET_WEIGHTS
 
 METHODS = ("finetune", "lwf", "pmi", "full_inversion", "exemplar_replay")
+# The remaining deviations from the reference (docs/resnet.md): hf_pmi's default first, the other reading second.
+CHOICES = {"last_stage": ("block", "stage"), "loss_form": ("sum", "product"), "target_classes": ("equal", "random"),
+           "head_counts": ("fixed", "running")}
+
+
+def black_fill(mean, std) -> tuple[float, ...]:
+    """The normalised value of a black pixel, per channel: what torchvision's crop pads with before normalising
+    (`ResNetContinualConfig.crop_fill`).
+
+    Example:
+        >>> black_fill([0.5, 0.5, 0.5], [0.25, 0.5, 1.0])
+        (-2.0, -1.0, -0.5)
+    """
+    return tuple(-m / s for m, s in zip(mean, std))
 
 
 @dataclass
@@ -117,6 +131,19 @@ class ResNetContinualConfig:
                        "(reference CIFAR: 4); replayed samples are not augmented."})
     flip: bool = field(default=False, metadata={"help": "Per-image random horizontal flip (reference CIFAR / Tiny: on; "
                        "off for letters, whose mirror images are other letters)."})
+    crop_fill: tuple[float, ...] | None = field(default=None, metadata={"help": "Per-channel value of the crop's "
+                                               "padding in normalised units; None: 0, the channel mean. The reference "
+                                               "pads black before normalising: `black_fill(mean, std)` (the recipes)."})
+    last_stage: str = field(default="block", metadata={"help": "What the second later-task stage adds to the new rows: "
+                            "'block' (the last residual block, the reference's PODNet-style stage_4) or 'stage' (the whole "
+                            "last stage)."})
+    loss_form: str = field(default="sum", metadata={"help": "'sum' of the replay terms (R-DFCIL, method.md) or "
+                           "'product' (the reference's code: ce + hkd + rkd x ft; in the new-rows stage ce + hkd x ft)."})
+    target_classes: str = field(default="equal", metadata={"help": "Classes of the pool's inversion targets: 'equal' "
+                                "shares, or 'random' (the reference: each target's class drawn uniformly)."})
+    head_counts: str = field(default="fixed", metadata={"help": "Class counts that weigh the head fine-tuning's CE: "
+                             "'fixed' at the end of the main stages, or 'running' (still counted during it, the weights "
+                             "renewed every batch)."})
     replay_per_class: int = field(default=40, metadata={"help": "Samples per old class (inverted, or real for "
                                   "exemplar_replay), unless init_samples is set."})
     init_samples: int | None = field(default=None, metadata={"help": "The reference's buffer: init_samples + t x "
@@ -153,6 +180,12 @@ class ResNetContinualConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}.")
         if self.schedule not in ("staged", "one_cycle"):
             raise ValueError(f"schedule must be 'staged' (reference) or 'one_cycle', got {self.schedule!r}.")
+        for name, choices in CHOICES.items():
+            if getattr(self, name) not in choices:
+                raise ValueError(f"{name} must be one of {choices} (the first is hf_pmi's default), got "
+                                 f"{getattr(self, name)!r}.")
+        if self.crop_fill is not None:
+            self.crop_fill = tuple(float(v) for v in self.crop_fill)
         if self.selection not in ("cfs", "gaussian"):
             raise ValueError(f"selection must be 'cfs' (reference) or 'gaussian', got {self.selection!r}.")
         self.stage_lrs = tuple(float(v) for v in self.stage_lrs)

@@ -428,13 +428,39 @@ def _mean_dicts(items: list[dict], keys) -> dict[str, float | None]:
 
 
 def replay_targets(bank, class_ids, per_class: int, generator: torch.Generator | None = None,
-                   selection: str = "gaussian", **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
-    """``per_class`` targets of every class from a `hf_pmi.bank.FeatureBank`, **shuffled across
-    classes** (the reference shuffles before batching: the chain's BN moments are batch moments, and
-    a batch of one class would be pushed toward the statistics of all). Returns (features, labels).
+                   selection: str = "gaussian", target_classes: str = "equal", cfs_step: int | None = None,
+                   **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+    """``per_class`` targets of every class from a `hf_pmi.bank.FeatureBank` (``target_classes="equal"``), or as
+    many targets in all with each one's class drawn uniformly (``"random"``, the reference's buffer), **shuffled
+    across classes** (the reference shuffles before batching: the chain's BN moments are batch moments, and a
+    batch of one class would be pushed toward the statistics of all). With `cfs_step`, a class's CFS batch is
+    ``max(its targets // cfs_step, 2)`` (the reference's ``cont_step``). Returns (features, labels).
 
-    The reference draws each target's class uniformly at random; equal counts per class are used here.
+    Example:
+        >>> from hf_pmi.bank import FeatureBank
+        >>> bank = FeatureBank(covariance="diag")
+        >>> bank.add_classes([0, 1], {0: torch.randn(8, 3), 1: torch.randn(8, 3) + 5})
+        >>> g = torch.Generator().manual_seed(0)
+        >>> feats, labels = replay_targets(bank, [0, 1], 6, g, target_classes="random")
+        >>> feats.shape, len(labels), labels.bincount().tolist() != [6, 6]
+        (torch.Size([12, 3]), 12, True)
     """
-    feats, labels = bank.sample(class_ids, per_class, generator, selection, **kwargs)
+    class_ids = [int(c) for c in class_ids]
+    counts = [per_class] * len(class_ids)
+    if target_classes == "random":
+        draws = torch.randint(0, len(class_ids), (per_class * len(class_ids),), generator=generator)
+        counts = torch.bincount(draws, minlength=len(class_ids)).tolist()
+    elif target_classes != "equal":
+        raise ValueError(f"target_classes must be 'equal' or 'random', got {target_classes!r}.")
+    feats, labels = [], []
+    for c, n in zip(class_ids, counts):
+        if n:
+            extra = {"batch": max(n // cfs_step, 2)} if cfs_step else {}
+            f, y = bank.sample([c], n, generator, selection, **kwargs, **extra)
+            feats.append(f)
+            labels.append(y)
+    if not feats:
+        return torch.empty(0, bank.feature_dim or 0), torch.empty(0, dtype=torch.int64)
+    feats, labels = torch.cat(feats), torch.cat(labels)
     perm = torch.randperm(labels.shape[0], generator=generator)
     return feats[perm], labels[perm]

@@ -40,6 +40,7 @@ from .losses import (
     local_ce,
     replay_losses,
     task_weights,
+    total_loss,
 )
 from .statistics import collect_block_statistics
 from .training import (
@@ -118,7 +119,7 @@ class Learner:
         else:
             epochs = cfg.later_epochs if cfg.schedule == "one_cycle" else (tuple(cfg.stage_epochs) if cfg.stage_epochs
                                                                           else stage_epochs(cfg.later_epochs))
-            phases = later_task_phases(model, cfg.schedule, epochs, tuple(cfg.stage_lrs), cfg.lr)
+            phases = later_task_phases(model, cfg.schedule, epochs, tuple(cfg.stage_lrs), cfg.lr, cfg.last_stage)
         kept = [p[:n_old].detach().clone() for p in head.parameters()] if n_old else []
         self._losses = []
         for phase in phases:
@@ -156,7 +157,7 @@ class Learner:
         """A training phase's loss on a batch of real images `x` (augmented here) and, for replay, as many pool
         samples; `model` is the one the Trainer steps (maybe wrapped for DDP), `self.model` the bare one."""
         cfg, head = self.config, classifier_layer(self.model)
-        x = augment(x, cfg.shift, cfg.flip, self.generator)
+        x = augment(x, cfg.shift, cfg.flip, self.generator, cfg.crop_fill)
         logits, feats = forward(model, x, head)
         if w is None:  # finetune, lwf, the first task
             self.class_counts += torch.bincount(y.cpu(), minlength=len(self.class_counts)).float()
@@ -180,7 +181,7 @@ class Learner:
                 terms = {"ce": w["ce"] * local_ce(logits, y, n_old),
                          "hkd": HEAD_STAGE_HKD * w["hkd"] * hard_kd(logits_r, tr[:, :n_old]),
                          "ft": w["ft"] * balancing_ce(head, feats, y, feats_r, yr)}
-            loss = sum(terms.values())
+            loss = total_loss(terms, cfg.loss_form)
         self._losses.append(loss.item())
         return loss
 
@@ -189,9 +190,12 @@ class Learner:
         replayed samples (separate passes), and the hard KD. Only the head takes gradients (the body is frozen)."""
         cfg, head = self.config, classifier_layer(self.model)
         xr, yr, tr = self._replay_batch(len(y))
-        x = augment(x, cfg.shift, cfg.flip, self.generator)
+        x = augment(x, cfg.shift, cfg.flip, self.generator, cfg.crop_fill)
         logits, _ = forward(model, x, head)
         logits_r, _ = forward(model, xr, head)
+        if cfg.head_counts == "running":  # weights from the counts so far, then this batch counted
+            weights = class_balance_weights(self.class_counts).to(self.device)
+            self.class_counts += torch.bincount(torch.cat([y, yr]).cpu(), minlength=len(self.class_counts)).float()
         terms = finetune_losses(logits, y, logits_r, yr, tr, n_old, weights, l_ce=cfg.weights["l_ce"], w_hkd=w_hkd)
         return sum(terms.values())
 
@@ -208,8 +212,9 @@ class Learner:
         cfg = self.config
         kwargs = {}
         if cfg.selection == "cfs":  # reference: batch = max(n_c // cont_step, 2), rate cont_rslt, no boost, torch.std
-            kwargs = dict(boost=1, batch=max(per_class // cfg.cfs_step, 2), rho=cfg.cfs_rho, unbiased_std=True)
-        return replay_targets(self.bank, classes, per_class, self.generator, selection=cfg.selection, **kwargs)
+            kwargs = dict(boost=1, cfs_step=cfg.cfs_step, rho=cfg.cfs_rho, unbiased_std=True)
+        return replay_targets(self.bank, classes, per_class, self.generator, selection=cfg.selection,
+                              target_classes=cfg.target_classes, **kwargs)
 
     def add_to_pool(self, task: "TensorTask", tasks_done: int) -> None:
         """The replayed samples after `task` (see the module docstring); `tasks_done` counts the tasks learnt."""

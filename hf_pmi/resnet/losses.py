@@ -18,7 +18,7 @@ l_ce 0.75, l_hkd 0.15, l_rkd 0.5, l_ft 1.5; 20 tasks l_ft 1.0). R-DFCIL itself: 
 l_hkd 0.15, l_rkd 0.5 and no balancing term (`RDFCIL_WEIGHTS`).
 
 The reference computes ``hkd + rkd * l_rkd * ft * l_ft`` (a product); R-DFCIL adds its terms, and so
-does `replay_losses` (method.md).
+does hf_pmi by default (method.md); `total_loss` has both forms.
 
 After the main epochs, both references fine-tune the head alone with a class-balanced CE on real
 plus replayed samples and the hard KD (`finetune_losses`, `class_balance_weights`).
@@ -134,6 +134,22 @@ def replay_losses(
         "rkd": weights["rkd"] * rkd(features, teacher_features),
         "ft": weights["ft"] * balancing_ce(classifier, features, labels, replay_features, replay_labels),
     }
+
+
+def total_loss(terms: dict[str, torch.Tensor], form: str = "sum") -> torch.Tensor:
+    """The loss of a batch from its weighted terms: their ``"sum"`` (R-DFCIL), or the reference's ``"product"``
+    form, ``ce + hkd + rkd * ft`` (``ce + hkd * ft`` in the new-rows stage, which has no relation KD).
+
+    Example:
+        >>> terms = {"ce": torch.tensor(1.0), "hkd": torch.tensor(2.0), "rkd": torch.tensor(3.0), "ft": torch.tensor(4.0)}
+        >>> float(total_loss(terms)), float(total_loss(terms, "product"))
+        (10.0, 15.0)
+    """
+    if form == "sum":
+        return sum(terms.values())
+    if "rkd" in terms:
+        return terms["ce"] + terms["hkd"] + terms["rkd"] * terms["ft"]
+    return terms["ce"] + terms["hkd"] * terms["ft"]
 
 
 def class_balance_weights(counts: torch.Tensor) -> torch.Tensor:

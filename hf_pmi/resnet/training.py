@@ -67,6 +67,11 @@ class Phase:
     nesterov: bool = False
 
 
+def _last_stage(model: nn.Module) -> list[nn.Module]:
+    blocks = BNBlocks(model)
+    return list(blocks.modules[1:][sum(blocks.stage_sizes[:-1]):])
+
+
 def training_groups(model: nn.Module) -> list[list[nn.Module]]:
     """The modules the reference unfreezes stage by stage, from the top: the last residual block; the other
     blocks of the last stage (if any); every earlier stage, the first with the stem."""
@@ -101,9 +106,10 @@ def first_task_phase(epochs: int, lr: float, schedule: str) -> list[Phase]:
 
 
 def later_task_phases(model: nn.Module, schedule: str, epochs: tuple[int, int, int] | int, lrs: tuple[float, ...],
-                      one_cycle_lr: float) -> list[Phase]:
+                      one_cycle_lr: float, last_stage: str = "block") -> list[Phase]:
     """The phases of a later task: the reference's stages, or (``"one_cycle"``, hf_pmi before issue 30) one
-    one-cycle run over every parameter, old rows included."""
+    one-cycle run over every parameter, old rows included. The second stage adds the last residual block
+    (``last_stage="block"``, PODNet's ``stage_4``) or every block of the last stage (``"stage"``)."""
     if schedule == "one_cycle":
         return [Phase("all", int(epochs if isinstance(epochs, int) else sum(epochs)), one_cycle_lr, None, False, True,
                       "one_cycle", nesterov=True)]
@@ -111,7 +117,8 @@ def later_task_phases(model: nn.Module, schedule: str, epochs: tuple[int, int, i
     e_head, e_top, e_all = epochs
     return [
         Phase("new_rows", e_head, lrs[0], [], True, False),  # train_head: no scheduler step, constant lr
-        Phase("last_block", e_top, lrs[1], groups[0], True, True, STAGE_MILESTONES),
+        Phase("last_block", e_top, lrs[1], groups[0] if last_stage == "block" else _last_stage(model), True, True,
+              STAGE_MILESTONES),
         Phase("everything", e_all, lrs[2], None, True, True, STAGE_MILESTONES),
     ]
 
@@ -146,12 +153,25 @@ def restore_flags(flags: list[tuple[nn.Parameter, bool]]) -> None:
         p.requires_grad_(flag)
 
 
-def augment(x: torch.Tensor, padding: int, flip: bool, generator: torch.Generator) -> torch.Tensor:
-    """Per image: a random ``H x W`` crop of the zero-padded image, then (``flip``) a horizontal flip with
-    probability 0.5."""
-    n, _, h, w = x.shape
+def augment(x: torch.Tensor, padding: int, flip: bool, generator: torch.Generator,
+            fill: tuple[float, ...] | None = None) -> torch.Tensor:
+    """Per image: a random ``H x W`` crop of the image padded with `fill` per channel (None: zeros), then
+    (``flip``) a horizontal flip with probability 0.5.
+
+    Example:
+        >>> x = torch.ones(4, 2, 2, 2)
+        >>> g = torch.Generator().manual_seed(1)
+        >>> sorted(set(augment(x, 1, False, g, fill=(-1.0, -2.0)).flatten().tolist()))  # the padding shows
+        [-2.0, -1.0, 1.0]
+    """
+    n, c, h, w = x.shape
     if padding > 0:
-        padded = F.pad(x, (padding,) * 4)
+        if fill is None:
+            padded = F.pad(x, (padding,) * 4)
+        else:
+            padded = torch.tensor(fill, dtype=x.dtype, device=x.device).view(1, c, 1, 1).repeat(
+                n, 1, h + 2 * padding, w + 2 * padding)
+            padded[:, :, padding:padding + h, padding:padding + w] = x
         dy = torch.randint(0, 2 * padding + 1, (n,), generator=generator)
         dx = torch.randint(0, 2 * padding + 1, (n,), generator=generator)
         rows = (dy.view(n, 1) + torch.arange(h).view(1, h)).to(x.device)  # (n, h)
