@@ -13,10 +13,10 @@ A rerun with the same ``--output_dir`` resumes after the last finished task. Fla
 (``--learning_rate``, ``--per_device_train_batch_size``, ``--gradient_accumulation_steps``, ``--report_to``);
 ``--max_grad_norm`` defaults to 0 (the reference never clips; Trainer's own default is 1.0).
 
-Deviations from the reference that remain (each listed with its measured effect in docs/resnet.md,
-"Deviations"): loss terms summed instead of the reference's product ``rkd * l_rkd * ft * l_ft``; targets
-split equally over classes instead of each target's class drawn at random; crop padding in normalised
-space (the channel mean) instead of black; the augmentation itself is assumed (CIFAR practice).
+The reference's readings are the defaults, including four that hf_pmi's library defaults do not share
+(``--loss_form product``, ``--target_classes random``, ``--crop_fill black``, ``--head_counts running``;
+docs/resnet.md, "Remaining deviations", has each one's measured effect). Assumed where the reference is not
+readable: the augmentation (CIFAR practice) and ``--last_stage block``.
 Settings kept as flags, off by default: ``--schedule one_cycle``, ``--regenerate false``, ``--selection gaussian``.
 """
 

@@ -12,8 +12,8 @@ Inversion refines 1000 targets at a time (the reference's Tiny-ImageNet ``gen_ba
 defaults and their sources: `hf_pmi.resnet.recipe`. Offline: ``--data_dir path/to/images --test_split test``.
 Flags as `recipes/resnet32_cifar100.py`'s (Trainer's names; ``--max_grad_norm`` 0 by default: no clipping, as the
 reference).
-Remaining deviations (docs/resnet.md, "Deviations"): as `recipes/resnet32_cifar100.py`'s; the 4 px crop is
-CIFAR's, assumed for 64 px too.
+Defaults and readings of the reference: as `recipes/resnet32_cifar100.py`'s (docs/resnet.md, "Remaining
+deviations"); the 4 px crop is CIFAR's, assumed for 64 px too, and the black padding uses ImageNet's moments.
 """
 
 from hf_pmi.resnet.recipe import parse_args, run

@@ -141,3 +141,25 @@ def test_two_gloo_processes_match_one_with_the_same_global_batch(tmp_path, metho
     moved = sum(((a[k] - start(k)) ** 2).sum() for k in keys).sqrt()
     assert gap < 0.25 * moved, (float(gap), float(moved))
     assert len(two["accuracy_matrix"]) == len(one["accuracy_matrix"]) == 3
+
+
+def test_bf16_mixed_precision_trains_in_bfloat16_with_the_replay_losses(tmp_path):
+    """Trainer's ``bf16`` reaches the BN loop (on the CPU here): the network runs in bfloat16 inside every phase,
+    the replay losses that reuse its pooled features with the head work (they failed on mixed dtypes before), the
+    weights stay float32 and the run learns as the float32 run does."""
+    from test_resnet_continual import colour_tasks, config, tiny_model
+
+    from hf_pmi.resnet.continual import learn_tasks
+
+    matrices = {}
+    for bf16 in (False, True):
+        model = tiny_model()
+        dtypes = set()
+        model.resnet.stem.register_forward_hook(lambda m, i, o: dtypes.add(o.dtype) if torch.is_grad_enabled() else None)
+        matrices[bf16] = learn_tasks(model, colour_tasks(), config("exemplar_replay", stage_epochs=(2, 2, 4)),
+                                     args=arguments(tmp_path, bf16=bf16))["accuracy_matrix"]
+        assert dtypes == {torch.bfloat16 if bf16 else torch.float32}
+        assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert matrices[True][0][0] > 0.75  # chance: 0.5
+    for row, row32 in zip(matrices[True], matrices[False]):
+        assert all(abs(a - b) <= 0.25 for a, b in zip(row, row32) if a is not None)

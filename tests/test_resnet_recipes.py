@@ -121,6 +121,23 @@ def test_recipe_defaults_follow_the_reference():
         parse_args(["--output_dir", "o"], {"epoch": 3})
 
 
+def test_recipes_default_to_the_references_readings_that_the_library_does_not_share():
+    from hf_pmi.resnet.continual import ResNetContinualConfig, black_fill
+    from hf_pmi.resnet.recipe import parse_args
+
+    tiny_defaults = load_recipe("resnet_tiny_imagenet").DEFAULTS
+    recipe, training = parse_args(["--output_dir", "o"], tiny_defaults)
+    config = training.continual_config(5, 200, recipe.reference_dataset, recipe.mean, recipe.std)
+    assert (config.loss_form, config.target_classes, config.head_counts, config.last_stage) == (
+        "product", "random", "running", "block")
+    assert config.crop_fill == black_fill(tiny_defaults["mean"], tiny_defaults["std"])  # ImageNet's black
+    library = ResNetContinualConfig()
+    assert (library.loss_form, library.target_classes, library.head_counts, library.crop_fill) == ("sum", "equal", "fixed", None)
+    recipe, training = parse_args(["--output_dir", "o", "--loss_form", "sum", "--crop_fill", "mean", "--last_stage", "stage"])
+    config = training.continual_config(5, 100)
+    assert (config.loss_form, config.crop_fill, config.last_stage) == ("sum", None, "stage")
+
+
 def test_bad_input_fails_before_training(tmp_path, capsys):
     main = load_recipe("resnet32_cifar100").main
     missing = tmp_path / "no-such-folder"

@@ -70,7 +70,9 @@ def forward(model: nn.Module, x: torch.Tensor, head: nn.Module | None = None) ->
         logits = model(pixel_values=x).logits
     finally:
         handle.remove()
-    return logits, store["f"]
+    # under mixed precision the features are half precision while the logits come back as float32 (accelerate):
+    # the losses that reuse them with the head outside the model's autocast need the logits' precision
+    return logits, store["f"].to(logits.dtype)
 
 
 @torch.no_grad()

@@ -42,11 +42,12 @@ task_cont_{cifar100,tiny}_{5,10,20}_task.sh``, the code method.md names), mapped
 - class order: a permutation drawn with seed 1993 (method.md, LAMDA-PILOT style); the reference reads
   its own order file, which ``--class_order_file`` can take.
 
-Deviations that remain (docs/resnet.md, "Deviations", has their measured effects): the loss terms are summed
-where the reference multiplies ``rkd * l_rkd * ft * l_ft`` (method.md), with the reference's weights tuned
-for the product; in the first stage the sum makes the 0.01-weighted hard KD a constant; each class's
-targets are split equally (the reference draws each target's class at random); crops pad with the
-normalised zero (the channel mean) where torchvision pads black.
+The four readings of the reference that hf_pmi's library defaults do not share are the recipes' defaults
+(docs/resnet.md, "Remaining deviations", measures each): ``--loss_form product`` (the reference's ``ce + hkd +
+rkd x ft``, where method.md and R-DFCIL sum), ``--target_classes random`` (each inversion target's class drawn
+at random), ``--crop_fill black`` (torchvision pads before normalising) and ``--head_counts running`` (the head
+fine-tuning keeps counting classes; the reference prints its counts after it). Assumed, not readable in the
+reference (compiled only): the augmentation (CIFAR practice) and ``--last_stage block`` (PODNet's ``stage_4``).
 
 Example:
     >>> recipe, training = parse_args(["--output_dir", "out", "--num_tasks", "20", "--method", "lwf"])
@@ -55,6 +56,8 @@ Example:
     ('lwf', 200, 2000, 1000, 1.0)
     >>> config.stage_lrs, training.continual_config(5, 100).stage_lrs  # CIFAR-100 20 tasks; 5 tasks
     ((0.1, 0.05, 0.01), (0.1, 0.05, 0.005))
+    >>> config.loss_form, config.target_classes, config.head_counts, [round(v, 2) for v in config.crop_fill]
+    ('product', 'random', 'running', [-1.9, -1.9, -1.6])
 """
 
 from __future__ import annotations
@@ -66,7 +69,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..validation import check_local_path, check_output_dir_writable
-from .continual import METHODS, ResNetContinualConfig
+from .continual import CHOICES, METHODS, ResNetContinualConfig, black_fill
 from .inversion import BNInversionConfig
 from .losses import PMI_RESNET_WEIGHTS
 
@@ -79,6 +82,7 @@ REFERENCE_FINAL_STAGE_LR = {("cifar100", 10): 1e-2, ("cifar100", 20): 1e-2}
 DEFAULT_FINAL_STAGE_LR = 5e-3
 DATASETS = ("cifar100", "tiny-imagenet")
 REFERENCE_L_FT = {20: 1.0}  # lambda_ft of the 20-task scripts; 1.5 (PMI_RESNET_WEIGHTS) otherwise
+CIFAR100_MEAN, CIFAR100_STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)  # its training set's moments
 MIN_IMAGE_SIZE = 4  # two stride-2 stages leave a 1x1 map at 4 px
 
 
@@ -103,9 +107,9 @@ class ResNetRecipeArguments:
     class_order_file: str | None = field(default=None, metadata={"help": "Class order instead: dataset label ids in "
                                          "learning order, a JSON list or integers separated by commas/whitespace."})
     image_size: int = field(default=32, metadata={"help": "Images are resized (bilinear) to this square size."})
-    mean: list[float] = field(default_factory=lambda: [0.5071, 0.4865, 0.4409],
+    mean: list[float] = field(default_factory=lambda: list(CIFAR100_MEAN),
                               metadata={"help": "Per-channel mean of the normalisation (CIFAR-100's training set)."})
-    std: list[float] = field(default_factory=lambda: [0.2673, 0.2564, 0.2762],
+    std: list[float] = field(default_factory=lambda: list(CIFAR100_STD),
                              metadata={"help": "Per-channel std of the normalisation (CIFAR-100's training set)."})
     model_name_or_path: str | None = field(default=None, metadata={"help": "None: a fresh ResNet-32 (seeded by --seed); "
                                            "else a ResNet32ForImageClassification folder or Hub id (its classes come first)."})
@@ -157,6 +161,20 @@ class ResNetTrainingArguments:
     shift: int = field(default=4, metadata={"help": "Per-image random crop after zero padding of this many pixels "
                        "(CIFAR practice, RandomCrop(32, padding=4))."})
     flip: bool = field(default=True, metadata={"help": "Per-image random horizontal flip (CIFAR practice)."})
+    crop_fill: str = field(default="black", metadata={"help": "Crop padding: 'black' (the reference: torchvision pads "
+                           "before normalising) or 'mean' (0 of the normalised tensor; hf_pmi's library default).",
+                           "choices": ["black", "mean"]})
+    loss_form: str = field(default="product", metadata={"help": "'product' (the reference's code: ce + hkd + rkd x ft) "
+                           "or 'sum' (R-DFCIL, method.md; hf_pmi's library default).", "choices": list(CHOICES["loss_form"])})
+    target_classes: str = field(default="random", metadata={"help": "Classes of the inversion targets: 'random' (the "
+                                "reference: each target's class drawn uniformly) or 'equal' shares.",
+                                "choices": list(CHOICES["target_classes"])})
+    head_counts: str = field(default="running", metadata={"help": "Class counts weighing the head fine-tuning: "
+                             "'running' (still counted during it: the reference prints cls_count after its fine-tuning) "
+                             "or 'fixed' at the end of the main stages.", "choices": list(CHOICES["head_counts"])})
+    last_stage: str = field(default="block", metadata={"help": "What the second later-task stage adds: 'block' (the last "
+                            "residual block, PODNet's stage_4 in the reference's backbone) or 'stage' (the whole last stage).",
+                            "choices": list(CHOICES["last_stage"])})
     replay_per_class: int | None = field(default=None, metadata={"help": "Replayed samples per old class; None: the "
                                          "reference's buffer, init_samples + t x per_task_samples at task t (6000 + t x "
                                          "5000 / 3000 + t x 2000 / 2000 + t x 1000 for 5 / 10 / 20 tasks)."})
@@ -170,9 +188,10 @@ class ResNetTrainingArguments:
     inversion_refine_batch: int = field(default=4000, metadata={"help": "Targets refined together (reference 4000; Tiny-ImageNet 1000)."})
     seed: int = field(default=0, metadata={"help": "Seed of the model's initialisation, batches, targets and inversion."})
 
-    def continual_config(self, num_tasks: int, num_classes: int, dataset: str = "cifar100") -> ResNetContinualConfig:
+    def continual_config(self, num_tasks: int, num_classes: int, dataset: str = "cifar100",
+                         mean=CIFAR100_MEAN, std=CIFAR100_STD) -> ResNetContinualConfig:
         """The `ResNetContinualConfig` of these flags for `num_classes` classes in `num_tasks` tasks of `dataset`'s
-        reference scripts."""
+        reference scripts, the images normalised by `mean` and `std` (the black crop padding's value)."""
         buffer = {}
         if self.replay_per_class is None:
             buffer = {"init_samples": REFERENCE_INIT_SAMPLES.get(num_tasks, OTHER_INIT_SAMPLES),
@@ -188,6 +207,8 @@ class ResNetTrainingArguments:
             batch_size=self.per_device_train_batch_size, lr=self.learning_rate, head_lr=self.head_lr, shift=self.shift, flip=self.flip,
             schedule=self.schedule, stage_lrs=(0.1, 0.05, low), regenerate=self.regenerate, selection=self.selection,
             replay_per_class=self.replay_per_class or 1, **buffer,
+            crop_fill=black_fill(mean, std) if self.crop_fill == "black" else None, loss_form=self.loss_form,
+            target_classes=self.target_classes, head_counts=self.head_counts, last_stage=self.last_stage,
             weights={**PMI_RESNET_WEIGHTS, "l_ft": l_ft}, inversion=inversion, seed=self.seed)
 
 
@@ -267,7 +288,7 @@ def run(recipe: ResNetRecipeArguments, training: ResNetTrainingArguments) -> dic
                            logging_steps=training.logging_steps)
     tasks = build_tasks(recipe, seed=training.seed)
     model = build_model(recipe, training.seed)
-    config = training.continual_config(len(tasks), len(tasks.class_order), recipe.reference_dataset)
+    config = training.continual_config(len(tasks), len(tasks.class_order), recipe.reference_dataset, recipe.mean, recipe.std)
     processor = ViTImageProcessorPil(size={"height": recipe.image_size, "width": recipe.image_size},
                                      image_mean=list(recipe.mean), image_std=list(recipe.std),
                                      resample=PILImageResampling.BILINEAR)
