@@ -320,6 +320,26 @@ HEAD_DISPLAY = {
 }
 
 
+def render_card(data, template: str | os.PathLike, **context) -> str:
+    """The README.md text of a card of either family: `data` (a `huggingface_hub.ModelCardData`, the YAML block)
+    and the Jinja2 `template` (a name in `model_cards/`, or a path) filled with `context`; runs of blank lines
+    squeezed, and the YAML block checked to parse.
+
+    Example:
+        >>> from huggingface_hub import ModelCardData
+        >>> text = render_card(ModelCardData(license="mit"), "resnet_continual.md", title="t", num_seen_classes=2)
+        >>> text.splitlines()[1]
+        'license: mit'
+    """
+    from huggingface_hub import ModelCard
+
+    path = Path(template) if Path(template).is_file() else find_template(str(template))
+    card = ModelCard.from_template(data, template_path=str(path), **context)
+    text = re.sub(r"\n{3,}", "\n\n", str(card)).rstrip("\n") + "\n"
+    ModelCard(text)  # raises if the YAML block does not parse
+    return text
+
+
 def render_model_card(state: dict, template_path: str | os.PathLike | None = None) -> str:
     """The README.md text (YAML metadata + markdown) for a continual CLIP checkpoint.
 
@@ -334,14 +354,9 @@ def render_model_card(state: dict, template_path: str | os.PathLike | None = Non
         >>> ModelCard(text).data.pipeline_tag
         'zero-shot-image-classification'
     """
-    from huggingface_hub import ModelCard
-
     _check(state)
-    path = Path(template_path) if template_path is not None else find_template()
-    card = ModelCard.from_template(card_data(state), template_path=str(path), **_context(state, state.get("heatmap")))
-    text = re.sub(r"\n{3,}", "\n\n", str(card)).rstrip("\n") + "\n"
-    ModelCard(text)  # raises if the YAML block does not parse
-    return text
+    return render_card(card_data(state), template_path if template_path is not None else TEMPLATE_NAME,
+                       **_context(state, state.get("heatmap")))
 
 
 def plot_accuracy_matrix(accuracy_matrix, num_tasks: int, path: str | os.PathLike) -> str:

@@ -73,7 +73,9 @@ def test_task_folders_load_and_refuse_corruption_or_other_settings(tmp_path):
     folder = tmp_path / "task-1"
     assert {"config.json", "model.safetensors", "replay_state.safetensors", "continual_state.json", "README.md",
             "feature_bank"} <= set(os.listdir(folder))
-    assert "after task 1" in (folder / "README.md").read_text()
+    card = (folder / "README.md").read_text()
+    assert "after task 1" in card and "every seen class anew" in card  # the card says what the run did
+    assert "| loss_form | `\"sum\"` |" in card and "not a privacy guarantee" in card
     x = tasks[0].x_test
     with torch.no_grad():
         again = ResNet32ForImageClassification.from_pretrained(str(folder)).eval()

@@ -113,3 +113,21 @@ def test_a_misspelt_reading_is_refused_naming_the_choices():
         ResNetContinualConfig(loss_form="products")
     with pytest.raises(ValueError, match="target_classes"):
         ResNetContinualConfig(target_classes="uniform")
+
+
+def test_a_folder_written_before_the_flags_resumes_and_a_changed_reading_is_refused(tmp_path):
+    from hf_pmi.checkpoint import STATE_NAME, read_state, write_json
+    from hf_pmi.resnet.continual import ADDED_SETTINGS
+
+    tasks = colour_tasks()
+    cfg = config("finetune")
+    first = learn_tasks(tiny_model(), tasks, cfg, output_dir=str(tmp_path))
+    for t in range(2):  # as an older version wrote them: no deviation flags in the recorded settings
+        folder = tmp_path / f"task-{t}"
+        state = read_state(str(folder))
+        state["settings"]["config"] = {k: v for k, v in state["settings"]["config"].items() if k not in ADDED_SETTINGS}
+        write_json(str(folder / STATE_NAME), state)
+    again = learn_tasks(tiny_model(), tasks, cfg, output_dir=str(tmp_path))  # nothing left to train: it resumes
+    assert again["accuracy_matrix"] == first["accuracy_matrix"]
+    with pytest.raises(ValueError, match=r"other settings \['loss_form'\]"):
+        learn_tasks(tiny_model(), tasks, config("finetune", loss_form="product"), output_dir=str(tmp_path))

@@ -29,16 +29,17 @@ Example:
 
 from __future__ import annotations
 
+import json
 import os
 
 import torch
-from huggingface_hub import ModelCard, ModelCardData
+from huggingface_hub import ModelCardData
 from safetensors.torch import save_file
 
 from ..checkpoint import STATE_NAME, read_state, task_folder_writer, write_json
 from ..integrity import file_checksums, load_safetensors, verify_checksums
 from ..metrics import a_last_scope, format_matrix
-from ..model_card import card_tags, find_template, plot_accuracy_matrix
+from ..model_card import card_tags, plot_accuracy_matrix, render_card
 
 FORMAT = "hf_pmi.resnet.task"
 REPLAY_STATE_NAME = "replay_state.safetensors"
@@ -74,6 +75,13 @@ def load_task(folder: str) -> tuple[dict, dict[str, torch.Tensor]]:
     return state, load_safetensors(os.path.join(folder, REPLAY_STATE_NAME))
 
 
+# The settings a BN card shows (ResNetContinualConfig fields), in this order.
+CARD_SETTINGS = ("method", "schedule", "epochs", "later_epochs", "stage_epochs", "stage_lrs", "head_epochs", "head_lr",
+                 "batch_size", "lr", "shift", "flip", "crop_fill", "regenerate", "selection", "replay_per_class",
+                 "init_samples", "per_task_samples", "weights", "loss_form", "target_classes", "head_counts", "last_stage",
+                 "seed")
+
+
 def _write_card(folder: str, model, state: dict, has_bank: bool, repo_id: str | None) -> None:
     matrix, t = state["accuracy_matrix"], state["task_id"]
     plot_accuracy_matrix(matrix, state["num_tasks"], os.path.join(folder, "accuracy_matrix.png"))
@@ -85,16 +93,18 @@ def _write_card(folder: str, model, state: dict, has_bank: bool, repo_id: str | 
     data = ModelCardData(library_name="transformers", pipeline_tag="image-classification", license="other", tags=tags)
     seen = sum(len(c) for c in state["task_classes"][: t + 1])
     rows = [[a for a in row if a is not None] for row in matrix]
-    card = ModelCard.from_template(
-        data, template_path=str(find_template(CARD_TEMPLATE)),
-        title=f"{type(model).__name__}: {method}, after task {t}",
+    config = state.get("settings", {}).get("config", {})
+    text = render_card(
+        data, CARD_TEMPLATE, title=f"{type(model).__name__}: {method}, after task {t}",
         architecture=type(model).__name__, method=method, data_free=data_free, inverts=inverts,
         inversion_summary="per-layer chain over the residual blocks, then a full refinement" if method == "pmi"
-        else "a random start (DeepInversion-style)",
+        else "a random start (DeepInversion-style)", regenerate=config.get("regenerate", False),
         task_id=t, tasks_done=t + 1, num_tasks=state["num_tasks"], num_seen_classes=seen, repo_id=repo_id,
         matrix_table="```\n" + format_matrix(rows) + "\n```",
         a_last=f"{state.get('a_last', 0.0):.3f}", a_last_scope=a_last_scope([j for j in range(t + 1) if matrix[-1][j] is None]), a_avg=f"{state.get('a_avg', 0.0):.3f}",
         load_path=repo_id or f"path/to/task-{t}", revision=f"task-{t}" if repo_id else None,
         image_size=getattr(model.config, "image_size", "H"), has_bank=has_bank,
+        settings=[(k, json.dumps(config[k])) for k in CARD_SETTINGS if k in config],
     )
-    card.save(os.path.join(folder, "README.md"))
+    with open(os.path.join(folder, "README.md"), "w", encoding="utf-8") as f:
+        f.write(text)

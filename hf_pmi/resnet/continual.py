@@ -78,6 +78,10 @@ METHODS = ("finetune", "lwf", "pmi", "full_inversion", "exemplar_replay")
 CHOICES = {"last_stage": ("block", "stage"), "loss_form": ("sum", "product"), "target_classes": ("equal", "random"),
            "head_counts": ("fixed", "running")}
 
+# Settings added after folders were written (issue 30's deviation flags): such a folder ran with these values.
+ADDED_SETTINGS = {"crop_fill": None, "last_stage": "block", "loss_form": "sum", "target_classes": "equal",
+                  "head_counts": "fixed"}
+
 
 def black_fill(mean, std) -> tuple[float, ...]:
     """The normalised value of a black pixel, per channel: what torchvision's crop pads with before normalising
@@ -340,6 +344,7 @@ def _learn(model, tasks, config, output_dir, hub, start_from, start, processor, 
         latest = None  # the continued run's own folders, in the same output_dir: nothing of this run yet
     if latest is not None:
         state, tensors = load_task(latest)
+        state["settings"]["config"] = {**ADDED_SETTINGS, **state["settings"]["config"]}  # folders written before them
         differ = sorted(k for k in set(settings["config"]) | set(state["settings"]["config"])
                         if settings["config"].get(k) != state["settings"]["config"].get(k))
         if differ or state["settings"] != settings:
