@@ -14,7 +14,10 @@ Variants (each one flag of `ResNetContinualConfig` / `continual_resnet.py` again
 - ``last_stage``: the second stage trains the whole last stage for its last residual block;
 - ``running_counts``: the head fine-tuning keeps counting classes (weights renewed per batch) for fixed counts;
 - ``reference``: the four readings the ResNet recipes default to together (product, random classes, black padding,
-  running counts).
+  running counts);
+- hf_pmi's settings kept as flags against the reference's choices: ``regenerate_once`` (each class inverted once,
+  after its task, for the re-fitted pool inverted anew), ``gaussian_targets`` (plain draws for CFS) and
+  ``one_cycle`` (hf_pmi's loop before issue 30 for the staged schedule; task 0 retrained).
 
 The default's rows come from ``--default_runs`` (the settings must match, else they are run here too). Every other
 setting is the benchmark command of docs/resnet.md (ResNet-20, 10 later epochs). Runs go by seed, ``--jobs`` at a
@@ -52,6 +55,10 @@ RUNS = {
     "last_stage": {"last_stage": "stage"},
     "running_counts": {"head_counts": "running"},
     "reference": {"loss_form": "product", "target_classes": "random", "crop_fill": "black", "head_counts": "running"},
+    # hf_pmi's own settings kept as flags, each against the reference's choice (the default)
+    "regenerate_once": {"regenerate": 0},
+    "gaussian_targets": {"selection": "gaussian"},
+    "one_cycle": {"schedule": "one_cycle"},
 }
 
 
