@@ -2,8 +2,8 @@
 "Remaining deviations"): `pmi` on the fonts world of `continual_resnet.py`, once per variant, paired by seed
 with hf_pmi's default run of that benchmark.
 
-    OMP_NUM_THREADS=1 python benchmarks/resnet_deviations.py --seeds 0 1 2 --workdir runs/deviations \\
-        --default_runs benchmarks/results/continual_resnet.json   # -> benchmarks/results/resnet_deviations.json
+    OMP_NUM_THREADS=1 python benchmarks/resnet_deviations.py --seeds 0 1 2 --workdir runs/deviations
+        # -> benchmarks/results/resnet_deviations.json
 
 Variants (each one flag of `ResNetContinualConfig` / `continual_resnet.py` against hf_pmi's default):
 
@@ -19,7 +19,7 @@ Variants (each one flag of `ResNetContinualConfig` / `continual_resnet.py` again
   after its task, for the re-fitted pool inverted anew), ``gaussian_targets`` (plain draws for CFS) and
   ``one_cycle`` (hf_pmi's loop before issue 30 for the staged schedule; task 0 retrained).
 
-The default's rows come from ``--default_runs`` (the settings must match, else they are run here too). Every other
+The default is run here too (or taken from ``--default_runs``, whose settings must match). Every other
 setting is the benchmark command of docs/resnet.md (ResNet-20, 10 later epochs). Runs go by seed, ``--jobs`` at a
 time, each a process of `continual_resnet.py` with one torch thread; finished runs in ``--workdir`` are reused.
 Writes ``{"variants": {name: {"flags", "a_last": {mean, std}, "delta": {mean, std}, "per_seed"}}, "runs"}``:
@@ -65,16 +65,18 @@ RUNS = {
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--variants", nargs="+", default=[k for k in RUNS if k != "default"], choices=list(RUNS)[1:])
+    parser.add_argument("--variants", nargs="*", default=[k for k in RUNS if k != "default"], choices=list(RUNS)[1:])
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--workdir", default="runs/deviations")
-    parser.add_argument("--default_runs", default="benchmarks/results/continual_resnet.json",
-                        help="continual_resnet.py results whose pmi rows with these settings serve as the default")
+    parser.add_argument("--default_runs", default="",
+                        help="continual_resnet.py results whose pmi rows with these settings serve as the default "
+                             "(empty: run the default here too, on the same host as the variants: a run is chaotic, "
+                             "so another host's float rounding can move it as much as a flag)")
     parser.add_argument("--output", default="benchmarks/results/resnet_deviations.json")
     args = parser.parse_args(argv)
 
     rows, todo = {}, []
-    if os.path.exists(args.default_runs):
+    if args.default_runs:
         for r in json.loads(Path(args.default_runs).read_text())["runs"]:
             if r["method"] == "pmi" and row_settings(r) == BASE and r["seed"] in args.seeds:
                 rows[("default", r["seed"])] = r
