@@ -73,6 +73,7 @@ def main(argv=None):
                              "(empty: run the default here too, on the same host as the variants: a run is chaotic, "
                              "so another host's float rounding can move it as much as a flag)")
     parser.add_argument("--output", default="benchmarks/results/resnet_deviations.json")
+    parser.add_argument("--no_run", action="store_true", help="summarise the finished runs in --workdir, start none")
     args = parser.parse_args(argv)
 
     rows, todo = {}, []
@@ -88,7 +89,7 @@ def main(argv=None):
                 continue
             if path.exists() and row_settings(json.loads(path.read_text())) == settings:
                 rows[(name, seed)] = json.loads(path.read_text())
-            else:
+            elif not args.no_run:
                 todo.append((name, seed, settings, path))
     env, running, t0 = {**os.environ, "OMP_NUM_THREADS": "1"}, [], time.perf_counter()
     while todo or running:
