@@ -78,9 +78,8 @@ METHODS = ("finetune", "lwf", "pmi", "full_inversion", "exemplar_replay")
 CHOICES = {"last_stage": ("block", "stage"), "loss_form": ("sum", "product"), "target_classes": ("equal", "random"),
            "head_counts": ("fixed", "running")}
 
-# Settings added after folders were written (issue 30's deviation flags): such a folder ran with these values.
-ADDED_SETTINGS = {"crop_fill": None, "last_stage": "block", "loss_form": "sum", "target_classes": "equal",
-                  "head_counts": "fixed"}
+# Settings added after folders were written (issue 30's deviation flags): such a folder ran with their defaults.
+ADDED_SETTINGS = ("crop_fill", *CHOICES)
 
 
 def black_fill(mean, std) -> tuple[float, ...]:
@@ -138,14 +137,14 @@ class ResNetContinualConfig:
     crop_fill: tuple[float, ...] | None = field(default=None, metadata={"help": "Per-channel value of the crop's "
                                                "padding in normalised units; None: 0, the channel mean. The reference "
                                                "pads black before normalising: `black_fill(mean, std)` (the recipes)."})
-    last_stage: str = field(default="block", metadata={"help": "What the second later-task stage adds to the new rows: "
+    last_stage: str = field(default=CHOICES["last_stage"][0], metadata={"help": "What the second later-task stage adds to the new rows: "
                             "'block' (the last residual block, the reference's PODNet-style stage_4) or 'stage' (the whole "
                             "last stage)."})
-    loss_form: str = field(default="sum", metadata={"help": "'sum' of the replay terms (R-DFCIL, method.md) or "
+    loss_form: str = field(default=CHOICES["loss_form"][0], metadata={"help": "'sum' of the replay terms (R-DFCIL, method.md) or "
                            "'product' (the reference's code: ce + hkd + rkd x ft; in the new-rows stage ce + hkd x ft)."})
-    target_classes: str = field(default="equal", metadata={"help": "Classes of the pool's inversion targets: 'equal' "
+    target_classes: str = field(default=CHOICES["target_classes"][0], metadata={"help": "Classes of the pool's inversion targets: 'equal' "
                                 "shares, or 'random' (the reference: each target's class drawn uniformly)."})
-    head_counts: str = field(default="fixed", metadata={"help": "Class counts that weigh the head fine-tuning's CE: "
+    head_counts: str = field(default=CHOICES["head_counts"][0], metadata={"help": "Class counts that weigh the head fine-tuning's CE: "
                              "'fixed' at the end of the main stages, or 'running' (still counted during it, the weights "
                              "renewed every batch)."})
     replay_per_class: int = field(default=40, metadata={"help": "Samples per old class (inverted, or real for "
@@ -344,7 +343,8 @@ def _learn(model, tasks, config, output_dir, hub, start_from, start, processor, 
         latest = None  # the continued run's own folders, in the same output_dir: nothing of this run yet
     if latest is not None:
         state, tensors = load_task(latest)
-        state["settings"]["config"] = {**ADDED_SETTINGS, **state["settings"]["config"]}  # folders written before them
+        added = {f.name: f.default for f in dataclasses.fields(ResNetContinualConfig) if f.name in ADDED_SETTINGS}
+        state["settings"]["config"] = {**added, **state["settings"]["config"]}  # folders written before them
         differ = sorted(k for k in set(settings["config"]) | set(state["settings"]["config"])
                         if settings["config"].get(k) != state["settings"]["config"].get(k))
         if differ or state["settings"] != settings:
